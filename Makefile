@@ -1,0 +1,33 @@
+# Two commands: `make test` and `make demo`. Both create .venv if missing and install the
+# project with the pinned constraints; a stamp keyed on pyproject.toml + constraints.txt
+# makes a second call skip the install.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEPS_HASH := $(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.installed-$(DEPS_HASH)
+
+.PHONY: install test lint demo clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,export]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(VENV)/bin/pytest -q
+
+demo: install
+	$(PY) -m segtune.data.synthetic --out data/synthetic --train 100 --test 25 --size 128x96 --seed 0
+	$(PY) -m segtune.data.stats data/synthetic
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

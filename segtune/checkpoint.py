@@ -1,0 +1,68 @@
+"""The `best.pt` format of DESIGN.md: weights plus everything needed to use them elsewhere.
+
+A plain dict of tensors, strings and numbers, so that it loads with
+`torch.load(..., weights_only=True)` and never runs pickled code.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from segtune.config import TrialConfig
+from segtune.data.classes import CLASS_NAMES, IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, PALETTE
+from segtune.errors import ModelError
+
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("model", "config", "class_names", "palette", "mean", "std", "metrics")
+
+
+def atomic_save(obj: Any, path: Path | str) -> Path:
+    """torch.save to a temporary file and rename, so a crash never leaves half a checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def best_checkpoint(
+    state_dict: Mapping[str, torch.Tensor], cfg: TrialConfig, metrics: Mapping[str, float]
+) -> dict[str, Any]:
+    return {
+        "format": FORMAT_VERSION,
+        "model": {k: v.detach().cpu() for k, v in state_dict.items()},
+        "config": cfg.model_dump(mode="json"),
+        "class_names": list(CLASS_NAMES),
+        "palette": [list(c) for c in PALETTE],
+        "ignore_index": IGNORE_INDEX,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "metrics": {k: float(v) for k, v in metrics.items()},
+    }
+
+
+def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a `best.pt` safely (weights_only) and check that it is one."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # unpickling errors have many types; all mean "not our file"
+        raise ModelError(f"{path}: not a loadable segtune checkpoint ({exc})") from None
+    missing = [k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ModelError(f"{path}: not a segtune best.pt (missing {', '.join(missing)})")
+    return ckpt

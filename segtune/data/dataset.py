@@ -1,0 +1,287 @@
+"""The FloodNet-layout dataset: pairs found by id, checked up front, optionally cached in RAM.
+
+Layout (DESIGN.md): ``ROOT/<split>/image/<id>.jpg|png`` and ``ROOT/<split>/mask/<id>.png``.
+Every problem a user can cause is found when the dataset is built and raised as a
+`DatasetError` that names the file and the fix, so that a sweep fails before its first trial
+rather than in the middle of epoch 7.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from segtune.data.classes import IGNORE_INDEX, NUM_CLASSES, rgb_to_mask
+from segtune.errors import DatasetError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+SPLITS = ("train", "val", "test")
+_VALID_MASK_VALUES = np.zeros(256, dtype=bool)
+_VALID_MASK_VALUES[:NUM_CLASSES] = True
+_VALID_MASK_VALUES[IGNORE_INDEX] = True
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image/mask pair of a split."""
+
+    id: str
+    image_path: Path
+    mask_path: Path
+    width: int
+    height: int
+    class_pixels: tuple[int, ...] | None = None  # pixels per class id, counted by the check
+
+
+def _files_by_id(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
+    return {
+        p.stem: p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in suffixes
+    }
+
+
+def _check_complete(path: Path) -> None:
+    """Cheap truncation check: a JPEG ends with its EOI marker, a PNG with its IEND chunk."""
+    size = path.stat().st_size
+    if size == 0:
+        raise DatasetError(f"{path}: empty file; replace it or remove the pair")
+    with path.open("rb") as f:
+        f.seek(max(0, size - 12))
+        tail = f.read()
+    suffix = path.suffix.lower()
+    if suffix in (".jpg", ".jpeg") and not tail.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        raise DatasetError(f"{path}: truncated JPEG (no end-of-image marker); re-copy the file")
+    if suffix == ".png" and b"IEND" not in tail:
+        raise DatasetError(f"{path}: truncated PNG (no IEND chunk); re-copy the file")
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """Width and height from the header alone, so a check of thousands of images stays fast."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DatasetError(
+            f"{path}: unreadable image ({exc}); replace it or remove the pair"
+        ) from None
+
+
+def read_image(path: Path | str) -> np.ndarray:
+    """Decode an image as RGB uint8 (H, W, 3)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DatasetError(
+            f"{path}: unreadable image ({exc}); replace it or remove the pair"
+        ) from None
+
+
+def read_mask(path: Path | str, rgb_masks: bool = False) -> np.ndarray:
+    """Decode a mask as class ids uint8 (H, W); RGB palette masks only when `rgb_masks` is set."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            if img.mode in ("RGB", "RGBA"):
+                if not rgb_masks:
+                    raise DatasetError(
+                        f"{path}: mask is {img.mode}, expected single-channel class ids; "
+                        "convert it, or set data.rgb_masks: true to map the palette colours "
+                        "of DESIGN.md to class ids"
+                    )
+                return rgb_to_mask(np.asarray(img.convert("RGB")))
+            if img.mode not in ("L", "P", "I", "I;16"):
+                raise DatasetError(
+                    f"{path}: mask mode {img.mode} unsupported; save it as 8-bit 'L'"
+                )
+            mask = np.asarray(img)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DatasetError(
+            f"{path}: unreadable mask ({exc}); replace it or remove the pair"
+        ) from None
+    if mask.dtype != np.uint8:
+        if mask.size and (mask.min() < 0 or mask.max() > 255):
+            raise DatasetError(
+                f"{path}: mask values outside 0..255; expected class ids 0..7 or 255"
+            )
+        mask = mask.astype(np.uint8)
+    return mask
+
+
+def _check_mask(sample: Sample, rgb_masks: bool) -> Sample:
+    """Check size and values; return the sample with its class pixel counts."""
+    mask = read_mask(sample.mask_path, rgb_masks)
+    if mask.shape != (sample.height, sample.width):
+        raise DatasetError(
+            f"{sample.mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image "
+            f"{sample.image_path.name} is {sample.width}x{sample.height}; they must match"
+        )
+    counts = np.bincount(mask.ravel(), minlength=256)
+    bad = (counts > 0) & ~_VALID_MASK_VALUES
+    if bad.any():
+        values = np.flatnonzero(bad)[:8].tolist()
+        raise DatasetError(
+            f"{sample.mask_path}: mask values {values} outside the class ids 0..{NUM_CLASSES - 1} "
+            f"and the ignore index {IGNORE_INDEX}; remap them (FloodNet originals: "
+            "python -m segtune.data.convert_floodnet)"
+        )
+    return replace(sample, class_pixels=tuple(counts[:NUM_CLASSES].tolist()))
+
+
+def scan_split(
+    root: Path | str,
+    split: str,
+    *,
+    rgb_masks: bool = False,
+    check_masks: bool = True,
+    progress: bool = True,
+    workers: int = 4,
+) -> list[Sample]:
+    """Find and check the pairs of one split; raise `DatasetError` on the first problem found.
+
+    Image sizes come from headers; masks are decoded once, in one threaded pass, to check
+    their size and values.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(
+            f"dataset root {root} does not exist; point data.root at a folder with "
+            "train/image and train/mask, or generate one with python -m segtune.data.synthetic"
+        )
+    image_dir, mask_dir = root / split / "image", root / split / "mask"
+    for folder in (image_dir, mask_dir):
+        if not folder.is_dir():
+            raise DatasetError(
+                f"{folder} is missing; expected ROOT/{split}/image and ROOT/{split}/mask"
+            )
+    images = _files_by_id(image_dir, IMAGE_SUFFIXES)
+    masks = _files_by_id(mask_dir, (".png",))
+    for missing_mask in sorted(images.keys() - masks.keys())[:1]:
+        raise DatasetError(
+            f"{images[missing_mask]}: image has no mask {mask_dir / (missing_mask + '.png')}; "
+            "add the mask or remove the image"
+        )
+    for missing_image in sorted(masks.keys() - images.keys())[:1]:
+        raise DatasetError(
+            f"{masks[missing_image]}: mask has no image {missing_image}.jpg/.png in {image_dir}; "
+            "add the image or remove the mask"
+        )
+    if not images:
+        raise DatasetError(f"{image_dir}: split '{split}' is empty; add image/mask pairs")
+
+    samples = []
+    for sample_id, image_path in images.items():
+        _check_complete(image_path)
+        _check_complete(masks[sample_id])
+        width, height = _image_size(image_path)
+        samples.append(Sample(sample_id, image_path, masks[sample_id], width, height))
+
+    if check_masks:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            checks = pool.map(lambda s: _check_mask(s, rgb_masks), samples)
+            samples = list(
+                tqdm(
+                    checks,
+                    total=len(samples),
+                    desc=f"checking {split} masks",
+                    disable=not progress,
+                    leave=False,
+                )
+            )
+    log.info("%s/%s: %d image/mask pairs checked", root, split, len(samples))
+    return samples
+
+
+def available_splits(root: Path | str) -> list[str]:
+    """The splits of DESIGN.md that exist under `root`."""
+    return [s for s in SPLITS if (Path(root) / s / "image").is_dir()]
+
+
+def holdout(
+    samples: Sequence[Sample], fraction: float, seed: int
+) -> tuple[list[Sample], list[Sample]]:
+    """Split samples into (kept, held out) at random but reproducibly, for a validation set."""
+    if not 0.0 < fraction < 1.0:
+        raise DatasetError(f"validation fraction {fraction} must be between 0 and 1")
+    order = np.random.default_rng(seed).permutation(len(samples))
+    n_held = max(1, round(len(samples) * fraction))
+    if n_held >= len(samples):
+        raise DatasetError(f"cannot hold out {fraction:.0%} of {len(samples)} samples and keep any")
+    held = set(order[:n_held].tolist())
+    return (
+        [s for i, s in enumerate(samples) if i not in held],
+        [s for i, s in enumerate(samples) if i in held],
+    )
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """Image/mask pairs through an albumentations transform, as `{"image", "mask", "id"}`.
+
+    With `cache=True`, decoded uint8 images and masks are kept in RAM (decoded once, in
+    threads, when the dataset is built), so later epochs decode nothing; forked DataLoader
+    workers share the cache copy-on-write.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        transform: Callable[..., dict[str, Any]] | None = None,
+        *,
+        cache: bool = False,
+        rgb_masks: bool = False,
+        progress: bool = True,
+    ) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        self.rgb_masks = rgb_masks
+        self._cache: list[tuple[np.ndarray, np.ndarray]] | None = None
+        if cache:
+            with ThreadPoolExecutor(max_workers=4) as pool:
+                self._cache = list(
+                    tqdm(
+                        pool.map(self._decode, self.samples),
+                        total=len(self.samples),
+                        desc="caching",
+                        disable=not progress,
+                        leave=False,
+                    )
+                )
+
+    def _decode(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+        return read_image(sample.image_path), read_mask(sample.mask_path, self.rgb_masks)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The decoded uint8 image and mask, before any transform."""
+        if self._cache is not None:
+            return self._cache[index]
+        return self._decode(self.samples[index])
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """`key` is an index, or `(index, augmentation seed)` as `EpochSampler` yields."""
+        index, aug_seed = key if isinstance(key, tuple) else (key, None)
+        image, mask = self.load(index)
+        if self.transform is not None:
+            if aug_seed is not None and hasattr(self.transform, "set_random_seed"):
+                self.transform.set_random_seed(aug_seed)
+            out = self.transform(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        if not isinstance(image, torch.Tensor):
+            image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        if not isinstance(mask, torch.Tensor):
+            mask = torch.from_numpy(np.ascontiguousarray(mask))
+        mask = mask.long()
+        return {"image": image, "mask": mask, "id": self.samples[index].id}

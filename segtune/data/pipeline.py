@@ -1,0 +1,101 @@
+"""From a data and a trial configuration to ready DataLoaders: the data stage of one trial."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import DataLoader
+
+from segtune.config import DataConfig, TrialConfig
+from segtune.data.classes import NUM_CLASSES
+from segtune.data.dataset import Sample, SegmentationDataset, available_splits, holdout, scan_split
+from segtune.data.loader import make_loader
+from segtune.data.transforms import eval_transform, train_transform
+from segtune.errors import DatasetError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataBundle:
+    """The datasets and loaders of one trial, and the training set's class pixel counts."""
+
+    train: SegmentationDataset
+    val: SegmentationDataset
+    train_loader: DataLoader[Any]
+    val_loader: DataLoader[Any]
+    val_split: str
+    class_pixels: np.ndarray
+
+
+def ensure_dataset(data: DataConfig, progress: bool = True) -> Path:
+    """The dataset root, generating the synthetic set there first when one is asked for."""
+    root = Path(data.root)
+    if data.synthetic is not None and not (root / "train" / "image").is_dir():
+        from segtune.data.synthetic import generate, parse_size
+
+        spec = data.synthetic
+        log.info("generating the synthetic set at %s (%s)", root, spec)
+        generate(
+            root,
+            n_train=spec.train,
+            n_test=spec.test,
+            n_val=spec.val,
+            size=parse_size(spec.size),
+            seed=spec.seed,
+            progress=progress,
+        )
+    return root
+
+
+def split_samples(
+    data: DataConfig, seed: int = 0, progress: bool = True
+) -> tuple[list[Sample], list[Sample], str]:
+    """Checked (train, validation) samples and the name of the validation source."""
+    root = ensure_dataset(data, progress)
+    check = {"rgb_masks": data.rgb_masks, "progress": progress}
+    train = scan_split(root, "train", **check)
+    if isinstance(data.val_split, float):
+        train, val = holdout(train, data.val_split, seed)
+        return train, val, f"{data.val_split:.0%} of train"
+    name = data.val_split
+    if name == "auto":
+        name = "val" if "val" in available_splits(root) else "test"
+    if name not in available_splits(root):
+        raise DatasetError(
+            f"{root / name}: validation split '{name}' is missing; add it, or set "
+            "data.val_split to a fraction of train such as 0.15"
+        )
+    return train, scan_split(root, name, **check), name
+
+
+def build_data(data: DataConfig, trial: TrialConfig, progress: bool = True) -> DataBundle:
+    """Datasets with the trial's augmentation preset, and seeded loaders."""
+    train_samples, val_samples, val_name = split_samples(data, trial.seed, progress)
+    kwargs = {"cache": data.cache, "rgb_masks": data.rgb_masks, "progress": progress}
+    train = SegmentationDataset(
+        train_samples, train_transform(trial.augment, trial.image_size, seed=trial.seed), **kwargs
+    )
+    val = SegmentationDataset(
+        val_samples, eval_transform(data.eval_resize, trial.eval_multiple), **kwargs
+    )
+    loader = {"seed": trial.seed, "num_workers": trial.num_workers}
+    counts = np.zeros(NUM_CLASSES, dtype=np.int64)
+    for sample in train_samples:
+        if sample.class_pixels is not None:
+            counts += np.asarray(sample.class_pixels)
+    return DataBundle(
+        train=train,
+        val=val,
+        # drop_last keeps BatchNorm away from a last batch of one image
+        train_loader=make_loader(
+            train, trial.batch_size, shuffle=True, drop_last=len(train) > trial.batch_size, **loader
+        ),
+        val_loader=make_loader(val, trial.batch_size, shuffle=False, **loader),
+        val_split=val_name,
+        class_pixels=counts,
+    )

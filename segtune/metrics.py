@@ -1,0 +1,178 @@
+"""Confusion-matrix metrics of semantic segmentation: mIoU, pixel and class accuracy, IoU per class.
+
+Pixels are counted with `torch.bincount` on the device the predictions live on, so evaluating a
+split costs no host transfer per batch; only the tiny C x C (or N x C x C) counts reach the CPU,
+where the float64 ratios are taken.
+
+mIoU convention (a documented decision, the same for a split and for one image): the IoU of a
+class is tp / (tp + fp + fn). A class absent from both the prediction and the ground truth has
+no IoU (NaN) and is left out of the mean; a class absent from the ground truth but predicted has
+IoU 0 and counts. mIoU is therefore the mean over the classes with tp + fp + fn > 0, and NaN when
+there is none (every pixel ignored). Mean class accuracy is the mean recall over the classes that
+have ground-truth pixels. Pixels whose ground truth is the ignore index count nowhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from segtune.data.classes import CLASS_NAMES, IGNORE_INDEX
+
+
+def _as_predictions(logits_or_preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Class ids shaped like `target`: logits N x C x H x W are reduced by argmax over C."""
+    if logits_or_preds.is_floating_point() and logits_or_preds.dim() == target.dim() + 1:
+        logits_or_preds = logits_or_preds.argmax(1)
+    if logits_or_preds.shape != target.shape:
+        raise ValueError(
+            f"predictions of shape {tuple(logits_or_preds.shape)} do not match targets of shape "
+            f"{tuple(target.shape)}: pass logits N x C x H x W or class ids N x H x W"
+        )
+    return logits_or_preds.long()
+
+
+def _pixel_codes(
+    preds: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int
+) -> torch.Tensor:
+    """`target * C + pred` per pixel, and C * C (one bin past the matrix) for ignored pixels.
+
+    A sentinel bin instead of boolean indexing keeps the shape static (no nonzero() on CUDA).
+    """
+    target = target.long()
+    ignored = target == ignore_index
+    out_of_range = ((target < 0) | (target >= num_classes)) & ~ignored
+    out_of_range |= (preds < 0) | (preds >= num_classes)
+    if bool(out_of_range.any()):
+        bad_t = target[out_of_range & ((target < 0) | (target >= num_classes))].unique()
+        bad_p = preds[out_of_range & ((preds < 0) | (preds >= num_classes))].unique()
+        raise ValueError(
+            f"class ids outside 0..{num_classes - 1} (ignore index {ignore_index}): "
+            f"targets {bad_t.tolist()}, predictions {bad_p.tolist()}"
+        )
+    codes = target * num_classes + preds
+    return codes.masked_fill_(ignored, num_classes * num_classes)
+
+
+def iou_per_class(matrix: torch.Tensor | np.ndarray) -> np.ndarray:
+    """IoU of each class from confusion matrices (..., C, C), rows = truth; NaN where undefined."""
+    m = torch.as_tensor(matrix).detach().cpu().to(torch.float64).numpy()
+    tp = np.diagonal(m, axis1=-2, axis2=-1)
+    union = m.sum(-1) + m.sum(-2) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, tp / union, np.nan)
+
+
+def _nanmean(values: np.ndarray) -> np.ndarray:
+    """Mean over the last axis skipping NaN; NaN (without numpy's warning) where all are NaN."""
+    defined = ~np.isnan(values)
+    count = defined.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, np.where(defined, values, 0.0).sum(-1) / count, np.nan)
+
+
+class ConfusionMatrix:
+    """Pixel counts over a whole split (rows = ground truth, cols = prediction) and their scores.
+
+    The int64 matrix stays on `device` (the model's), updated batch by batch; see the module
+    docstring for the mIoU convention.
+    """
+
+    def __init__(
+        self,
+        class_names: Sequence[str] = CLASS_NAMES,
+        ignore_index: int = IGNORE_INDEX,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.class_names = tuple(class_names)
+        self.num_classes = len(self.class_names)
+        self.ignore_index = ignore_index
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self._matrix = torch.zeros(
+            self.num_classes, self.num_classes, dtype=torch.int64, device=self.device
+        )
+
+    @torch.no_grad()
+    def update(self, logits_or_preds: torch.Tensor, target: torch.Tensor) -> None:
+        """Add a batch: logits N x C x H x W (argmax taken) or class ids N x H x W, and targets."""
+        target = target.to(self.device)
+        preds = _as_predictions(logits_or_preds.to(self.device), target)
+        codes = _pixel_codes(preds, target, self.num_classes, self.ignore_index)
+        n = self.num_classes * self.num_classes
+        counts = torch.bincount(codes.flatten(), minlength=n + 1)
+        self._matrix += counts[:n].view(self.num_classes, self.num_classes)
+
+    def reset(self) -> None:
+        self._matrix.zero_()
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """The accumulated counts, C x C int64 on the device (a view: do not modify)."""
+        return self._matrix
+
+    def to_numpy(self) -> np.ndarray:
+        return self._matrix.cpu().numpy()
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """The matrix with class names on both axes, as written to eval/confusion.csv."""
+        return pd.DataFrame(
+            self.to_numpy(),
+            index=pd.Index(self.class_names, name="true"),
+            columns=pd.Index(self.class_names, name="predicted"),
+        )
+
+    def compute(self) -> dict[str, float]:
+        """`miou`, `acc`, `class_acc` and `iou_<class name>`; NaN where nothing defines them."""
+        m = self.to_numpy().astype(np.float64)
+        iou = iou_per_class(m)
+        tp = np.diagonal(m)
+        truth = m.sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            recall = np.where(truth > 0, tp / truth, np.nan)
+        acc = tp.sum() / m.sum() if m.sum() > 0 else float("nan")
+        scores = {
+            "miou": float(_nanmean(iou)),
+            "acc": float(acc),
+            "class_acc": float(_nanmean(recall)),
+        }
+        scores.update(
+            {f"iou_{name}": float(v) for name, v in zip(self.class_names, iou, strict=True)}
+        )
+        return scores
+
+
+@torch.no_grad()
+def per_image_rows(
+    preds: torch.Tensor,
+    targets: torch.Tensor,
+    ids: Sequence[str],
+    class_names: Sequence[str] = CLASS_NAMES,
+    ignore_index: int = IGNORE_INDEX,
+) -> list[dict[str, str | float]]:
+    """One row per image (`id`, `miou`, `iou_<class name>`) with the split's mIoU convention.
+
+    All images are counted at once: each image's pixel codes are offset by its index times C * C,
+    so one bincount on the device yields N confusion matrices. `preds` may be logits or ids.
+    """
+    targets = targets.to(preds.device)
+    preds = _as_predictions(preds, targets)
+    if len(ids) != targets.shape[0]:
+        raise ValueError(f"{len(ids)} ids for a batch of {targets.shape[0]} images")
+    c = len(class_names)
+    n_images = targets.shape[0]
+    codes = _pixel_codes(preds, targets, c, ignore_index).flatten(1)
+    ignored = codes == c * c
+    offsets = torch.arange(n_images, device=codes.device)[:, None] * (c * c)
+    codes = (codes + offsets).masked_fill_(ignored, n_images * c * c)
+    counts = torch.bincount(codes.flatten(), minlength=n_images * c * c + 1)
+    iou = iou_per_class(counts[:-1].view(n_images, c, c))
+    miou = _nanmean(iou)
+    rows: list[dict[str, str | float]] = []
+    for i, sample_id in enumerate(ids):
+        row: dict[str, str | float] = {"id": sample_id, "miou": float(miou[i])}
+        row.update({f"iou_{name}": float(v) for name, v in zip(class_names, iou[i], strict=True)})
+        rows.append(row)
+    return rows

@@ -1,0 +1,136 @@
+"""The sweep file's search-space grammar, turned into a Ray Tune `param_space`.
+
+Grammar (per `search_space` key): a scalar, or one of `grid_search`, `choice` (lists),
+`uniform`, `loguniform` ([low, high]), `randint` ([low, high], both inclusive). A key that is
+not a trial key is a *group*: a `grid_search` or `choice` over mappings of trial keys, which
+expresses non-Cartesian sets such as the seed's Task 3 (UNet, and DeepLab over three backbones).
+Impossible combinations (e.g. deeplabv3 without a backbone) are rejected before anything starts.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from ray import tune
+
+from segtune.config import SweepConfig, TrialConfig, trial_config
+from segtune.errors import ConfigError
+from segtune.models import check_model_config
+
+MAX_CHECKED_COMBINATIONS = 5000
+
+
+def _is_group(key: str) -> bool:
+    return key not in TrialConfig.model_fields
+
+
+def _form(spec: Any) -> tuple[str | None, Any]:
+    if isinstance(spec, dict) and len(spec) == 1:
+        return next(iter(spec.items()))
+    return None, spec
+
+
+def _discrete(sweep: SweepConfig) -> dict[str, list[Any]]:
+    """The discrete dimensions (grid_search and choice) with their values."""
+    dims = {}
+    for key, spec in sweep.search_space.items():
+        form, values = _form(spec)
+        if form in ("grid_search", "choice"):
+            dims[key] = list(values)
+    if sweep.tune.repeats > 1:
+        dims["seed"] = seeds(sweep)
+    return dims
+
+
+def seeds(sweep: SweepConfig) -> list[int]:
+    base = int(sweep.train.get("seed", 0))
+    return [base + i for i in range(sweep.tune.repeats)]
+
+
+def resolve_trial(sweep: SweepConfig, sampled: Mapping[str, Any]) -> TrialConfig:
+    """A sampled Ray config to the trial configuration: defaults, then values, groups merged.
+
+    Optuna samples a group as the index of its mapping (its categories must be scalars).
+    """
+    values: dict[str, Any] = dict(sweep.train)
+    for key, value in sampled.items():
+        if key not in sweep.search_space and not (key == "seed" and sweep.tune.repeats > 1):
+            continue
+        if _is_group(key):
+            if isinstance(value, int):
+                value = _form(sweep.search_space[key])[1][value]
+            values.update(value)
+        else:
+            values[key] = value
+    return trial_config(values)
+
+
+def _fixed_values(sweep: SweepConfig) -> dict[str, Any]:
+    return {k: v for k, v in sweep.search_space.items() if _form(v)[0] is None}
+
+
+def grid_trials(sweep: SweepConfig) -> list[TrialConfig]:
+    """Every trial of a grid sweep, in Ray's order (the last grid key varies fastest)."""
+    return [resolve_trial(sweep, combo) for combo in _combinations(sweep)]
+
+
+def _combinations(sweep: SweepConfig) -> Iterator[dict[str, Any]]:
+    dims = _discrete(sweep)
+    fixed = _fixed_values(sweep)
+    keys = list(dims)
+    for combo in itertools.product(*(dims[k] for k in keys)):
+        yield {**fixed, **dict(zip(keys, combo, strict=True))}
+
+
+def check_combinations(sweep: SweepConfig) -> list[str]:
+    """Problems of the discrete combinations (arch x backbone x ...), each named once."""
+    problems: dict[str, None] = {}
+    for i, combo in enumerate(_combinations(sweep)):
+        if i >= MAX_CHECKED_COMBINATIONS:
+            break
+        try:
+            check_model_config(resolve_trial(sweep, combo))
+        except ConfigError as exc:
+            problems[f"search_space: {combo_label(combo)}: {exc}"] = None
+    return list(problems)
+
+
+def combo_label(combo: Mapping[str, Any]) -> str:
+    flat: dict[str, Any] = {}
+    for key, value in combo.items():
+        flat.update(value if isinstance(value, dict) else {key: value})
+    return ", ".join(f"{k}={v}" for k, v in flat.items())
+
+
+def param_space(sweep: SweepConfig) -> dict[str, Any]:
+    """The Ray Tune param_space of a sweep (trial defaults are applied in `resolve_trial`)."""
+    optuna = sweep.tune.search == "optuna"
+    space: dict[str, Any] = {}
+    for key, spec in sweep.search_space.items():
+        form, values = _form(spec)
+        if form is None:
+            space[key] = values
+        elif form == "grid_search":
+            space[key] = tune.grid_search(values)
+        elif form == "choice":
+            group = _is_group(key) and optuna
+            space[key] = tune.choice(list(range(len(values))) if group else values)
+        elif form == "uniform":
+            space[key] = tune.uniform(*values)
+        elif form == "loguniform":
+            space[key] = tune.loguniform(*values)
+        elif form == "randint":
+            space[key] = tune.randint(values[0], values[1] + 1)  # Ray's upper bound is exclusive
+    if sweep.tune.repeats > 1:
+        space["seed"] = tune.grid_search(seeds(sweep))
+    return space
+
+
+def describe(sweep: SweepConfig) -> list[str]:
+    """Lines describing a sampled space, for --dry-run of random and Optuna sweeps."""
+    lines = [f"{key}: {spec}" for key, spec in sweep.search_space.items()]
+    if sweep.tune.repeats > 1:
+        lines.append(f"seed: grid_search {seeds(sweep)}")
+    return lines

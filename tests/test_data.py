@@ -1,0 +1,245 @@
+"""The data layer: checks of the layout, presets, alignment of image and mask, loaders, cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from segtune.data import (
+    IGNORE_INDEX,
+    PALETTE,
+    PRESETS,
+    SegmentationDataset,
+    colorize,
+    eval_transform,
+    holdout,
+    make_loader,
+    rgb_to_mask,
+    scan_split,
+    set_epoch,
+    train_transform,
+)
+from segtune.errors import DatasetError
+from tests.helpers import random_pair, write_pair
+
+
+def test_colorize_and_back() -> None:
+    mask = np.array([[0, 1, 2, 3], [4, 5, 6, 7], [255, 0, 1, 2]], dtype=np.uint8)
+    rgb = colorize(mask)
+    assert rgb.shape == (3, 4, 3) and rgb.dtype == np.uint8
+    assert tuple(rgb[0, 1]) == PALETTE[1] == (0, 0, 255)
+    assert tuple(rgb[1, 3]) == (255, 255, 255)
+    back = rgb_to_mask(rgb)
+    assert (back[:2] == mask[:2]).all()
+    assert (back[2, 0] == IGNORE_INDEX) and (back[2, 1:] == mask[2, 1:]).all()
+
+
+def test_scan_split_finds_pairs(small_root: Path) -> None:
+    samples = scan_split(small_root, "train", progress=False)
+    assert [s.id for s in samples] == [f"t{i}" for i in range(6)]
+    assert all((s.width, s.height) == (64, 48) for s in samples)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_batches_for_every_preset(small_root: Path, preset: str, workers: int) -> None:
+    samples = scan_split(small_root, "train", progress=False)
+    dataset = SegmentationDataset(samples, train_transform(preset, 40, seed=1), progress=False)
+    batch = next(iter(make_loader(dataset, 4, shuffle=True, seed=3, num_workers=workers)))
+    assert batch["image"].shape == (4, 3, 40, 40) and batch["image"].dtype == torch.float32
+    assert batch["mask"].shape == (4, 40, 40) and batch["mask"].dtype == torch.int64
+    values = set(batch["mask"].unique().tolist())
+    assert values <= set(range(8)) | {IGNORE_INDEX}
+    assert len(batch["id"]) == 4
+
+
+def _pattern(height: int, width: int, block: int = 12) -> np.ndarray:
+    """Blocks of classes 1..7 (never black) so a shift between image and mask is measurable."""
+    ys, xs = np.mgrid[0:height, 0:width]
+    return (1 + ((ys // block) * 3 + (xs // block) * 5) % 7).astype(np.uint8)
+
+
+def _decode_colours(image: np.ndarray) -> np.ndarray:
+    palette = np.array(PALETTE, dtype=np.int32)
+    dist = ((image[..., None, :].astype(np.int32) - palette) ** 2).sum(-1)
+    return dist.argmin(-1)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_image_and_mask_stay_aligned(preset: str) -> None:
+    mask = _pattern(90, 120)
+    image = colorize(mask)
+    transform = train_transform(preset, 64, seed=0, photometric=False, normalize=False)
+    agreements, padded_black = [], []
+    for _ in range(25):
+        out = transform(image=image, mask=mask)
+        img, msk = np.asarray(out["image"]), np.asarray(out["mask"])
+        # Interpolation blurs the image at block edges: compare away from them (1-px margin).
+        interior = cv2.erode(msk, np.ones((3, 3), np.uint8)) == cv2.dilate(
+            msk, np.ones((3, 3), np.uint8)
+        )
+        valid = interior & (msk != IGNORE_INDEX)
+        agreements.append((_decode_colours(img)[valid] == msk[valid]).mean())
+        padded = interior & (msk == IGNORE_INDEX)
+        if padded.any():
+            padded_black.append((img[padded].max(-1) < 60).mean())
+    # A shift of 2 px between image and mask would cost ~15% agreement on 12-px blocks.
+    assert min(agreements) > 0.98
+    if padded_black:  # padding is black in the image and ignored in the mask, never class 0
+        assert min(padded_black) > 0.98
+
+
+def test_crop_pads_small_images_with_ignore() -> None:
+    mask = np.full((20, 30), 4, np.uint8)
+    out = train_transform("none", 32, seed=0, normalize=False)(image=colorize(mask), mask=mask)
+    msk = np.asarray(out["mask"])
+    assert msk.shape == (32, 32)
+    assert set(np.unique(msk)) == {4, IGNORE_INDEX}
+    assert (msk == IGNORE_INDEX).sum() == 32 * 32 - 20 * 30
+
+
+def test_eval_transform_pads_to_multiple() -> None:
+    rng = np.random.default_rng(0)
+    image, mask = random_pair(rng, 75, 100)
+    out = eval_transform("pad", 32)(image=image, mask=mask)
+    assert tuple(out["image"].shape) == (3, 96, 128)
+    msk = np.asarray(out["mask"])
+    assert (msk[:75, :100] == mask).all() and (msk[75:] == IGNORE_INDEX).all()
+    out = eval_transform("resize", 32)(image=image, mask=mask)
+    assert tuple(out["image"].shape) == (3, 64, 96)
+
+
+def test_loader_is_reproducible(small_root: Path) -> None:
+    samples = scan_split(small_root, "train", progress=False)
+
+    def first_batches(seed: int, workers: int) -> list[torch.Tensor]:
+        dataset = SegmentationDataset(
+            samples, train_transform("basic", 32, seed=seed), progress=False
+        )
+        loader = make_loader(dataset, 2, shuffle=True, seed=seed, num_workers=workers)
+        return [b["image"] for b in loader]
+
+    a, b = first_batches(5, 0), first_batches(5, 2)  # the worker count changes nothing
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    c = first_batches(6, 0)
+    assert not all(torch.equal(x, y) for x, y in zip(a, c, strict=True))
+
+
+def test_set_epoch_replays_an_epoch(small_root: Path) -> None:
+    samples = scan_split(small_root, "train", progress=False)
+    dataset = SegmentationDataset(samples, train_transform("strong", 32), progress=False)
+    loader = make_loader(dataset, 3, shuffle=True, seed=1, num_workers=2)
+    epochs = []
+    for epoch in range(3):
+        set_epoch(loader, epoch)
+        epochs.append([(b["id"], b["image"]) for b in loader])
+    assert [ids for ids, _ in epochs[0]] != [ids for ids, _ in epochs[1]]
+    fresh = make_loader(dataset, 3, shuffle=True, seed=1, num_workers=0)
+    set_epoch(fresh, 2)  # a resumed run starting at epoch 2 sees epoch 2's batches
+    for (ids, image), batch in zip(epochs[2], fresh, strict=True):
+        assert ids == batch["id"] and torch.equal(image, batch["image"])
+
+
+def test_workers_do_not_repeat_augmentation(tmp_path: Path) -> None:
+    """Forked workers must not share albumentations' random state (identical crops)."""
+    image, mask = random_pair(np.random.default_rng(1), 64, 64)
+    for i in range(4):
+        write_pair(tmp_path, "train", f"same{i}", image, mask, ext=".png")
+    samples = scan_split(tmp_path, "train", progress=False)
+    dataset = SegmentationDataset(samples, train_transform("none", 16, seed=0), progress=False)
+    batch = next(iter(make_loader(dataset, 1, shuffle=False, num_workers=2)))
+    second = list(make_loader(dataset, 1, shuffle=False, num_workers=2))
+    crops = [b["image"] for b in second]
+    assert batch["image"].shape == (1, 3, 16, 16)
+    assert not torch.equal(crops[0], crops[1]), "worker 0 and worker 1 drew the same crop"
+
+
+def test_cache_gives_the_same_samples(small_root: Path) -> None:
+    samples = scan_split(small_root, "test", progress=False)
+    plain = SegmentationDataset(samples, eval_transform(), progress=False)
+    cached = SegmentationDataset(samples, eval_transform(), cache=True, progress=False)
+    for i in range(len(samples)):
+        assert torch.equal(plain[i]["image"], cached[i]["image"])
+        assert torch.equal(plain[i]["mask"], cached[i]["mask"])
+
+
+def test_holdout_is_reproducible(small_root: Path) -> None:
+    samples = scan_split(small_root, "train", progress=False)
+    kept, held = holdout(samples, 0.34, seed=0)
+    assert len(kept) == 4 and len(held) == 2
+    assert holdout(samples, 0.34, seed=0) == (kept, held)
+    with pytest.raises(DatasetError, match="fraction"):
+        holdout(samples, 1.5, seed=0)
+
+
+# Each user-caused problem raises DatasetError naming the offending file.
+
+
+def _expect(root: Path, match: str, **kwargs: object) -> None:
+    with pytest.raises(DatasetError, match=match):
+        scan_split(root, "train", progress=False, **kwargs)
+
+
+def test_missing_root(tmp_path: Path) -> None:
+    _expect(tmp_path / "nowhere", "nowhere.*does not exist")
+
+
+def test_missing_folder_and_empty_split(tmp_path: Path) -> None:
+    _expect(tmp_path, r"train/image is missing")
+    (tmp_path / "train" / "image").mkdir(parents=True)
+    (tmp_path / "train" / "mask").mkdir(parents=True)
+    _expect(tmp_path, "empty")
+
+
+def test_image_without_mask(small_root: Path) -> None:
+    (small_root / "train" / "mask" / "t3.png").unlink()
+    _expect(small_root, r"t3\.jpg: image has no mask")
+
+
+def test_mask_without_image(small_root: Path) -> None:
+    (small_root / "train" / "image" / "t2.jpg").unlink()
+    _expect(small_root, r"t2\.png: mask has no image")
+
+
+def test_size_mismatch(small_root: Path) -> None:
+    Image.fromarray(np.zeros((40, 64), np.uint8)).save(small_root / "train" / "mask" / "t1.png")
+    _expect(small_root, r"t1\.png: mask is 64x40 but its image t1\.jpg is 64x48")
+
+
+def test_mask_values_out_of_range(small_root: Path) -> None:
+    bad = np.zeros((48, 64), np.uint8)
+    bad[0, 0], bad[1, 1] = 9, 200
+    Image.fromarray(bad).save(small_root / "train" / "mask" / "t0.png")
+    _expect(small_root, r"t0\.png: mask values \[9, 200\] outside")
+
+
+def test_rgb_mask_is_named_and_convertible(small_root: Path) -> None:
+    mask = np.random.default_rng(0).integers(0, 8, (48, 64), dtype=np.uint8)
+    Image.fromarray(colorize(mask)).save(small_root / "train" / "mask" / "t4.png")
+    _expect(small_root, r"t4\.png: mask is RGB.*rgb_masks")
+    samples = scan_split(small_root, "train", rgb_masks=True, progress=False)
+    dataset = SegmentationDataset(samples, None, rgb_masks=True, progress=False)
+    assert (dataset.load(4)[1] == mask).all()
+
+
+def test_truncated_image(small_root: Path) -> None:
+    path = small_root / "train" / "image" / "t5.jpg"
+    path.write_bytes(path.read_bytes()[:200])
+    _expect(small_root, r"t5\.jpg: truncated JPEG")
+
+
+def test_unreadable_image(small_root: Path) -> None:
+    path = small_root / "train" / "image" / "t5.jpg"
+    path.write_bytes(b"not an image at all" + b"\xff\xd9")
+    _expect(small_root, r"t5\.jpg: unreadable image")
+
+
+def test_truncated_mask(small_root: Path) -> None:
+    path = small_root / "train" / "mask" / "t2.png"
+    path.write_bytes(path.read_bytes()[:60])
+    _expect(small_root, r"t2\.png: truncated PNG")
