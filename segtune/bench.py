@@ -505,7 +505,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
     warmup = _check_count("--warmup", args.warmup, 0)
     variants = _select_variants(model_variants(), args.arch, args.backbone)
     gpu = not args.no_gpu
-    amp = _check_amp(args.amp)
+    amp = args.amp  # argparse restricts it to AMP_MODES
     header = conditions_line(input_hw, threads, warmup, repeats, gpu, amp)
     log.info("measuring %d model(s): %s", len(variants), header.lstrip("# "))
     _warn_if_busy(threads)

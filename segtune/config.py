@@ -32,7 +32,7 @@ class TrialConfig(BaseModel):
     aspp_rates: tuple[int, int, int] = (12, 24, 36)
     output_stride: Literal[8, 16, 32] = 16
     unet_min_channels: int = Field(32, ge=1)
-    unet_max_channels: int = Field(256, ge=1)
+    unet_max_channels: int = Field(512, ge=1)
     unet_depth: int = Field(4, ge=1, le=6)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     # data

@@ -277,7 +277,7 @@ def fit(
         if is_best:
             best_metric, best_epoch = metrics[cfg.select_metric], epoch
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        log.info(
+        log.debug(
             "epoch %d/%d train_loss %.4f val_loss %.4f val_miou %.4f (%.1fs)%s",
             epoch + 1,
             cfg.epochs,

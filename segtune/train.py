@@ -20,10 +20,10 @@ from segtune.checkpoint import atomic_save, best_checkpoint
 from segtune.cli import run_cli, setup_logging
 from segtune.config import DataConfig, trial_config
 from segtune.data.pipeline import build_data
-from segtune.engine import EpochEnd, fit
+from segtune.engine import EpochEnd, fit, seed_everything
 from segtune.errors import ConfigError
 from segtune.losses import build_loss, class_weights
-from segtune.models import build_model
+from segtune.models import build_model, check_model_config
 
 log = logging.getLogger("segtune.train")
 
@@ -70,6 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     values = {k: v for k, v in values.items() if v is not None}
     values.update(parse_assignments(args.set))
     cfg = trial_config(values)
+    check_model_config(cfg)  # a configuration error is reported before the data is read
     val_split: str | float = args.val_split
     if val_split not in ("auto", "val", "test"):
         try:
@@ -88,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = build_data(data_cfg, cfg)
     weights = class_weights(data.class_pixels, cfg.class_weights)
     loss_fn = build_loss(cfg.loss, class_weights=weights)
+    seed_everything(cfg.seed, cfg.deterministic)  # the initial weights depend on the seed
     model = build_model(cfg)
     print(f"{cfg.label()}: {len(data.train)} train, {len(data.val)} val ({data.val_split})")
 

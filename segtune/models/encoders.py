@@ -228,6 +228,12 @@ def build_encoder(name: str, pretrained: str = "none", output_stride: int = 32) 
         encoder = ResNetEncoder(name, spec.build(), output_stride)
     else:
         encoder = TrunkEncoder(name, spec.build(), output_stride)
+    # torchvision's MobileNet/EfficientNet BatchNorms use momentum 0.01, tuned for 600-epoch
+    # ImageNet runs; in a sweep of a few hundred steps their running statistics would still be
+    # near their initial values and eval-mode outputs near constant.
+    for module in encoder.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = 0.1
     if pretrained == "imagenet":
         encoder.load_backbone_state_dict(
             imagenet_state_dict(name), str(pretrained_weights_file(name))
