@@ -460,12 +460,15 @@ def conditions_line(
 
 
 def _warn_if_busy(threads: int) -> None:
-    """Other processes on the benchmark's cores inflate CPU latency many times (threads spin)."""
+    """Other processes on the benchmark's cores inflate CPU latency many times (threads spin).
+
+    The 1-minute load average lags, so this is a hint, not a verdict; the header records it.
+    """
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    if load + threads > cores + 0.5:
+    if load + threads > cores + 0.75:
         log.warning(
-            "load average %.1f with %d threads on %d cores: other processes compete for the CPU, "
-            "CPU latencies will be inflated; rerun on an idle machine or use fewer --threads",
+            "load average %.1f with %d threads on %d cores: other processes may compete for the "
+            "CPU and inflate CPU latencies; rerun on an idle machine or use fewer --threads",
             load,
             threads,
             cores,

@@ -143,13 +143,15 @@ def evaluate(
     device: torch.device,
     dtype: torch.dtype | None = None,
     on_batch: Callable[[dict[str, Any], torch.Tensor], None] | None = None,
+    matrix: ConfusionMatrix | None = None,
 ) -> dict[str, float]:
     """Loss (mean over images) and confusion-matrix metrics over a whole split.
 
-    `on_batch(batch, predictions)` sees every batch, e.g. for per-image rows.
+    `on_batch(batch, predictions)` sees every batch, e.g. for per-image rows; pass `matrix`
+    to keep the split's confusion matrix.
     """
     model.eval()
-    matrix = ConfusionMatrix(device=device)
+    matrix = matrix if matrix is not None else ConfusionMatrix(device=device)
     loss_sum, count = torch.zeros((), device=device), 0
     for batch in loader:
         images = batch["image"].to(device, non_blocking=True)

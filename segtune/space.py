@@ -71,8 +71,8 @@ def _fixed_values(sweep: SweepConfig) -> dict[str, Any]:
     return {k: v for k, v in sweep.search_space.items() if _form(v)[0] is None}
 
 
-def grid_trials(sweep: SweepConfig) -> list[TrialConfig]:
-    """Every trial of a grid sweep, in Ray's order (the last grid key varies fastest)."""
+def discrete_trials(sweep: SweepConfig) -> list[TrialConfig]:
+    """Every combination of the discrete dimensions: for a grid sweep, its trials."""
     return [resolve_trial(sweep, combo) for combo in _combinations(sweep)]
 
 

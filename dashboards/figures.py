@@ -1,0 +1,397 @@
+"""The seed's pictures, redrawn for any sweep with matplotlib's object API (Agg, no pyplot state).
+
+Every function writes one PNG and returns a short note when there was nothing honest to draw.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.text import Annotation
+from matplotlib.ticker import MaxNLocator
+from matplotlib.transforms import Bbox
+
+from dashboards.analysis import OBJECTIVE, ema, pareto_front
+from dashboards.data import SweepData
+from segtune.data.classes import CLASS_NAMES, PALETTE
+
+log = logging.getLogger(__name__)
+
+DPI = 120
+MAX_LINES = 20  # more curves than this on one axis is noise: the best ones are drawn
+MAX_TEXT_LABELS = 15  # beyond this, points carry numbers and a key lists the names
+LOG_RANGE = 20.0  # a cost axis spanning more than this factor is drawn in log scale
+MAX_BUBBLE = 1400.0  # marker area (pt^2) of the largest model
+
+TITLES = {
+    "train_loss": "Training loss",
+    "val_loss": "Validation loss",
+    "val_miou": "Validation mIoU",
+    "best_val_miou": "best val mIoU",
+    "train_time_min": "train time (min)",
+    "infer_ms_gpu": "GPU inference (ms / image)",
+    "infer_ms_cpu": "CPU inference (ms / image)",
+    "size_mb": "model size (MB)",
+}
+
+
+def trial_colors(labels: Sequence[str]) -> dict[str, tuple[float, ...]]:
+    """One colour per trial, the same in every figure."""
+    cmap = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"]
+    return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
+
+
+def numeric(table: pd.DataFrame, column: str) -> pd.Series:
+    """A column as floats; all NaN when no trial logged it."""
+    if column not in table.columns:
+        return pd.Series(np.nan, index=table.index)
+    return pd.to_numeric(table[column], errors="coerce")
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight", facecolor="white")
+    log.debug("wrote %s", path)
+    return path
+
+
+def _top(table: pd.DataFrame, n: int) -> pd.DataFrame:
+    """The n best trials by the objective (trials without it last), in their original order."""
+    if len(table) <= n:
+        return table
+    order = numeric(table, OBJECTIVE).fillna(-np.inf)
+    return table.loc[order.sort_values(ascending=False).index[:n]].sort_index()
+
+
+def _legend(fig: Figure, ax: Axes, n: int) -> None:
+    if n > 6:
+        fig.legend(loc="outside right upper", fontsize="small", frameon=False)
+    else:
+        ax.legend(fontsize="small")
+
+
+def curves(
+    data: SweepData,
+    trials: pd.DataFrame,
+    key: str,
+    colors: Mapping[str, tuple[float, ...]],
+    weight: float,
+    path: Path,
+) -> str | None:
+    """One line per trial: raw values faint, EMA-smoothed bold (the seed's Pictures 1-4)."""
+    drawn = _top(trials, MAX_LINES)
+    series = [(row["label"], data.history(row["run_id"], key)) for _, row in drawn.iterrows()]
+    series = [(label, s) for label, s in series if len(s)]
+    if not series:
+        return f"no trial logged `{key}`: no curve drawn"
+    fig = Figure(figsize=(9, 5), layout="constrained")
+    ax = fig.add_subplot()
+    for label, s in series:
+        ax.plot(s.index, s.to_numpy(), color=colors[label], alpha=0.25, lw=1)
+        ax.plot(s.index, ema(s.to_numpy(), weight), color=colors[label], lw=2.2, label=label)
+    smooth = f"EMA {weight:g} bold, raw faint" if weight > 0 else "raw values"
+    ax.set_title(f"{TITLES.get(key, key)} by epoch ({smooth})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(key)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    _legend(fig, ax, len(series))
+    _save(fig, path)
+    if len(trials) > len(drawn):
+        return f"`{key}`: the {len(drawn)} best of {len(trials)} trials are drawn"
+    return None
+
+
+def _log_if_wide(ax: Axes, values: np.ndarray, axis: str = "x") -> None:
+    positive = values[values > 0]
+    if len(positive) == len(values) and positive.max() / positive.min() > LOG_RANGE:
+        (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+
+
+def _spots(radius: float) -> list[tuple[float, float, str]]:
+    """Label offsets (points) around a marker, nearest first: right, left, above, below."""
+    spots = []
+    for step in range(5):
+        d = radius + 3 + 14 * step
+        spots += [(d, 2, "left"), (d, -12, "left"), (-d, 2, "right"), (-d, -12, "right")]
+        spots += [(0, d, "center"), (0, -d - 10, "center")]
+    return spots
+
+
+def _place_labels(fig: Figure, ax: Axes, annotations: list[Annotation], radii: list[float]) -> None:
+    """Greedy staggering: each label takes the nearest spot that overlaps no placed label."""
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    frame = ax.get_window_extent(renderer)
+    placed: list[Bbox] = []
+
+    def cost(box: Bbox, rank: int) -> float:
+        overlap = sum(
+            max(0.0, min(box.x1, b.x1) - max(box.x0, b.x0))
+            * max(0.0, min(box.y1, b.y1) - max(box.y0, b.y0))
+            for b in placed
+        )
+        outside = box.x0 < frame.x0 or box.x1 > frame.x1 or box.y0 < frame.y0 or box.y1 > frame.y1
+        return overlap + (1e6 if outside else 0.0) + rank * 1e-3
+
+    for i in sorted(range(len(annotations)), key=lambda k: -annotations[k].xy[1]):
+        ann = annotations[i]
+        scored = []
+        for rank, (dx, dy, ha) in enumerate(_spots(radii[i])):
+            ann.xyann = (dx, dy)
+            ann.set_horizontalalignment(ha)
+            scored.append((cost(ann.get_window_extent(renderer), rank), dx, dy, ha))
+            if scored[-1][0] < 1:
+                break
+        _, dx, dy, ha = min(scored)
+        ann.xyann = (dx, dy)
+        ann.set_horizontalalignment(ha)
+        placed.append(ann.get_window_extent(renderer))
+
+
+def pareto(
+    trials: pd.DataFrame,
+    cost: str,
+    colors: Mapping[str, tuple[float, ...]],
+    path: Path,
+    objective: str = OBJECTIVE,
+) -> str | None:
+    """Objective against one cost, bubble area proportional to size, front drawn (Pictures 5-7)."""
+    if cost not in trials.columns or trials[cost].isna().all():
+        return (
+            f"no trial has `{cost}` (e.g. GPU latency on a CPU-only sweep): "
+            f"no {objective} vs {cost} plot"
+        )
+    usable = trials.dropna(subset=[objective, cost])
+    note = None
+    if len(usable) < len(trials):
+        missing = ", ".join(trials.loc[~trials.index.isin(usable.index), "label"])
+        note = f"{objective} vs {cost}: left out for want of a value: {missing}"
+    if usable.empty:
+        return note
+    x = usable[cost].to_numpy(dtype=float)
+    y = usable[objective].to_numpy(dtype=float)
+    sizes = numeric(usable, "size_mb")
+    scale = MAX_BUBBLE / sizes.max() if sizes.notna().any() and sizes.max() > 0 else 0.0
+    areas = (sizes.fillna(0) * scale).to_numpy() if scale else np.full(len(usable), 120.0)
+    front = pareto_front(usable, objective, [cost]).to_numpy()
+
+    fig = Figure(figsize=(9, 6), layout="constrained")
+    ax = fig.add_subplot()
+    point_colors = [colors[label] for label in usable["label"]]
+    ax.scatter(x, y, s=areas, c=point_colors, alpha=0.45, edgecolors="none")
+    ax.scatter(x, y, s=14, c=point_colors, zorder=3)
+    ax.scatter(
+        x[front], y[front], s=areas[front] + 60, facecolors="none", edgecolors="black", lw=1.6
+    )
+    order = np.argsort(x[front])
+    ax.step(x[front][order], y[front][order], where="post", color="black", lw=1, ls="--")
+    _log_if_wide(ax, x)
+    ax.margins(x=0.12, y=0.15)
+    ax.grid(alpha=0.3)
+    ax.set_xlabel(TITLES.get(cost, cost) + (" (log scale)" if ax.get_xscale() == "log" else ""))
+    ax.set_ylabel(TITLES.get(objective, objective))
+    ax.set_title(f"{TITLES.get(objective, objective)} vs {TITLES.get(cost, cost)}")
+
+    numbered = len(usable) > MAX_TEXT_LABELS
+    texts = [str(i + 1) if numbered else label for i, label in enumerate(usable["label"])]
+    annotations = [
+        ax.annotate(
+            text,
+            (xi, yi),
+            xytext=(6, 2),
+            textcoords="offset points",
+            fontsize=8,
+            fontweight="bold" if on_front else "normal",
+            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "alpha": 0.75, "ec": "none"},
+            arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.6, "shrinkA": 0},
+        )
+        for text, xi, yi, on_front in zip(texts, x, y, front, strict=True)
+    ]
+    _place_labels(fig, ax, annotations, list(np.sqrt(areas) / 2))
+
+    handles = [Line2D([], [], color="black", ls="--", lw=1, label="Pareto front")]
+    handles.append(
+        Line2D([], [], marker="o", ls="", mfc="none", mec="black", ms=10, label="on the front")
+    )
+    if scale:
+        for ref in _nice_sizes(sizes.dropna().to_numpy()):
+            handles.append(
+                Line2D(
+                    [],
+                    [],
+                    marker="o",
+                    ls="",
+                    color="0.6",
+                    alpha=0.5,
+                    ms=np.sqrt(ref * scale),
+                    label=f"{ref:g} MB",
+                )
+            )
+    fig.legend(
+        handles=handles,
+        loc="outside right upper",
+        fontsize="small",
+        frameon=False,
+        title="bubble area ∝ size" if scale else None,
+        labelspacing=1.6,
+    )
+    if numbered:
+        key = "\n".join(f"{t}: {label}" for t, label in zip(texts, usable["label"], strict=True))
+        fig.text(1.0, 0.0, key, fontsize=7, va="bottom", ha="left", family="monospace")
+    _save(fig, path)
+    return note
+
+
+def _nice_sizes(sizes: np.ndarray) -> list[float]:
+    """Two or three round reference sizes spanning the models' sizes."""
+    refs = []
+    for value in (sizes.min(), np.median(sizes), sizes.max()):
+        nice = float(f"{value:.1g}") if value > 0 else 0.0
+        if nice > 0 and nice not in refs:
+            refs.append(nice)
+    return refs
+
+
+def size_bars(
+    trials: pd.DataFrame, colors: Mapping[str, tuple[float, ...]], path: Path
+) -> str | None:
+    """Model size per configuration (seeds share a size): the seed's Picture 8."""
+    if "size_mb" not in trials.columns or trials["size_mb"].isna().all():
+        return "no trial has `size_mb`: no size chart"
+    rows = trials.dropna(subset=["size_mb"]).drop_duplicates("config").sort_values("size_mb")
+    fig = Figure(figsize=(8, 0.8 + 0.38 * len(rows)), layout="constrained")
+    ax = fig.add_subplot()
+    bars = ax.barh(
+        rows["config_label"],
+        rows["size_mb"],
+        color=[colors[label] for label in rows["label"]],
+    )
+    texts = [
+        f"{mb:.1f} MB" + (f"  ({p:.2f} M params)" if pd.notna(p) else "")
+        for mb, p in zip(rows["size_mb"], numeric(rows, "params_m"), strict=True)
+    ]
+    ax.bar_label(bars, texts, padding=3, fontsize=8)
+    ax.set_xlim(0, rows["size_mb"].max() * 1.45)
+    ax.set_xlabel(TITLES["size_mb"])
+    ax.set_title("Model size")
+    ax.grid(axis="x", alpha=0.3)
+    _save(fig, path)
+    return None
+
+
+def seed_spread(groups: pd.DataFrame, trials: pd.DataFrame, path: Path) -> None:
+    """Each configuration's seeds as dots, mean +- std as a bar: do differences hold?"""
+    fig = Figure(figsize=(8, 1.0 + 0.42 * len(groups)), layout="constrained")
+    ax = fig.add_subplot()
+    ordered = groups.iloc[::-1].reset_index(drop=True)  # best on top
+    for i, g in ordered.iterrows():
+        values = trials.loc[trials["run_id"].isin(g["runs"]), OBJECTIVE].to_numpy(dtype=float)
+        ax.scatter(values, np.full(len(values), i), s=18, color="0.35", zorder=3)
+        if g["n"] > 1:
+            ax.errorbar(g["mean"], i, xerr=g["std"], fmt="D", color="tab:blue", capsize=5, ms=6)
+    ax.set_yticks(
+        range(len(ordered)),
+        [f"{lab}  (n={n})" for lab, n in zip(ordered["label"], ordered["n"], strict=True)],
+    )
+    ax.set_xlabel(TITLES[OBJECTIVE])
+    ax.set_title("Seed-to-seed spread: each seed (dots), mean ± std (blue)")
+    ax.grid(axis="x", alpha=0.3)
+    _save(fig, path)
+
+
+def seed_bands(
+    data: SweepData,
+    groups: pd.DataFrame,
+    colors: Mapping[str, tuple[float, ...]],
+    trials: pd.DataFrame,
+    path: Path,
+    key: str = "val_miou",
+) -> str | None:
+    """Mean +- std by epoch over the seeds of each repeated configuration."""
+    repeated = groups[groups["n"] > 1].head(MAX_LINES)
+    fig = Figure(figsize=(9, 5), layout="constrained")
+    ax = fig.add_subplot()
+    drawn = 0
+    for _, g in repeated.iterrows():
+        runs = [data.history(r, key) for r in g["runs"]]
+        frame = (
+            pd.concat([s for s in runs if len(s)], axis=1) if any(len(s) for s in runs) else None
+        )
+        if frame is None:
+            continue
+        mean, std = frame.mean(axis=1), frame.std(axis=1, ddof=1).fillna(0)
+        first = trials.loc[trials["run_id"] == g["runs"][0], "label"].iloc[0]
+        ax.plot(mean.index, mean, color=colors[first], lw=2, label=f"{g['label']} (n={g['n']})")
+        ax.fill_between(mean.index, mean - std, mean + std, color=colors[first], alpha=0.2)
+        drawn += 1
+    if not drawn:
+        return f"no repeated configuration logged `{key}`: no seed bands"
+    ax.set_title(f"{TITLES.get(key, key)} by epoch: mean ± std over seeds")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(key)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    _legend(fig, ax, drawn)
+    _save(fig, path)
+    return None
+
+
+def _class_color(name: str) -> tuple[float, float, float] | str:
+    if name in CLASS_NAMES:
+        return tuple(c / 255 for c in PALETTE[CLASS_NAMES.index(name)])
+    return "tab:gray"
+
+
+def confusion(matrix: pd.DataFrame, path: Path, title: str) -> None:
+    """Row-normalised confusion matrix: each row (a ground-truth class) sums to 1."""
+    values = matrix.to_numpy(dtype=float)
+    sums = values.sum(axis=1, keepdims=True)
+    norm = np.divide(values, sums, out=np.zeros_like(values), where=sums > 0)
+    n = len(matrix)
+    fig = Figure(figsize=(1.2 + 0.75 * n, 1.0 + 0.7 * n), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(n):
+        for j in range(n):
+            ax.text(
+                j,
+                i,
+                f"{norm[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if norm[i, j] > 0.6 else "black",
+            )
+    ax.set_xticks(range(n), matrix.columns, rotation=45, ha="right")
+    ax.set_yticks(range(n), matrix.index)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("ground truth")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, shrink=0.8, label="share of the ground-truth row")
+    _save(fig, path)
+
+
+def iou_bars(iou: Mapping[str, float], path: Path, title: str) -> None:
+    """IoU per class in the class palette (white grass gets a black edge)."""
+    names = list(iou)
+    fig = Figure(figsize=(1.5 + 0.7 * len(names), 4), layout="constrained")
+    ax = fig.add_subplot()
+    bars = ax.bar(
+        names, [iou[n] for n in names], color=[_class_color(n) for n in names], edgecolor="black"
+    )
+    ax.bar_label(bars, [f"{iou[n]:.2f}" for n in names], padding=2, fontsize=8)
+    ax.set_ylim(0, 1.08)
+    ax.set_ylabel("IoU")
+    ax.set_title(title)
+    ax.tick_params(axis="x", rotation=30)
+    ax.grid(axis="y", alpha=0.3)
+    _save(fig, path)

@@ -1,0 +1,291 @@
+"""The sweep on Ray Tune: parent MLflow run, Tuner (search, scheduler, retries, checkpoints),
+a driver-side callback that closes the MLflow runs of trials Ray stopped or lost, and the
+summary printed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import ray
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.experiment import Trial
+
+from segtune.config import SweepConfig
+from segtune.errors import ConfigError
+from segtune.space import param_space
+from segtune.tracking import (
+    ERROR_TAG,
+    ROLE_TAG,
+    ROLE_TRIAL,
+    TRIAL_ID_TAG,
+    start_sweep_run,
+)
+from segtune.trial import run_trial
+
+log = logging.getLogger(__name__)
+STATE_FILE = "segtune_sweep.json"  # beside Ray's experiment state: the parent MLflow run id
+EARLY_STOP_TAG = "segtune.early_stopped"
+
+
+def _search_alg(sweep: SweepConfig) -> Any:
+    if sweep.tune.search != "optuna":
+        return None  # grid and random: Ray's variant generator
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    objectives = sweep.objectives()
+    seed = int(sweep.train.get("seed", 0))
+    sampler = (
+        optuna.samplers.NSGAIISampler(seed=seed)
+        if sweep.tune.sampler == "nsga2"
+        else optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    )
+    metrics = [m for m, _ in objectives]
+    modes = [m for _, m in objectives]
+    return OptunaSearch(
+        metric=metrics if len(metrics) > 1 else metrics[0],
+        mode=modes if len(modes) > 1 else modes[0],
+        sampler=sampler,
+    )
+
+
+def _scheduler(sweep: SweepConfig) -> Any:
+    if sweep.tune.scheduler != "asha":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    epochs = int(sweep.train.get("epochs", 10))
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=epochs + 1,  # the final report (evaluation and cost) comes after the last epoch
+        grace_period=sweep.tune.grace_period,
+        reduction_factor=sweep.tune.reduction_factor,
+    )
+
+
+class CloseRuns(tune.Callback):
+    """Closes the MLflow run of a trial that Ray ended without the trial closing it itself:
+    stopped early by ASHA (FINISHED, tagged, best mIoU from its history) or whose process died
+    (FAILED with the error)."""
+
+    def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str) -> None:
+        self.tracking_uri, self.experiment, self.parent = tracking_uri, experiment, parent_run_id
+
+    def _run(self, trial: Trial) -> Any:
+        client = MlflowClient(self.tracking_uri)
+        exp = client.get_experiment_by_name(self.experiment)
+        runs = client.search_runs(
+            [exp.experiment_id],
+            filter_string=f"tags.`{TRIAL_ID_TAG}` = '{trial.trial_id}' and "
+            f"tags.`mlflow.parentRunId` = '{self.parent}'",
+            max_results=1,
+        )
+        return (client, runs[0]) if runs else (client, None)
+
+    def on_trial_complete(
+        self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
+    ) -> None:
+        client, run = self._run(trial)
+        if run is None or run.info.status != "RUNNING":
+            return
+        history = client.get_metric_history(run.info.run_id, "val_miou")
+        if history:
+            best = max(history, key=lambda m: m.value)
+            client.log_metric(run.info.run_id, "best_val_miou", best.value)
+            client.log_metric(run.info.run_id, "best_epoch", best.step)
+            times = client.get_metric_history(run.info.run_id, "epoch_time_s")
+            client.log_metric(run.info.run_id, "train_time_min", sum(m.value for m in times) / 60)
+        client.set_tag(run.info.run_id, EARLY_STOP_TAG, f"after {len(history)} epochs")
+        client.set_terminated(run.info.run_id, "FINISHED")
+
+    def on_trial_error(
+        self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
+    ) -> None:
+        client, run = self._run(trial)
+        if run is None:
+            return
+        if ERROR_TAG not in run.data.tags:
+            client.set_tag(
+                run.info.run_id, ERROR_TAG, str(trial.error_file or "trial process died")
+            )
+        if run.info.status != "FAILED":
+            client.set_terminated(run.info.run_id, "FAILED")
+
+
+def check_cluster(sweep: SweepConfig) -> None:
+    """Resources a trial asks for must exist now: pending forever is not an answer."""
+    available = ray.cluster_resources()
+    wanted = sweep.tune.resources_per_trial
+    for key, amount in (("CPU", wanted.cpu), ("GPU", wanted.gpu)):
+        if amount > available.get(key, 0):
+            raise ConfigError(
+                f"tune.resources_per_trial.{key.lower()}: {amount} asked, but the cluster has "
+                f"{available.get(key, 0):g} {key}; lower it or add nodes"
+            )
+
+
+def _parent_run(sweep: SweepConfig, tracking_uri: str, sweep_yaml: str, resume: bool) -> str:
+    state = Path(sweep.tune.storage_path) / sweep.name / STATE_FILE
+    if resume and state.is_file():
+        parent = json.loads(state.read_text())["parent_run_id"]
+        MlflowClient(tracking_uri).update_run(parent, status="RUNNING")
+        return parent
+    parent = start_sweep_run(
+        MlflowClient(tracking_uri), sweep.experiment, sweep.name, sweep_yaml, sweep.description
+    )
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_text(json.dumps({"parent_run_id": parent, "tracking_uri": tracking_uri}))
+    return parent
+
+
+def run_sweep(
+    sweep: SweepConfig,
+    tracking_uri: str,
+    *,
+    address: str | None,
+    resume: bool,
+    report: bool,
+    sweep_yaml: str,
+) -> int:
+    """Run the sweep; 0 when every trial succeeded, 1 otherwise."""
+    experiment_dir = Path(sweep.tune.storage_path) / sweep.name
+    if resume and not tune.Tuner.can_restore(str(experiment_dir)):
+        raise ConfigError(
+            f"--resume: no interrupted sweep at {experiment_dir}; run without --resume"
+        )
+    env = {"MLFLOW_TRACKING_URI": tracking_uri}
+    ray.init(
+        address=address,
+        include_dashboard=False,
+        runtime_env={"env_vars": env},
+        configure_logging=False,
+        log_to_driver=True,
+    )
+    try:
+        check_cluster(sweep)
+        parent = _parent_run(sweep, tracking_uri, sweep_yaml, resume)
+        resources = sweep.tune.resources_per_trial
+        trainable = tune.with_resources(
+            tune.with_parameters(
+                run_trial, sweep=sweep, parent_run_id=parent, tracking_uri=tracking_uri
+            ),
+            {"cpu": resources.cpu, "gpu": resources.gpu},
+        )
+        objectives = sweep.objectives()
+        multi = len(objectives) > 1
+        run_config = tune.RunConfig(
+            name=sweep.name,
+            storage_path=sweep.tune.storage_path,
+            failure_config=tune.FailureConfig(max_failures=sweep.tune.max_failures),
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=1,  # the best by the metric; Ray always keeps the latest as well
+                checkpoint_score_attribute=objectives[0][0] if not multi else "val_miou",
+                checkpoint_score_order=objectives[0][1] if not multi else "max",
+            ),
+            callbacks=[CloseRuns(tracking_uri, sweep.experiment, parent)],
+            verbose=1,
+        )
+        if resume:
+            tuner = tune.Tuner.restore(str(experiment_dir), trainable, resume_unfinished=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space(sweep),
+                tune_config=tune.TuneConfig(
+                    metric=None if multi else objectives[0][0],
+                    mode=None if multi else objectives[0][1],
+                    search_alg=_search_alg(sweep),
+                    scheduler=_scheduler(sweep),
+                    num_samples=sweep.tune.num_samples,
+                    max_concurrent_trials=sweep.tune.max_concurrent_trials,
+                ),
+                run_config=run_config,
+            )
+        results = tuner.fit()
+    finally:
+        ray.shutdown()
+    failed = sum(1 for r in results if r.error is not None)
+    client = MlflowClient(tracking_uri)
+    client.set_terminated(parent, "FAILED" if failed else "FINISHED")
+    print_summary(sweep, tracking_uri, parent)
+    if report:
+        _report(sweep, tracking_uri, parent)
+    return 1 if failed else 0
+
+
+def trial_table(tracking_uri: str, experiment: str, parent_run_id: str) -> pd.DataFrame:
+    """One row per trial run of a sweep, from MLflow."""
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and "
+        f"tags.`{ROLE_TAG}` = '{ROLE_TRIAL}'",
+        max_results=10000,
+    )
+    rows = []
+    for run in runs:
+        row = {"label": run.info.run_name, "status": run.info.status, "run_id": run.info.run_id}
+        row.update(run.data.metrics)
+        row["error"] = run.data.tags.get(ERROR_TAG, "")
+        row["early_stopped"] = run.data.tags.get(EARLY_STOP_TAG, "")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def print_summary(sweep: SweepConfig, tracking_uri: str, parent: str) -> None:
+    from dashboards.analysis import pareto_front
+
+    table = trial_table(tracking_uri, sweep.experiment, parent)
+    if table.empty:
+        print("no trial ran")
+        return
+    columns = {
+        "best_val_miou": "mIoU",
+        "train_time_min": "train min",
+        "infer_ms_cpu": "CPU ms",
+        "infer_ms_gpu": "GPU ms",
+        "params_m": "params M",
+        "size_mb": "MB",
+    }
+    ok = table[table["status"] == "FINISHED"].copy()
+    for key in columns:
+        if key not in ok:
+            ok[key] = math.nan
+    costs = [
+        c
+        for c in ("train_time_min", "infer_ms_cpu", "infer_ms_gpu", "size_mb")
+        if ok[c].notna().any()
+    ]
+    ok["pareto"] = pareto_front(ok, "best_val_miou", costs) if len(ok) else []
+    ok = ok.sort_values("best_val_miou", ascending=False)
+    shown = ok[["label", *columns, "pareto"]].rename(columns=columns)
+    print(f"\nsweep {sweep.name}: {len(table)} trials")
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-"))
+    if sweep.tune.repeats > 1 and len(ok):
+        ok["configuration"] = ok["label"].str.replace(r"-s\d+$", "", regex=True)
+        spread = ok.groupby("configuration")["best_val_miou"].agg(["mean", "std", "count"])
+        print("\nmIoU over seeds (mean ± std):")
+        for name, row in spread.sort_values("mean", ascending=False).iterrows():
+            print(f"  {name}: {row['mean']:.4f} ± {row['std']:.4f} (n={int(row['count'])})")
+    failed = table[table["status"] == "FAILED"]
+    for _, row in failed.iterrows():
+        print(f"FAILED {row['label']}: {row['error']}")
+    print(f"\nopen the MLflow UI: mlflow ui --backend-store-uri {tracking_uri}")
+
+
+def _report(sweep: SweepConfig, tracking_uri: str, parent: str) -> None:
+    from dashboards.report import build_report
+
+    try:
+        path = build_report(sweep.experiment, tracking_uri=tracking_uri, sweep_run_id=parent)
+        print(f"report: {path}")
+    except Exception as exc:  # a report problem must not hide the sweep's results
+        log.warning("report not built: %s", exc)

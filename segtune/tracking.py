@@ -1,0 +1,181 @@
+"""The MLflow contract of DESIGN.md, in one place: names, tags, metric keys, artifacts, resume.
+
+Everything goes through `MlflowClient` with explicit run ids (no global "active run"), so a
+trial on any Ray node writes to its own run, and a retried trial writes to the same run again.
+Dashboards and export read exactly these names.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from segtune.data.classes import CLASS_NAMES
+
+log = logging.getLogger(__name__)
+
+ROLE_TAG = "segtune.role"
+ROLE_SWEEP, ROLE_TRIAL = "sweep", "trial"
+TRIAL_ID_TAG = "ray.trial_id"
+NODE_TAG = "segtune.node"
+ERROR_TAG = "segtune.error"
+LABEL_TAG = "segtune.label"
+SWEEP_TAG = "segtune.sweep"
+
+EPOCH_METRICS = (
+    "train_loss",
+    "val_loss",
+    "val_miou",
+    "val_acc",
+    "val_class_acc",
+    *(f"val_iou_{name}" for name in CLASS_NAMES),
+    "lr",
+    "epoch_time_s",
+)
+FINAL_METRICS = (
+    "best_val_miou",
+    "best_epoch",
+    "train_time_min",
+    "params_m",
+    "size_mb",
+    "gflops",
+    "infer_ms_cpu",
+    "infer_ms_gpu",  # absent where there is no GPU; never invented
+    "train_img_s",
+)
+SWEEP_ARTIFACT = "sweep.yaml"
+REPORT_DIR = "report"
+CHECKPOINT_ARTIFACT = "checkpoints/best.pt"
+PER_IMAGE_ARTIFACT = "eval/per_image.csv"
+CONFUSION_ARTIFACT = "eval/confusion.csv"
+EXAMPLES_DIR = "eval/examples"
+
+
+def resolve_tracking_uri(cli_value: str | None = None) -> str:
+    """`--tracking-uri`, else MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db)."""
+    if cli_value:
+        return cli_value
+    return os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The id of experiment `name`, created when missing."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name)
+
+
+def start_sweep_run(
+    client: MlflowClient, experiment: str, sweep_name: str, sweep_yaml: str, description: str = ""
+) -> str:
+    """The parent run of one sweep invocation, with the resolved sweep as `sweep.yaml`."""
+    run = client.create_run(
+        experiment_id(client, experiment),
+        run_name=f"{sweep_name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        tags={
+            ROLE_TAG: ROLE_SWEEP,
+            SWEEP_TAG: sweep_name,
+            NODE_TAG: socket.gethostname(),
+            "mlflow.note.content": description,
+        },
+    )
+    client.log_text(run.info.run_id, sweep_yaml, SWEEP_ARTIFACT)
+    return run.info.run_id
+
+
+def _finite(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """MLflow stores NaN, but plots and comparisons choke on it: absent means unknown."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if math.isfinite(value):
+            out[key] = float(value)
+    return out
+
+
+class TrialRun:
+    """The nested MLflow run of one trial; reopening it by id continues the same run."""
+
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
+        self.client, self.run_id = client, run_id
+        # steps already recorded, so an epoch re-run after a crash is not logged twice
+        self.logged_steps = {m.step for m in client.get_metric_history(run_id, "train_loss")}
+
+    @classmethod
+    def open(
+        cls,
+        client: MlflowClient,
+        *,
+        experiment: str,
+        parent_run_id: str | None,
+        label: str,
+        trial_id: str,
+        params: Mapping[str, Any],
+        run_id: str | None = None,
+    ) -> TrialRun:
+        """Create the trial's run, or reopen `run_id` (a retried or resumed trial)."""
+        if run_id is not None:
+            client.update_run(run_id, status="RUNNING")
+            client.set_tag(run_id, NODE_TAG, socket.gethostname())
+            log.info("continuing MLflow run %s for trial %s", run_id, trial_id)
+            return cls(client, run_id)
+        tags = {
+            ROLE_TAG: ROLE_TRIAL,
+            TRIAL_ID_TAG: trial_id,
+            NODE_TAG: socket.gethostname(),
+            LABEL_TAG: label,
+        }
+        if parent_run_id:
+            tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+        run = client.create_run(experiment_id(client, experiment), run_name=label, tags=tags)
+        client.log_batch(
+            run.info.run_id,
+            params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())],
+        )
+        return cls(client, run.info.run_id)
+
+    def log_epoch(self, epoch: int, metrics: Mapping[str, Any]) -> None:
+        """Per-epoch metrics with `step` = epoch, once per epoch."""
+        if epoch in self.logged_steps:
+            return
+        now = int(time.time() * 1000)
+        batch = [Metric(k, v, now, epoch) for k, v in _finite(metrics).items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+        self.logged_steps.add(epoch)
+
+    def log_final(self, metrics: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            self.run_id,
+            metrics=[Metric(k, v, now, 0) for k, v in _finite(metrics).items()],
+            tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+        )
+
+    def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def finish(self, error: BaseException | str | None = None) -> None:
+        """FINISHED, or FAILED with the error as `segtune.error`."""
+        if error is not None:
+            message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+            self.client.set_tag(self.run_id, ERROR_TAG, message[:5000])
+            self.client.set_terminated(self.run_id, status="FAILED")
+        else:
+            self.client.set_terminated(self.run_id, status="FINISHED")

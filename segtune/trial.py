@@ -1,0 +1,193 @@
+"""The Ray Tune trainable: one trial, on any node, from data to MLflow.
+
+It wires the stages together: resolve the trial configuration, build data and model, `fit()`
+with a callback that logs each epoch to the trial's MLflow run and reports it to Ray with a
+checkpoint, then evaluate the best weights and measure their cost. The MLflow run id travels
+in the checkpoint (and the run carries the Ray trial id), so a retried or resumed trial keeps
+writing to its own run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from segtune.bench import measure_cost, parse_hw
+from segtune.checkpoint import atomic_save, best_checkpoint
+from segtune.config import SweepConfig, TrialConfig
+from segtune.data.pipeline import build_data
+from segtune.engine import EpochEnd, amp_dtype, fit, resolve_device, seed_everything
+from segtune.evaluation import evaluate_best
+from segtune.losses import build_loss, class_weights
+from segtune.models import build_model
+from segtune.space import resolve_trial
+from segtune.tracking import (
+    CHECKPOINT_ARTIFACT,
+    FINAL_METRICS,
+    LABEL_TAG,
+    ROLE_TAG,
+    ROLE_TRIAL,
+    TRIAL_ID_TAG,
+    TrialRun,
+)
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+# Test hook: make every trial die once after this epoch (the marker file says it happened).
+FAULT_EPOCH_ENV, FAULT_MARKER_ENV = "SEGTUNE_FAULT_AFTER_EPOCH", "SEGTUNE_FAULT_MARKER"
+
+
+def trial_label(sweep: SweepConfig, cfg: TrialConfig) -> str:
+    label = cfg.label()
+    return f"{label}-s{cfg.seed}" if sweep.tune.repeats > 1 else label
+
+
+def _existing_run(client: MlflowClient, experiment: str, parent: str, trial_id: str) -> str | None:
+    """The run a previous attempt of this trial created before its first checkpoint."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=(
+            f"tags.`{TRIAL_ID_TAG}` = '{trial_id}' and tags.`mlflow.parentRunId` = '{parent}'"
+        ),
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def _maybe_fail(epoch: int) -> None:
+    after = os.environ.get(FAULT_EPOCH_ENV)
+    marker = os.environ.get(FAULT_MARKER_ENV)
+    if after is None or marker is None or epoch != int(after):
+        return
+    path = Path(marker) / tune.get_context().get_trial_id()
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+        raise RuntimeError(f"injected fault after epoch {epoch} ({FAULT_EPOCH_ENV})")
+
+
+def run_trial(
+    config: dict[str, Any], *, sweep: SweepConfig, parent_run_id: str, tracking_uri: str
+) -> None:
+    """Ray Tune function trainable for one trial of `sweep`."""
+    cfg = resolve_trial(sweep, config)
+    label = trial_label(sweep, cfg)
+    context = tune.get_context()
+    trial_id = context.get_trial_id()
+    resources = context.get_trial_resources().required_resources
+    torch.set_num_threads(max(1, int(resources.get("CPU", 1))))
+    device = resolve_device("cuda" if resources.get("GPU", 0) > 0 else "cpu")
+
+    resume: dict[str, Any] | None = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            resume = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+    client = MlflowClient(tracking_uri)
+    run_id = (resume or {}).get("mlflow_run_id") or _existing_run(
+        client, sweep.experiment, parent_run_id, trial_id
+    )
+    run = TrialRun.open(
+        client,
+        experiment=sweep.experiment,
+        parent_run_id=parent_run_id,
+        label=label,
+        trial_id=trial_id,
+        params=cfg.model_dump(mode="json"),
+        run_id=run_id,
+    )
+    try:
+        _train_evaluate_bench(sweep, cfg, run, device, resume)
+    except BaseException as exc:
+        run.finish(exc)
+        raise
+    run.finish()
+
+
+def _train_evaluate_bench(
+    sweep: SweepConfig,
+    cfg: TrialConfig,
+    run: TrialRun,
+    device: torch.device,
+    resume: dict[str, Any] | None,
+) -> None:
+    data = build_data(sweep.data, cfg, progress=False)
+    loss_fn = build_loss(
+        cfg.loss, class_weights=class_weights(data.class_pixels, cfg.class_weights)
+    )
+    seed_everything(cfg.seed, cfg.deterministic)
+    model = build_model(cfg)
+
+    def report(event: EpochEnd) -> None:
+        run.log_epoch(event.epoch, event.metrics)
+        with tempfile.TemporaryDirectory() as folder:
+            atomic_save({**event.state(), "mlflow_run_id": run.run_id}, Path(folder) / STATE_FILE)
+            tune.report(event.metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        _maybe_fail(event.epoch)
+
+    result = fit(
+        model,
+        data.train_loader,
+        data.val_loader,
+        cfg,
+        loss_fn,
+        device=device,
+        callbacks=[report],
+        resume=resume,
+    )
+    history = result.history
+    best = history[result.best_epoch]
+    final: dict[str, Any] = {
+        "best_val_miou": best["val_miou"],
+        "best_epoch": result.best_epoch,
+        "train_time_min": sum(h["epoch_time_s"] for h in history) / 60.0,
+        "train_img_s": statistics.median(h["train_img_s"] for h in history),
+    }
+
+    model.load_state_dict(result.best_state_dict)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        folder_path = Path(folder)
+        evaluate_best(
+            model,
+            data.val,
+            folder_path / "eval",
+            device,
+            amp_dtype(cfg.amp, device),
+            cfg.batch_size,
+        )
+        cost = measure_cost(
+            model,
+            parse_hw(sweep.bench.input),
+            threads=sweep.bench.threads,
+            repeats=sweep.bench.repeats,
+            warmup=sweep.bench.warmup,
+            # on a CPU trial of a GPU node the GPU belongs to other trials: not measured here
+            gpu=sweep.bench.gpu and (device.type == "cuda" or not torch.cuda.is_available()),
+        )
+        final.update({k: v for k, v in cost.items() if k in FINAL_METRICS})
+        atomic_save(
+            best_checkpoint(result.best_state_dict, cfg, {**best, **final}),
+            folder_path / CHECKPOINT_ARTIFACT,
+        )
+        run.log_artifact(folder_path / "checkpoints", "checkpoints")
+        run.log_artifact(folder_path / "eval", "eval")
+    tags = {f"segtune.{k}": v for k, v in cost.items() if k not in FINAL_METRICS}
+    tags[LABEL_TAG] = trial_label(sweep, cfg)
+    tags[ROLE_TAG] = ROLE_TRIAL
+    run.log_final(final, tags)
+    log.info("%s: evaluation and benchmark took %.1fs", cfg.label(), time.perf_counter() - started)
+    tune.report({**history[-1], **final, "done_training": True})
