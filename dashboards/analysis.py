@@ -26,13 +26,18 @@ LOWER_IS_BETTER = (
 
 
 def ema(values: Sequence[float] | np.ndarray, weight: float) -> np.ndarray:
-    """TensorBoard-style smoothing, as the seed drew its loss curves: s_t = w s_(t-1) + (1-w) x_t."""
-    x = np.asarray(values, dtype=float)
-    out = np.empty_like(x)
-    last = np.nan
-    for i, value in enumerate(x):
-        last = value if i == 0 or not np.isfinite(last) else weight * last + (1 - weight) * value
-        out[i] = last
+    """TensorBoard's smoothing (debiased EMA), as the seed drew its loss curves.
+
+    s_t = sum_k w^(t-k) (1-w) x_k / sum_k w^(t-k) (1-w): the first point is not dragged
+    towards zero; a missing value keeps the previous smoothed value.
+    """
+    out = np.empty(len(values))
+    num = den = 0.0
+    for i, value in enumerate(np.asarray(values, dtype=float)):
+        if np.isfinite(value):
+            num = weight * num + (1 - weight) * value
+            den = weight * den + (1 - weight)
+        out[i] = num / den if den > 0 else np.nan
     return out
 
 

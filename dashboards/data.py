@@ -174,6 +174,15 @@ def config_key(row: pd.Series, param_columns: Sequence[str]) -> str:
     )
 
 
+def _short_value(value: object) -> str:
+    """A param for a label: 0.000395123 reads as 0.000395."""
+    try:
+        number = float(str(value))
+    except ValueError:
+        return str(value)
+    return f"{number:.3g}" if "." in str(value) or "e" in str(value).lower() else str(value)
+
+
 def unique_labels(table: pd.DataFrame, param_columns: Sequence[str]) -> list[str]:
     """Run names, made unique by the params that tell equal names apart (seeds, lr, sweeps)."""
     labels = table["run_name"].astype(str).tolist()
@@ -184,7 +193,7 @@ def unique_labels(table: pd.DataFrame, param_columns: Sequence[str]) -> list[str
         rows = table.iloc[idx]
         differ = [c for c in param_columns if rows[c].fillna("").nunique() > 1]
         for i, (_, row) in zip(idx, rows.iterrows(), strict=True):
-            extra = " ".join(f"{c[len(PARAM_PREFIX) :]}={row[c]}" for c in differ)
+            extra = " ".join(f"{c[len(PARAM_PREFIX) :]}={_short_value(row[c])}" for c in differ)
             labels[i] = f"{name} {extra}".strip()
     counts = pd.Series(labels).value_counts()
     return [

@@ -1,22 +1,24 @@
 """The seed's pictures, redrawn for any sweep with matplotlib's object API (Agg, no pyplot state).
 
-Every function writes one PNG and returns a short note when there was nothing honest to draw.
+Each function writes one PNG and says which trials it drew, with a note where it left some
+out or had nothing honest to draw.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.backends.backend_agg import FigureCanvasAgg, RendererAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.text import Annotation
+from matplotlib.text import Annotation, Text
 from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import Bbox
 
@@ -44,10 +46,22 @@ TITLES = {
 }
 
 
+@dataclass
+class Drawn:
+    labels: list[str] = field(default_factory=list)  # the trials in the picture
+    note: str | None = None
+
+
 def trial_colors(labels: Sequence[str]) -> dict[str, tuple[float, ...]]:
     """One colour per trial, the same in every figure."""
+    if len(labels) > 20:  # beyond tab20, distinct hues from a continuous map
+        cmap = matplotlib.colormaps["turbo"]
+        return {
+            label: cmap(x)
+            for label, x in zip(labels, np.linspace(0.05, 0.95, len(labels)), strict=True)
+        }
     cmap = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"]
-    return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
+    return {label: cmap(i) for i, label in enumerate(labels)}
 
 
 def numeric(table: pd.DataFrame, column: str) -> pd.Series:
@@ -72,11 +86,9 @@ def _top(table: pd.DataFrame, n: int) -> pd.DataFrame:
     return table.loc[order.sort_values(ascending=False).index[:n]].sort_index()
 
 
-def _legend(fig: Figure, ax: Axes, n: int) -> None:
-    if n > 6:
-        fig.legend(loc="outside right upper", fontsize="small", frameon=False)
-    else:
-        ax.legend(fontsize="small")
+def _legend(fig: Figure) -> None:
+    """Outside the axes: curves fill the whole plot, a legend inside would hide some."""
+    fig.legend(loc="outside right upper", fontsize="small", frameon=False)
 
 
 def curves(
@@ -86,13 +98,13 @@ def curves(
     colors: Mapping[str, tuple[float, ...]],
     weight: float,
     path: Path,
-) -> str | None:
+) -> Drawn:
     """One line per trial: raw values faint, EMA-smoothed bold (the seed's Pictures 1-4)."""
     drawn = _top(trials, MAX_LINES)
     series = [(row["label"], data.history(row["run_id"], key)) for _, row in drawn.iterrows()]
     series = [(label, s) for label, s in series if len(s)]
     if not series:
-        return f"no trial logged `{key}`: no curve drawn"
+        return Drawn(note=f"no trial logged `{key}`: no curve drawn")
     fig = Figure(figsize=(9, 5), layout="constrained")
     ax = fig.add_subplot()
     for label, s in series:
@@ -104,11 +116,12 @@ def curves(
     ax.set_ylabel(key)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    _legend(fig, ax, len(series))
+    _legend(fig)
     _save(fig, path)
+    note = None
     if len(trials) > len(drawn):
-        return f"`{key}`: the {len(drawn)} best of {len(trials)} trials are drawn"
-    return None
+        note = f"`{key}`: the {len(drawn)} best of {len(trials)} trials are drawn"
+    return Drawn([label for label, _ in series], note)
 
 
 def _log_if_wide(ax: Axes, values: np.ndarray, axis: str = "x") -> None:
@@ -127,11 +140,25 @@ def _spots(radius: float) -> list[tuple[float, float, str]]:
     return spots
 
 
-def _place_labels(fig: Figure, ax: Axes, annotations: list[Annotation], radii: list[float]) -> None:
-    """Greedy staggering: each label takes the nearest spot that overlaps no placed label."""
-    renderer = FigureCanvasAgg(fig).get_renderer()
+def _text_box(ann: Annotation, renderer: RendererAgg) -> Bbox:
+    """The label's own box: an Annotation's extent also spans its leader line to the point."""
+    return Text.get_window_extent(ann, renderer)
+
+
+def _place_labels(
+    fig: Figure, ax: Axes, annotations: list[Annotation], radii: Sequence[float]
+) -> None:
+    """Greedy staggering: each label takes the nearest spot that covers no label and no point.
+
+    Runs after the layout is final (labels are kept out of it), so the display positions
+    measured here are the ones saved.
+    """
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
-    placed: list[Bbox] = []
+    points = ax.transData.transform([ann.xy for ann in annotations])
+    placed = [Bbox.from_extents(px - 4, py - 4, px + 4, py + 4) for px, py in points]
 
     def cost(box: Bbox, rank: int) -> float:
         overlap = sum(
@@ -142,19 +169,19 @@ def _place_labels(fig: Figure, ax: Axes, annotations: list[Annotation], radii: l
         outside = box.x0 < frame.x0 or box.x1 > frame.x1 or box.y0 < frame.y0 or box.y1 > frame.y1
         return overlap + (1e6 if outside else 0.0) + rank * 1e-3
 
-    for i in sorted(range(len(annotations)), key=lambda k: -annotations[k].xy[1]):
+    for i in sorted(range(len(annotations)), key=lambda k: -points[k][1]):
         ann = annotations[i]
         scored = []
         for rank, (dx, dy, ha) in enumerate(_spots(radii[i])):
             ann.xyann = (dx, dy)
             ann.set_horizontalalignment(ha)
-            scored.append((cost(ann.get_window_extent(renderer), rank), dx, dy, ha))
+            scored.append((cost(_text_box(ann, renderer), rank), dx, dy, ha))
             if scored[-1][0] < 1:
                 break
         _, dx, dy, ha = min(scored)
         ann.xyann = (dx, dy)
         ann.set_horizontalalignment(ha)
-        placed.append(ann.get_window_extent(renderer))
+        placed.append(_text_box(ann, renderer))
 
 
 def pareto(
@@ -163,11 +190,11 @@ def pareto(
     colors: Mapping[str, tuple[float, ...]],
     path: Path,
     objective: str = OBJECTIVE,
-) -> str | None:
+) -> Drawn:
     """Objective against one cost, bubble area proportional to size, front drawn (Pictures 5-7)."""
     if cost not in trials.columns or trials[cost].isna().all():
-        return (
-            f"no trial has `{cost}` (e.g. GPU latency on a CPU-only sweep): "
+        return Drawn(
+            note=f"no trial has `{cost}` (e.g. GPU latency on a CPU-only sweep): "
             f"no {objective} vs {cost} plot"
         )
     usable = trials.dropna(subset=[objective, cost])
@@ -176,7 +203,7 @@ def pareto(
         missing = ", ".join(trials.loc[~trials.index.isin(usable.index), "label"])
         note = f"{objective} vs {cost}: left out for want of a value: {missing}"
     if usable.empty:
-        return note
+        return Drawn(note=note)
     x = usable[cost].to_numpy(dtype=float)
     y = usable[objective].to_numpy(dtype=float)
     sizes = numeric(usable, "size_mb")
@@ -216,7 +243,8 @@ def pareto(
         )
         for text, xi, yi, on_front in zip(texts, x, y, front, strict=True)
     ]
-    _place_labels(fig, ax, annotations, list(np.sqrt(areas) / 2))
+    for ann in annotations:
+        ann.set_in_layout(False)
 
     handles = [Line2D([], [], color="black", ls="--", lw=1, label="Pareto front")]
     handles.append(
@@ -242,13 +270,25 @@ def pareto(
         fontsize="small",
         frameon=False,
         title="bubble area ∝ size" if scale else None,
-        labelspacing=1.6,
+        labelspacing=1.8,
+        handlelength=4,
+        handletextpad=1.2,
     )
-    if numbered:
-        key = "\n".join(f"{t}: {label}" for t, label in zip(texts, usable["label"], strict=True))
-        fig.text(1.0, 0.0, key, fontsize=7, va="bottom", ha="left", family="monospace")
+    if numbered:  # the key to the numbers, under the size legend
+        fig.legend(
+            handles=[
+                Line2D([], [], ls="", label=f"{t}: {label}")
+                for t, label in zip(texts, usable["label"], strict=True)
+            ],
+            loc="outside right lower",
+            fontsize="x-small",
+            frameon=False,
+            handlelength=0,
+            handletextpad=0,
+        )
+    _place_labels(fig, ax, annotations, np.sqrt(areas) / 2)
     _save(fig, path)
-    return note
+    return Drawn(list(usable["label"]), note)
 
 
 def _nice_sizes(sizes: np.ndarray) -> list[float]:
@@ -261,12 +301,10 @@ def _nice_sizes(sizes: np.ndarray) -> list[float]:
     return refs
 
 
-def size_bars(
-    trials: pd.DataFrame, colors: Mapping[str, tuple[float, ...]], path: Path
-) -> str | None:
+def size_bars(trials: pd.DataFrame, colors: Mapping[str, tuple[float, ...]], path: Path) -> Drawn:
     """Model size per configuration (seeds share a size): the seed's Picture 8."""
     if "size_mb" not in trials.columns or trials["size_mb"].isna().all():
-        return "no trial has `size_mb`: no size chart"
+        return Drawn(note="no trial has `size_mb`: no size chart")
     rows = trials.dropna(subset=["size_mb"]).drop_duplicates("config").sort_values("size_mb")
     fig = Figure(figsize=(8, 0.8 + 0.38 * len(rows)), layout="constrained")
     ax = fig.add_subplot()
@@ -285,10 +323,10 @@ def size_bars(
     ax.set_title("Model size")
     ax.grid(axis="x", alpha=0.3)
     _save(fig, path)
-    return None
+    return Drawn(list(rows["label"]))
 
 
-def seed_spread(groups: pd.DataFrame, trials: pd.DataFrame, path: Path) -> None:
+def seed_spread(groups: pd.DataFrame, trials: pd.DataFrame, path: Path) -> Drawn:
     """Each configuration's seeds as dots, mean +- std as a bar: do differences hold?"""
     fig = Figure(figsize=(8, 1.0 + 0.42 * len(groups)), layout="constrained")
     ax = fig.add_subplot()
@@ -306,6 +344,8 @@ def seed_spread(groups: pd.DataFrame, trials: pd.DataFrame, path: Path) -> None:
     ax.set_title("Seed-to-seed spread: each seed (dots), mean ± std (blue)")
     ax.grid(axis="x", alpha=0.3)
     _save(fig, path)
+    runs = [run for group in groups["runs"] for run in group]
+    return Drawn(list(trials.loc[trials["run_id"].isin(runs), "label"]))
 
 
 def seed_bands(
@@ -315,34 +355,33 @@ def seed_bands(
     trials: pd.DataFrame,
     path: Path,
     key: str = "val_miou",
-) -> str | None:
+) -> Drawn:
     """Mean +- std by epoch over the seeds of each repeated configuration."""
     repeated = groups[groups["n"] > 1].head(MAX_LINES)
     fig = Figure(figsize=(9, 5), layout="constrained")
     ax = fig.add_subplot()
-    drawn = 0
+    drawn: list[str] = []
     for _, g in repeated.iterrows():
-        runs = [data.history(r, key) for r in g["runs"]]
-        frame = (
-            pd.concat([s for s in runs if len(s)], axis=1) if any(len(s) for s in runs) else None
-        )
-        if frame is None:
+        runs = {r: data.history(r, key) for r in g["runs"]}
+        runs = {r: s for r, s in runs.items() if len(s)}
+        if not runs:
             continue
+        frame = pd.concat(runs.values(), axis=1)
         mean, std = frame.mean(axis=1), frame.std(axis=1, ddof=1).fillna(0)
         first = trials.loc[trials["run_id"] == g["runs"][0], "label"].iloc[0]
         ax.plot(mean.index, mean, color=colors[first], lw=2, label=f"{g['label']} (n={g['n']})")
         ax.fill_between(mean.index, mean - std, mean + std, color=colors[first], alpha=0.2)
-        drawn += 1
+        drawn += list(trials.loc[trials["run_id"].isin(runs), "label"])
     if not drawn:
-        return f"no repeated configuration logged `{key}`: no seed bands"
+        return Drawn(note=f"no repeated configuration logged `{key}`: no seed bands")
     ax.set_title(f"{TITLES.get(key, key)} by epoch: mean ± std over seeds")
     ax.set_xlabel("epoch")
     ax.set_ylabel(key)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    _legend(fig, ax, drawn)
+    _legend(fig)
     _save(fig, path)
-    return None
+    return Drawn(drawn)
 
 
 def _class_color(name: str) -> tuple[float, float, float] | str:

@@ -12,6 +12,7 @@ import base64
 import html
 import logging
 import re
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,6 @@ from dashboards import figures
 from dashboards.analysis import (
     COSTS,
     OBJECTIVE,
-    Comparison,
     Constraint,
     check_ema,
     compare_configs,
@@ -34,7 +34,6 @@ from dashboards.analysis import (
 )
 from dashboards.data import (
     PARAM_PREFIX,
-    SEED_PARAM,
     SweepData,
     download_eval,
     load_sweep_data,
@@ -62,9 +61,10 @@ BEST_DIR = "best"  # the best trial's eval artifacts, downloaded beside the repo
 
 
 @dataclass
-class Figure:
+class Picture:
     path: str  # relative to the report directory
     caption: str
+    trials: list[str] = field(default_factory=list)  # the trials it shows
 
 
 @dataclass
@@ -72,7 +72,7 @@ class BestTrial:
     row: pd.Series
     overall: list[tuple[str, str, str]] = field(default_factory=list)  # kind, path, caption
     per_class: list[dict[str, object]] = field(default_factory=list)
-    figures: list[Figure] = field(default_factory=list)
+    figures: list[Picture] = field(default_factory=list)
 
 
 @dataclass
@@ -81,25 +81,24 @@ class Report:
     out: Path
     weight: float
     budget: list[Constraint]
-    figures: dict[str, list[Figure]] = field(default_factory=dict)
+    figures: dict[str, list[Picture]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     summary: list[str] = field(default_factory=list)
     fronts: dict[str, pd.Series] = field(default_factory=dict)
     in_budget: pd.Series | None = None
-    comparisons: list[Comparison] = field(default_factory=list)
     best: BestTrial | None = None
 
-    def figure(self, section: str, name: str, caption: str, note: str | None) -> None:
-        """Record a figure the drawing function wrote (it returns a note instead when it could not)."""
-        if note:
-            self.notes.append(note)
-        if (self.out / name).is_file():
-            self.figures.setdefault(section, []).append(Figure(name, caption))
+    def figure(self, section: str, name: str, caption: str, drawn: figures.Drawn) -> None:
+        """Record a figure its drawing function wrote, or the note saying why it could not."""
+        if drawn.note:
+            self.notes.append(drawn.note)
+        if drawn.labels:
+            self.figures.setdefault(section, []).append(Picture(name, caption, drawn.labels))
 
 
 def _fmt(value: object, pattern: str) -> str:
     try:
-        number = float(value)  # type: ignore[arg-type]
+        number = float(value)
     except (TypeError, ValueError):
         return "—"
     return "—" if pd.isna(number) else pattern.format(number)
@@ -119,29 +118,31 @@ def _curves(report: Report, trials: pd.DataFrame, colors: dict) -> None:
         ("val_loss", "Validation loss, one line per trial (the seed's Pictures 2 and 4)."),
         ("val_miou", "Validation mIoU by epoch."),
     ):
-        note = figures.curves(report.data, trials, key, colors, report.weight, report.out / f"{key}.png")
-        report.figure("curves", f"{key}.png", caption, note)
+        drawn = figures.curves(
+            report.data, trials, key, colors, report.weight, report.out / f"{key}.png"
+        )
+        report.figure("curves", f"{key}.png", caption, drawn)
 
 
 def _pareto(report: Report, trials: pd.DataFrame, colors: dict) -> None:
     pictures = {"train_time_min": 5, "infer_ms_gpu": 6, "infer_ms_cpu": 7}
     for cost in COSTS:
         name = f"pareto_{cost}.png"
-        note = figures.pareto(trials, cost, colors, report.out / name)
+        drawn = figures.pareto(trials, cost, colors, report.out / name)
         report.figure(
             "pareto",
             name,
             f"{OBJECTIVE} against {cost}; bubble area proportional to size_mb; black rings and "
             f"the dashed line: the Pareto front (the seed's Picture {pictures[cost]}).",
-            note,
+            drawn,
         )
         front = pareto_front(trials, OBJECTIVE, [cost])
         if front.any():
             report.fronts[cost] = front
             names = ", ".join(trials.loc[front, "label"])
             report.summary.append(f"Pareto front of {OBJECTIVE} vs {cost}: {names}.")
-    note = figures.size_bars(trials, colors, report.out / "size_mb.png")
-    report.figure("pareto", "size_mb.png", "Model size per configuration (Picture 8).", note)
+    drawn = figures.size_bars(trials, colors, report.out / "size_mb.png")
+    report.figure("pareto", "size_mb.png", "Model size per configuration (Picture 8).", drawn)
 
 
 def _seeds(report: Report, trials: pd.DataFrame, colors: dict) -> None:
@@ -152,21 +153,22 @@ def _seeds(report: Report, trials: pd.DataFrame, colors: dict) -> None:
             "exceed seed-to-seed noise; set `tune.repeats: 3` in the sweep to measure it."
         )
         return
-    figures.seed_spread(groups, trials, report.out / "seeds_best_val_miou.png")
     report.figure(
         "seeds",
         "seeds_best_val_miou.png",
         f"{OBJECTIVE} per configuration: each seed a dot, mean ± std of the seeds a blue bar.",
-        None,
+        figures.seed_spread(groups, trials, report.out / "seeds_best_val_miou.png"),
     )
-    note = figures.seed_bands(report.data, groups, colors, trials, report.out / "seeds_val_miou.png")
-    report.figure("seeds", "seeds_val_miou.png", "val_miou by epoch, mean ± std over seeds.", note)
-    report.comparisons = compare_configs(groups)
-    if not report.comparisons:
+    drawn = figures.seed_bands(
+        report.data, groups, colors, trials, report.out / "seeds_val_miou.png"
+    )
+    report.figure("seeds", "seeds_val_miou.png", "val_miou by epoch, mean ± std over seeds.", drawn)
+    comparisons = compare_configs(groups)
+    if not comparisons:
         report.summary.append(
             "Only one configuration ran several seeds: nothing to compare against its spread."
         )
-    for c in report.comparisons:
+    for c in comparisons:
         verdict = (
             "larger than the seed-to-seed spread"
             if c.beyond_spread
@@ -179,17 +181,15 @@ def _seeds(report: Report, trials: pd.DataFrame, colors: dict) -> None:
 
 
 def _budget(report: Report, trials: pd.DataFrame) -> None:
-    if not report.budget:
+    if report.in_budget is None:
         return
-    mask = within_budget(trials, report.budget, report.data.metric_columns)
-    report.in_budget = mask
     text = ", ".join(str(c) for c in report.budget)
-    fitting = trials[mask].dropna(subset=[OBJECTIVE])
+    fitting = trials[report.in_budget].dropna(subset=[OBJECTIVE])
     if fitting.empty:
-        report.summary.insert(0, f"No trial fits the budget {text}.")
+        report.summary.append(f"No trial fits the budget {text}.")
     else:
         best = fitting.loc[fitting[OBJECTIVE].idxmax()]
-        report.summary.insert(0, f"Best within the budget {text}: {_short(best)}.")
+        report.summary.append(f"Best within the budget {text}: {_short(best)}.")
 
 
 def _iou_per_class(report: Report, row: pd.Series, matrix: pd.DataFrame | None) -> dict[str, float]:
@@ -199,7 +199,9 @@ def _iou_per_class(report: Report, row: pd.Series, matrix: pd.DataFrame | None) 
         tp = values.diagonal()
         union = values.sum(axis=0) + values.sum(axis=1) - tp
         return {
-            str(name): float(t / u) for name, t, u in zip(matrix.index, tp, union, strict=True) if u > 0
+            str(name): float(t / u)
+            for name, t, u in zip(matrix.index, tp, union, strict=True)
+            if u > 0
         }
     keys = [c for c in report.data.metric_columns if c.startswith("val_iou_")]
     epoch = row.get("best_epoch")
@@ -207,6 +209,33 @@ def _iou_per_class(report: Report, row: pd.Series, matrix: pd.DataFrame | None) 
         return {}
     found = metrics_at_step(report.data.tracking_uri, row["run_id"], keys, int(epoch))
     return {k[len("val_iou_") :]: v for k, v in found.items()}
+
+
+def _read_per_image(report: Report, path: Path) -> pd.DataFrame | None:
+    """eval/per_image.csv (id, miou, iou_<class>), or None with a note saying what is wrong."""
+    if not path.is_file():
+        report.notes.append(f"the best trial has no {PER_IMAGE_ARTIFACT}: no per-class table")
+        return None
+    scores = pd.read_csv(path, dtype={"id": str})
+    if "id" not in scores.columns:
+        report.notes.append(f"{PER_IMAGE_ARTIFACT} of the best trial has no `id` column")
+        return None
+    return scores
+
+
+def _read_confusion(report: Report, path: Path) -> pd.DataFrame | None:
+    """eval/confusion.csv: square, class names as index and columns, rows the ground truth."""
+    if not path.is_file():
+        report.notes.append(f"the best trial has no {CONFUSION_ARTIFACT}: no confusion matrix")
+        return None
+    matrix = pd.read_csv(path, index_col=0).apply(pd.to_numeric, errors="coerce")
+    if matrix.shape[0] != matrix.shape[1] or matrix.isna().to_numpy().any():
+        report.notes.append(
+            f"{CONFUSION_ARTIFACT} of the best trial is not a square numeric table "
+            f"(shape {matrix.shape}): no confusion matrix"
+        )
+        return None
+    return matrix
 
 
 def _best_trial(report: Report, trials: pd.DataFrame) -> None:
@@ -217,39 +246,36 @@ def _best_trial(report: Report, trials: pd.DataFrame) -> None:
         return
     row = ranked.loc[ranked[OBJECTIVE].idxmax()]
     best = report.best = BestTrial(row)
-    report.summary.insert(0, f"Best trial: {_short(row)}.")
-    eval_dir = download_eval(report.data.tracking_uri, row["run_id"], "eval", report.out / BEST_DIR)
-    if eval_dir is None:
+    report.summary.append(f"Best trial: {_short(row)}.")
+    root = report.out / BEST_DIR
+    if download_eval(report.data.tracking_uri, row["run_id"], "eval", root) is None:
         report.notes.append(f"the best trial {row['label']} has no eval/ artifacts")
         return
-    root = report.out / BEST_DIR
     examples = root / EXAMPLES_DIR
     files = sorted(p.name for p in examples.glob("*.png")) if examples.is_dir() else []
-    per_image = root / PER_IMAGE_ARTIFACT
-    scores = pd.read_csv(per_image, dtype={"id": str}) if per_image.is_file() else None
-    miou = dict(zip(scores["id"], scores["miou"], strict=True)) if scores is not None else {}
+    scores = _read_per_image(report, root / PER_IMAGE_ARTIFACT)
+    miou = {}
+    if scores is not None and "miou" in scores.columns:
+        miou = dict(zip(scores["id"], scores["miou"], strict=True))
     for kind in ("best", "worst"):
         for name in sorted((f for f in files if f.startswith(kind + "_")), key=_rank):
             match = EXAMPLE.match(name)
             if match:
-                caption = f"{kind} #{match.group(2)}: {match.group(3)}, mIoU {_fmt(miou.get(match.group(3)), '{:.3f}')}"
+                rank, image_id = match.group(2), match.group(3)
+                caption = f"{kind} #{rank}: {image_id}, mIoU {_fmt(miou.get(image_id), '{:.3f}')}"
                 best.overall.append((kind, f"{BEST_DIR}/{EXAMPLES_DIR}/{name}", caption))
     if scores is not None:
         best.per_class = _per_class_examples(scores, set(files))
-    else:
-        report.notes.append(f"the best trial has no {PER_IMAGE_ARTIFACT}: no per-class table")
-    matrix = None
-    confusion = root / CONFUSION_ARTIFACT
-    if confusion.is_file():
-        matrix = pd.read_csv(confusion, index_col=0)
+    matrix = _read_confusion(report, root / CONFUSION_ARTIFACT)
+    if matrix is not None:
         figures.confusion(matrix, report.out / "confusion.png", f"Confusion matrix, {row['label']}")
-        best.figures.append(Figure("confusion.png", "Row-normalised confusion matrix (rows: ground truth)."))
-    else:
-        report.notes.append(f"the best trial has no {CONFUSION_ARTIFACT}: no confusion matrix")
+        best.figures.append(
+            Picture("confusion.png", "Row-normalised confusion matrix (rows: ground truth).")
+        )
     iou = _iou_per_class(report, row, matrix)
     if iou:
         figures.iou_bars(iou, report.out / "iou_per_class.png", f"IoU per class, {row['label']}")
-        best.figures.append(Figure("iou_per_class.png", "IoU per class of the best trial."))
+        best.figures.append(Picture("iou_per_class.png", "IoU per class of the best trial."))
 
 
 def _rank(name: str) -> int:
@@ -289,8 +315,8 @@ tr.failed{color:#999} tr.failed td.error{color:#b00}
 tr.best td:first-child{font-weight:bold}
 figure{margin:1em 0} figure img{max-width:100%;border:1px solid #eee}
 figcaption{font-size:.85em;color:#555}
-.gallery img{max-width:100%} .thumb{width:330px}
-.notes li{color:#8a5a00} code{background:#f4f4f4;padding:0 .2em}
+.gallery img{width:100%;max-width:960px} .thumb{width:330px}
+.notes li{color:#8a5a00} .wide{overflow-x:auto} code{background:#f4f4f4;padding:0 .2em}
 """
 
 
@@ -302,17 +328,20 @@ def _run_link(report: Report, run_id: str) -> str:
     return f"<code>{run_id}</code>"
 
 
-def _summary_table(report: Report, trials: pd.DataFrame) -> str:
+def _summary_table(report: Report) -> str:
+    """Every trial, failed ones last with their error; data-run-id marks a trial's row."""
     data = report.data
     table = data.table
-    params = data.varying_params(exclude=())
+    params = data.varying_params()
     metrics = [(m, p) for m, p in TABLE_METRICS if m in table.columns]
     order = table.assign(
         _failed=table["status"] == FAILED, _obj=pd.to_numeric(table.get(OBJECTIVE), errors="coerce")
     ).sort_values(["_failed", "_obj"], ascending=[True, False], na_position="last")
     head = ["trial", "status", *(p[len(PARAM_PREFIX) :] for p in params), *(m for m, _ in metrics)]
-    head += ["Pareto front"] + (["in budget"] if report.in_budget is not None else []) + ["MLflow run"]
-    lines = ['<table id="summary"><thead><tr>']
+    head += (
+        ["Pareto front"] + (["in budget"] if report.in_budget is not None else []) + ["MLflow run"]
+    )
+    lines = ['<div class="wide"><table id="summary"><thead><tr>']
     lines += [f"<th>{html.escape(h)}</th>" for h in head]
     lines.append("</tr></thead><tbody>")
     best_id = report.best.row["run_id"] if report.best is not None else None
@@ -322,7 +351,9 @@ def _summary_table(report: Report, trials: pd.DataFrame) -> str:
         cells = [html.escape(str(row["label"])), html.escape(str(row["status"]))]
         cells += [html.escape(str(row[p])) if pd.notna(row[p]) else "—" for p in params]
         num = [_fmt(row[m], pattern) for m, pattern in metrics]
-        fronts = [COST_NAMES[c] for c, mask in report.fronts.items() if idx in mask.index and mask[idx]]
+        fronts = [
+            COST_NAMES[c] for c, mask in report.fronts.items() if idx in mask.index and mask[idx]
+        ]
         tail = [", ".join(fronts)]
         if report.in_budget is not None:
             tail.append("yes" if idx in report.in_budget.index and report.in_budget[idx] else "")
@@ -335,13 +366,14 @@ def _summary_table(report: Report, trials: pd.DataFrame) -> str:
                 f'<tr class="failed detail"><td class="error" colspan="{len(head)}">'
                 f"{html.escape(str(row['error'])[:400])}</td></tr>"
             )
-    lines.append("</tbody></table>")
+    lines.append("</tbody></table></div>")
     return "\n".join(lines)
 
 
-def _figures_html(items: Sequence[Figure], src: Callable[[str], str]) -> str:
+def _figures_html(items: Sequence[Picture], src: Callable[[str], str]) -> str:
     return "\n".join(
-        f'<figure><img src="{src(f.path)}" alt="{html.escape(f.path)}">'
+        f'<figure data-trials="{html.escape("|".join(f.trials))}">'
+        f'<img src="{src(f.path)}" alt="{html.escape(f.path)}">'
         f"<figcaption>{html.escape(f.caption)}</figcaption></figure>"
         for f in items
     )
@@ -352,26 +384,37 @@ def _best_html(report: Report, src: Callable[[str], str]) -> str:
     if best is None:
         return ""
     parts = [f"<h2>Best trial: {html.escape(str(best.row['label']))}</h2>"]
-    for kind, title in (("best", "Good detection cases (Picture 10)"), ("worst", "Poor detection cases (Picture 9)")):
+    for kind, title in (
+        ("best", "Good detection cases (Picture 10)"),
+        ("worst", "Poor detection cases (Picture 9)"),
+    ):
         items = [(p, c) for k, p, c in best.overall if k == kind]
         if items:
-            parts.append(f"<h3>{title}</h3><p>Left: image, middle: prediction, right: ground truth.</p>")
+            parts.append(
+                f"<h3>{title}</h3><p>Left: image, middle: prediction, right: ground truth.</p>"
+            )
             parts += [
                 f'<figure class="gallery"><img src="{src(p)}" alt="{html.escape(c)}"><figcaption>{html.escape(c)}</figcaption></figure>'
                 for p, c in items
             ]
     if best.per_class:
         parts.append("<h3>Per class: the image with the highest and the lowest IoU</h3>")
-        parts.append('<table id="per-class"><tr><th>class</th><th>good example</th><th>bad example</th></tr>')
+        parts.append(
+            '<table id="per-class"><tr><th>class</th><th>good example</th><th>bad example</th></tr>'
+        )
         for entry in best.per_class:
             cells = []
             for kind in ("best", "worst"):
                 if kind not in entry:
                     cells.append("<td>None (class absent)</td>")
                     continue
-                image_id, iou, path = entry[kind]  # type: ignore[misc]
+                image_id, iou, path = entry[kind]
                 text = f"{html.escape(str(image_id))}: IoU {iou:.3f}"
-                img = f'<br><img class="thumb" src="{src(path)}" alt="{html.escape(path)}">' if path else ""
+                img = (
+                    f'<br><img class="thumb" src="{src(path)}" alt="{html.escape(path)}">'
+                    if path
+                    else ""
+                )
                 cells.append(f"<td>{text}{img}</td>")
             parts.append(f"<tr><td>{html.escape(str(entry['class']))}</td>{''.join(cells)}</tr>")
         parts.append("</table>")
@@ -398,7 +441,7 @@ def render(report: Report, src: Callable[[str], str]) -> str:
         )
     body = header + ["<h2>Summary</h2><ul>"]
     body += [f"<li>{html.escape(s)}</li>" for s in report.summary] + ["</ul>"]
-    body.append(_summary_table(report, trials))
+    body.append(_summary_table(report))
     if report.notes:
         body.append('<h2>Notes</h2><ul class="notes">')
         body += [f"<li>{html.escape(n)}</li>" for n in report.notes] + ["</ul>"]
@@ -425,18 +468,20 @@ def _inline(out: Path) -> Callable[[str], str]:
 
 
 def _log_report(report: Report, index: Path, images: Sequence[str]) -> None:
-    """Upload the report to the sweep's parent run (the newest sweep's, under all-sweeps/, for --all)."""
+    """Upload the report to the sweep's parent run; for --all, the newest one's, in all-sweeps/."""
     data = report.data
     client = MlflowClient(tracking_uri=data.tracking_uri)
     run_id = data.sweeps["run_id"].iloc[0]
     root = REPORT_DIR if len(data.sweeps) == 1 else f"{REPORT_DIR}/all-sweeps"
-    standalone = report.out / ".mlflow" / "index.html"
-    standalone.parent.mkdir(exist_ok=True)
-    standalone.write_text(render(report, _inline(report.out)))
-    client.log_artifact(run_id, str(standalone), root)
+    with tempfile.TemporaryDirectory() as tmp:
+        standalone = Path(tmp) / index.name
+        standalone.write_text(render(report, _inline(report.out)))
+        client.log_artifact(run_id, str(standalone), root)
     for image in images:
         folder = str(Path(image).parent)
-        client.log_artifact(run_id, str(report.out / image), root if folder == "." else f"{root}/{folder}")
+        client.log_artifact(
+            run_id, str(report.out / image), root if folder == "." else f"{root}/{folder}"
+        )
     log.info("logged the report to run %s under %s/", run_id, root)
 
 
@@ -455,25 +500,33 @@ def build_report(
     constraints = parse_budget(budget) if budget else []
     data = load_sweep_data(experiment, tracking_uri, sweep_run_id, all_sweeps)
     out = Path(out) if out is not None else Path("reports") / experiment
-    out.mkdir(parents=True, exist_ok=True)
-    report = Report(data, out, weight, constraints)
-
     trials = data.table[data.table["status"] != FAILED]
+    report = Report(data, out, weight, constraints)
+    if constraints:  # checked against the sweep's metrics before anything is drawn
+        report.in_budget = within_budget(trials, constraints, data.metric_columns)
+    out.mkdir(parents=True, exist_ok=True)
     colors = figures.trial_colors(list(trials["label"]))
+    _best_trial(report, trials)
+    _budget(report, trials)
     _curves(report, trials, colors)
     _pareto(report, trials, colors)
     _seeds(report, trials, colors)
-    _best_trial(report, trials)
-    _budget(report, trials)
     for _, row in data.table[data.table["status"] == FAILED].iterrows():
-        report.notes.append(f"failed trial {row['label']} (not plotted): {row['error'] or 'no error recorded'}")
+        report.notes.append(
+            f"failed trial {row['label']} (not plotted): {row['error'] or 'no error recorded'}"
+        )
+
+    shown: list[str] = []  # every image the page links to, to log beside it
+
+    def relative(path: str) -> str:
+        shown.append(path)
+        return html.escape(path)
 
     index = out / "index.html"
-    index.write_text(render(report, lambda path: html.escape(path)))
-    images = re.findall(r'<img src="([^"]+)"', index.read_text())
+    index.write_text(render(report, relative))
     log.info("report of %d trials: %s", len(data.table), index)
     if log_to_mlflow:
-        _log_report(report, index, [html.unescape(i) for i in images])
+        _log_report(report, index, list(dict.fromkeys(shown)))
     return index
 
 
@@ -483,7 +536,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Figures and an HTML report of a sweep, read from MLflow.",
     )
     parser.add_argument("--experiment", required=True, help="MLflow experiment (the sweep's name)")
-    parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else MLflow's default")
+    parser.add_argument(
+        "--tracking-uri", help="default: MLFLOW_TRACKING_URI, else MLflow's default"
+    )
     parser.add_argument("--out", type=Path, help="report directory (default: reports/EXPERIMENT)")
     parser.add_argument("--ema", type=float, default=0.6, help="curve smoothing weight in [0, 1)")
     parser.add_argument(

@@ -319,6 +319,11 @@ def _check_tune(sweep: SweepConfig) -> list[str]:
         problems.append("tune.search: optuna cannot take grid_search; use choice instead")
     if tune.search == "optuna" and tune.repeats > 1:
         problems.append("tune.repeats: seeds per configuration need tune.search grid or random")
+    epochs = sweep.train.get("epochs", TrialConfig.model_fields["epochs"].default)
+    if tune.scheduler == "asha" and isinstance(epochs, int) and tune.grace_period >= epochs:
+        problems.append(
+            f"tune.grace_period: {tune.grace_period} must be below train.epochs ({epochs}) for asha"
+        )
     if tune.scheduler == "asha" and metrics[0] not in (
         "val_miou",
         "val_loss",

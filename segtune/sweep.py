@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.experiment import Trial
 
-from segtune.config import SweepConfig
+from segtune.config import SweepConfig, TrialConfig
 from segtune.errors import ConfigError
 from segtune.space import param_space
 from segtune.tracking import (
@@ -61,12 +62,16 @@ def _scheduler(sweep: SweepConfig) -> Any:
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    epochs = int(sweep.train.get("epochs", 10))
+    epochs = int(sweep.train.get("epochs", TrialConfig.model_fields["epochs"].default))
+    # Rungs lie at grace * rf^k <= max_t: below the last epoch, so that a trial is judged while
+    # it still has epochs to save, and never stopped between its last epoch and its final
+    # evaluation and benchmark (which come as one more report).
     return ASHAScheduler(
         time_attr="training_iteration",
-        max_t=epochs + 1,  # the final report (evaluation and cost) comes after the last epoch
+        max_t=max(1, epochs - 1),
         grace_period=sweep.tune.grace_period,
         reduction_factor=sweep.tune.reduction_factor,
+        stop_last_trials=False,
     )
 
 
@@ -180,6 +185,8 @@ def run_sweep(
         )
         objectives = sweep.objectives()
         multi = len(objectives) > 1
+        if multi:  # costs such as infer_ms_cpu arrive with a trial's final result only
+            os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
         run_config = tune.RunConfig(
             name=sweep.name,
             storage_path=sweep.tune.storage_path,

@@ -48,8 +48,23 @@ FAULT_EPOCH_ENV, FAULT_MARKER_ENV = "SEGTUNE_FAULT_AFTER_EPOCH", "SEGTUNE_FAULT_
 
 
 def trial_label(sweep: SweepConfig, cfg: TrialConfig) -> str:
-    label = cfg.label()
-    return f"{label}-s{cfg.seed}" if sweep.tune.repeats > 1 else label
+    """`cfg.label()`, then the other searched keys (`lr=0.003`), then the seed of a repeat."""
+    searched: list[str] = []
+    for key, spec in sweep.search_space.items():
+        if key in TrialConfig.model_fields:
+            searched.append(key)
+        elif isinstance(spec, dict) and len(spec) == 1:  # a group: the keys of its mappings
+            for mapping in next(iter(spec.values())):
+                searched.extend(k for k in mapping if k not in searched)
+    parts = [cfg.label()]
+    for key in dict.fromkeys(searched):
+        if key in ("arch", "backbone", "aspp", "augment", "seed"):
+            continue
+        value = getattr(cfg, key)
+        parts.append(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}")
+    if sweep.tune.repeats > 1:
+        parts.append(f"s{cfg.seed}")
+    return "-".join(parts)
 
 
 def _existing_run(client: MlflowClient, experiment: str, parent: str, trial_id: str) -> str | None:
@@ -110,11 +125,14 @@ def run_trial(
         run_id=run_id,
     )
     try:
-        _train_evaluate_bench(sweep, cfg, run, device, resume)
+        final = _train_evaluate_bench(sweep, cfg, run, device, resume)
+    except SystemExit:  # Ray stopping the trial (a scheduler's decision): the driver closes the run
+        raise
     except BaseException as exc:
         run.finish(exc)
         raise
-    run.finish()
+    run.finish()  # before the last report: a scheduler may stop the trial right there
+    tune.report(final)
 
 
 def _train_evaluate_bench(
@@ -123,7 +141,8 @@ def _train_evaluate_bench(
     run: TrialRun,
     device: torch.device,
     resume: dict[str, Any] | None,
-) -> None:
+) -> dict[str, Any]:
+    """Train, evaluate, benchmark and log; returns the final result for Ray."""
     data = build_data(sweep.data, cfg, progress=False)
     loss_fn = build_loss(
         cfg.loss, class_weights=class_weights(data.class_pixels, cfg.class_weights)
@@ -190,4 +209,4 @@ def _train_evaluate_bench(
     tags[ROLE_TAG] = ROLE_TRIAL
     run.log_final(final, tags)
     log.info("%s: evaluation and benchmark took %.1fs", cfg.label(), time.perf_counter() - started)
-    tune.report({**history[-1], **final, "done_training": True})
+    return {**history[-1], **final}

@@ -1,0 +1,434 @@
+"""The dashboards package against real MLflow: a sqlite store and a real `mlflow server` process.
+
+The sweep is written with segtune.tracking's contract helpers (tests/dash_sweep.py), the report
+is read back from MLflow only, and a headless Chromium checks that the page really renders.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from dashboards.analysis import (
+    OBJECTIVE,
+    compare_configs,
+    ema,
+    pareto_front,
+    parse_budget,
+    seed_groups,
+)
+from dashboards.data import ReportError, load_sweep_table
+from dashboards.report import build_report, main
+from segtune.cli import run_cli
+from segtune.data.classes import CLASS_NAMES
+from segtune.errors import ConfigError
+from tests.dash_sweep import log_sweep, newest_specs, older_specs
+
+EXPERIMENT = "tiny-sweep"
+FIGURES = (
+    "train_loss.png",
+    "val_loss.png",
+    "val_miou.png",
+    "pareto_train_time_min.png",
+    "pareto_infer_ms_cpu.png",
+    "size_mb.png",
+    "seeds_best_val_miou.png",
+    "seeds_val_miou.png",
+    "confusion.png",
+    "iou_per_class.png",
+)
+
+
+@dataclass
+class Store:
+    uri: str
+    old_parent: str
+    old_runs: list[str]
+    parent: str
+    runs: list[str]  # newest sweep, in newest_specs() order
+
+
+def _fill(uri: str, tmp: Path) -> Store:
+    client = MlflowClient(tracking_uri=uri)
+    old_parent, old_runs = log_sweep(client, EXPERIMENT, "old", older_specs(), tmp, seed=1)
+    time.sleep(0.01)  # the newest sweep starts strictly later
+    parent, runs = log_sweep(client, EXPERIMENT, "new", newest_specs(), tmp)
+    return Store(uri, old_parent, old_runs, parent, runs)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
+    tmp = tmp_path_factory.mktemp("dash_sqlite")
+    return _fill(f"sqlite:///{tmp}/mlflow.db", tmp)
+
+
+@pytest.fixture(scope="module")
+def report(store: Store, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dash_report") / "report"
+    return build_report(EXPERIMENT, store.uri, out=out, budget="infer_ms_cpu<=50")
+
+
+def _figure_trials(page: str) -> dict[str, list[str]]:
+    """Which trials each <figure> of the page shows (its data-trials attribute)."""
+    found = re.findall(r'<figure data-trials="([^"]*)"><img src="([^"]+)"', page)
+    return {src: trials.split("|") for trials, src in found}
+
+
+# --- the numbers ---------------------------------------------------------------------------
+
+
+def test_ema_is_debiased() -> None:
+    assert np.allclose(ema([1.0, 0.0, 0.0], 0.5), [1.0, 1 / 3, 1 / 7])
+    assert np.allclose(ema([3.0, 1.0], 0.0), [3.0, 1.0])
+    assert np.allclose(ema([2.0, np.nan, 2.0], 0.6), [2.0, 2.0, 2.0])
+
+
+def _dominance_front(rows: list[tuple[float, ...]], maximise: list[bool]) -> list[bool]:
+    """Independent O(n^2) check: a row is on the front when no complete row dominates it."""
+    flags = []
+    for i, a in enumerate(rows):
+        if any(np.isnan(a)):
+            flags.append(False)
+            continue
+        dominated = False
+        for j, b in enumerate(rows):
+            if i == j or any(np.isnan(b)):
+                continue
+            pairs = list(zip(a, b, maximise, strict=True))
+            no_worse = all((bk >= ak) if up else (bk <= ak) for ak, bk, up in pairs)
+            better = any((bk > ak) if up else (bk < ak) for ak, bk, up in pairs)
+            dominated |= no_worse and better
+        flags.append(not dominated)
+    return flags
+
+
+@pytest.mark.parametrize("n_costs", [1, 2])
+def test_pareto_front_equals_a_dominance_check(n_costs: int) -> None:
+    rng = np.random.default_rng(n_costs)
+    for _ in range(20):
+        n = int(rng.integers(1, 25))
+        values = rng.integers(0, 6, (n, 1 + n_costs)).astype(float)  # small ints: many ties
+        values[rng.random(values.shape) < 0.1] = np.nan
+        costs = [f"c{k}" for k in range(n_costs)]
+        df = pd.DataFrame(values, columns=["miou", *costs], index=rng.permutation(100)[:n])
+        modes = {"c1": "max"} if n_costs == 2 else None
+        got = pareto_front(df, "miou", costs, modes)
+        want = _dominance_front(
+            [tuple(r) for r in values], [True, False, True] if n_costs == 2 else [True, False]
+        )
+        assert got.index.equals(df.index)
+        assert got.tolist() == want
+
+
+def test_pareto_front_on_the_sweep(store: Store) -> None:
+    table = load_sweep_table(EXPERIMENT, store.uri)
+    finished = table[table["status"] != "FAILED"]
+    for cost in ("train_time_min", "infer_ms_cpu"):
+        got = pareto_front(finished, OBJECTIVE, [cost])
+        rows = list(finished[[OBJECTIVE, cost]].itertuples(index=False, name=None))
+        assert got.tolist() == _dominance_front(rows, [True, False])
+    front = finished.loc[pareto_front(finished, OBJECTIVE, ["train_time_min"]), "run_name"]
+    assert sorted(front) == ["deeplabv3-mobilenet_v3_small-aspp-basic", "unet-none-basic"]
+
+
+def test_budget_parsing() -> None:
+    parsed = parse_budget("infer_ms_cpu<=50, size_mb < 2e1,best_val_miou>=0.2")
+    assert [(c.column, c.op, c.value) for c in parsed] == [
+        ("infer_ms_cpu", "<=", 50.0),
+        ("size_mb", "<", 20.0),
+        ("best_val_miou", ">=", 0.2),
+    ]
+    for bad in ("infer_ms_cpu=50", "infer_ms_cpu<=fast", "", "a<1,,b<2", "<=3"):
+        with pytest.raises(ConfigError, match="--budget"):
+            parse_budget(bad)
+
+
+def test_seed_comparisons_say_whether_a_difference_exceeds_the_spread() -> None:
+    table = pd.DataFrame(
+        {
+            "run_id": list("abcdef"),
+            "config": ["x=1"] * 2 + ["x=2"] * 2 + ["x=3"] * 2,
+            "config_label": ["one"] * 2 + ["two"] * 2 + ["three"] * 2,
+            OBJECTIVE: [0.50, 0.52, 0.49, 0.53, 0.30, 0.31],
+        }
+    )
+    groups = seed_groups(table)
+    assert groups["label"].tolist() == ["one", "two", "three"]
+    assert groups["n"].tolist() == [2, 2, 2]
+    verdicts = {(c.a, c.b): c.beyond_spread for c in compare_configs(groups)}
+    assert verdicts == {("one", "two"): False, ("one", "three"): True, ("two", "three"): True}
+
+
+# --- reading MLflow -------------------------------------------------------------------------
+
+
+def test_table_has_one_row_per_trial_of_the_newest_sweep(store: Store) -> None:
+    table = load_sweep_table(EXPERIMENT, store.uri)
+    assert sorted(table["run_id"]) == sorted(store.runs)
+    assert set(table["sweep_run_id"]) == {store.parent}
+    failed = table[table["status"] == "FAILED"]
+    assert failed["run_name"].tolist() == ["deeplabv3-vgg11_bn-aspp-basic"]
+    assert failed["error"].iloc[0].startswith("TrainingDiverged")
+    assert "infer_ms_gpu" not in table.columns  # never invented
+    assert table["label"].is_unique
+    assert {"unet-none-basic seed=0", "unet-none-basic seed=1"} <= set(table["label"])
+    # the two seeds of a configuration share its config key; other params differ
+    basic = table[table["run_name"] == "unet-none-basic"]
+    assert basic["config"].nunique() == 1 and basic["params.seed"].tolist() == ["0", "1"]
+    assert table["config"].nunique() == 5
+    assert (
+        table.set_index("run_name").loc["deeplabv3-mobilenet_v3_small-aspp-basic", OBJECTIVE]
+        == 0.27
+    )
+
+
+def test_run_id_and_all_choose_sweeps(store: Store) -> None:
+    old = load_sweep_table(EXPERIMENT, store.uri, sweep_run_id=store.old_parent)
+    assert sorted(old["run_id"]) == sorted(store.old_runs)
+    both = load_sweep_table(EXPERIMENT, store.uri, all_sweeps=True)
+    assert sorted(both["run_id"]) == sorted(store.old_runs + store.runs)
+    assert both["label"].is_unique  # unet-none-none of both sweeps told apart
+    with pytest.raises(ReportError, match="not a sweep run"):
+        load_sweep_table(EXPERIMENT, store.uri, sweep_run_id=store.runs[0])
+
+
+# --- the report -----------------------------------------------------------------------------
+
+
+def test_report_draws_every_figure(report: Path) -> None:
+    for name in FIGURES:
+        path = report.parent / name
+        assert path.is_file() and path.stat().st_size > 1000, name
+    assert not (report.parent / "pareto_infer_ms_gpu.png").exists()
+    page = report.read_text()
+    for src in re.findall(r'<img src="([^"]+)"', page):
+        assert not src.startswith(("/", "http", "data:")), src  # relative links
+        assert (report.parent / src).is_file(), src
+
+
+def test_report_tables_notes_and_verdicts(report: Path, store: Store) -> None:
+    page = report.read_text()
+    summary = page.split('<table id="summary">')[1].split("</table>")[0]
+    assert sorted(re.findall(r'data-run-id="(\w+)"', summary)) == sorted(store.runs)
+    assert "TrainingDiverged: loss became NaN" in summary
+    assert "no trial has `infer_ms_gpu`" in page
+    assert "left out for want of a value: deeplabv3-resnet18-aspp-basic" in page
+    assert "Best trial: unet-none-basic seed=1" in page
+    assert "Best within the budget infer_ms_cpu&lt;=50: deeplabv3-mobilenet_v3_small" in page
+    assert re.search(r"unet-none-basic vs unet-none-none \(differ in augment\).*larger than", page)
+    assert f"mlflow ui --backend-store-uri {store.uri}" in page
+    # a failed trial is in the table, not in the plots; a trial without CPU latency not in that plot
+    shown = _figure_trials(page)
+    assert set(shown) >= {"train_loss.png", "pareto_infer_ms_cpu.png", "size_mb.png"}
+    assert all("deeplabv3-vgg11_bn-aspp-basic" not in trials for trials in shown.values())
+    assert "deeplabv3-resnet18-aspp-basic" not in shown["pareto_infer_ms_cpu.png"]
+    assert len(shown["train_loss.png"]) == 6
+    assert sorted(shown["pareto_train_time_min.png"]) == sorted(shown["train_loss.png"])
+
+
+def test_report_per_class_examples(report: Path, store: Store) -> None:
+    page = report.read_text()
+    per_class = page.split('<table id="per-class">')[1].split("</table>")[0]
+    rows = re.findall(r"<tr><td>(\w+)</td>(.*?)</tr>", per_class)
+    assert [name for name, _ in rows] == list(CLASS_NAMES)
+    cells = dict(rows)
+    assert cells["vehicle"].count("None (class absent)") == 2
+    scores = pd.read_csv(report.parent / "best/eval/per_image.csv", dtype={"id": str}).set_index(
+        "id"
+    )
+    worst = scores["iou_building"].idxmin()
+    assert f"{worst}: IoU {scores['iou_building'].min():.3f}" in cells["building"]
+    assert f"best/eval/examples/class_building_worst_{worst}.png" in cells["building"]
+    assert "<img" not in cells["road"]  # no composite logged for road: text only
+    for kind in ("best_1_", "worst_1_"):
+        assert re.search(rf'src="best/eval/examples/{kind}\w+\.png"', page)
+
+
+def test_report_is_logged_to_the_sweep_run(report: Path, store: Store, tmp_path: Path) -> None:
+    client = MlflowClient(tracking_uri=store.uri)
+    logged = {Path(f.path).name for f in client.list_artifacts(store.parent, "report")}
+    assert {"index.html", *FIGURES} <= logged
+    page = Path(client.download_artifacts(store.parent, "report/index.html", str(tmp_path)))
+    srcs = re.findall(r'<img src="([^"]+)"', page.read_text())
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
+
+
+def test_all_sweeps_report(store: Store, tmp_path: Path) -> None:
+    index = build_report(EXPERIMENT, store.uri, out=tmp_path / "all", all_sweeps=True, ema=0.0)
+    summary = index.read_text().split('<table id="summary">')[1].split("</table>")[0]
+    assert len(re.findall(r"data-run-id=", summary)) == len(store.runs) + len(store.old_runs)
+    client = MlflowClient(tracking_uri=store.uri)
+    names = {Path(f.path).name for f in client.list_artifacts(store.parent, "report/all-sweeps")}
+    assert "index.html" in names
+
+
+def test_no_budget_fits(store: Store, tmp_path: Path) -> None:
+    index = build_report(
+        EXPERIMENT, store.uri, out=tmp_path, budget="size_mb<1", log_to_mlflow=False
+    )
+    assert "No trial fits the budget size_mb&lt;1." in index.read_text()
+
+
+# --- the command line -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--budget", "latency fast"], "--budget 'latency fast': cannot read"),
+        (["--budget", "infer_ms_tpu<=5"], "no metric 'infer_ms_tpu'"),
+        (["--ema", "1.5"], "--ema 1.5"),
+        (["--run-id", "0" * 32], "no such MLflow run"),
+    ],
+)
+def test_cli_errors_are_one_line(
+    store: Store, tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    argv = ["--experiment", EXPERIMENT, "--tracking-uri", store.uri, "--out", str(tmp_path)]
+    assert run_cli(main, [*argv, "--no-log", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_cli_unknown_experiment(store: Store, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "dashboards.report", "--tracking-uri", store.uri,
+         "--experiment", "nope", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1].startswith("error: experiment 'nope' not found")
+    assert "Traceback" not in done.stderr
+
+
+def test_experiment_without_sweep(store: Store, tmp_path: Path) -> None:
+    MlflowClient(tracking_uri=store.uri).create_experiment("no-sweeps-here")
+    with pytest.raises(ReportError, match="'no-sweeps-here' has no sweep run"):
+        build_report("no-sweeps-here", store.uri, out=tmp_path)
+
+
+# --- a real browser ---------------------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+PROBE = """<script>
+window.addEventListener('load', () => {
+  const images = [...document.images];
+  document.body.dataset.images = images.length;
+  document.body.dataset.loaded = images.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.dataset.rows =
+    document.querySelectorAll('#summary tbody tr[data-run-id]').length;
+});
+</script>"""
+
+
+def _chromium(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp / 'chromium-profile'}",
+        "--virtual-time-budget=5000",
+    ]
+    assert CHROMIUM is not None
+    return subprocess.run(
+        [CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=120, check=True
+    )
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(report: Path, store: Store, tmp_path: Path) -> None:
+    probe = report.parent / "browser_probe.html"  # beside index.html: same relative links
+    probe.write_text(report.read_text().replace("</body>", PROBE + "</body>"))
+    dom = _chromium(tmp_path, "--dump-dom", probe.as_uri()).stdout
+    body = re.search(r"<body([^>]*)>", dom)
+    assert body, dom[:500]
+    attrs = dict(re.findall(r'data-(\w+)="(\d+)"', body.group(1)))
+    n_images = len(re.findall(r"<img ", report.read_text()))
+    assert int(attrs["images"]) == n_images > len(FIGURES)
+    assert attrs["loaded"] == attrs["images"]  # every image decoded: naturalWidth > 0
+    assert int(attrs["rows"]) == len(store.runs)
+    shot = tmp_path / "report.png"
+    _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,2400", report.as_uri())
+    assert shot.stat().st_size > 10_000
+
+
+# --- a real tracking server -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One `mlflow server` on 127.0.0.1 for the module, serving artifacts itself."""
+    tmp = tmp_path_factory.mktemp("dash_server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = (tmp / "server.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp}/db.sqlite",
+         "--artifacts-destination", str(tmp / "artifacts"), "--serve-artifacts",
+         "--workers", "1"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"mlflow server did not start: {(tmp / 'server.log').read_text()[-2000:]}"
+                )
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def test_report_against_a_tracking_server(server: str, tmp_path: Path) -> None:
+    store = _fill(server, tmp_path)
+    index = build_report(EXPERIMENT, server, out=tmp_path / "report")
+    page = index.read_text()
+    for name in FIGURES:
+        assert (index.parent / name).stat().st_size > 1000, name
+    client = MlflowClient(tracking_uri=server)
+    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    for run_id in store.runs:
+        assert f'href="{server}/#/experiments/{experiment_id}/runs/{run_id}"' in page
+    assert "mlflow ui --backend-store-uri" not in page
+    logged = {Path(f.path).name for f in client.list_artifacts(store.parent, "report")}
+    assert {"index.html", "pareto_train_time_min.png"} <= logged

@@ -1,0 +1,314 @@
+"""The sweep engine on a real local Ray and a real MLflow store (sqlite).
+
+Each test runs `python -m segtune.run` as a user would, then reads MLflow back.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from segtune.run import main as run_main
+from segtune.tracking import EPOCH_METRICS, ERROR_TAG, ROLE_TAG, TRIAL_ID_TAG
+
+TINY_TRAIN = {
+    "epochs": 2,
+    "batch_size": 4,
+    "image_size": 64,
+    "unet_min_channels": 4,
+    "unet_max_channels": 16,
+    "unet_depth": 2,
+    "lr": 0.003,
+}
+BENCH = {"input": "96x64", "threads": 1, "repeats": 2, "warmup": 1}
+
+
+def write_sweep(path: Path, data_root: Path, **sections: Any) -> Path:
+    sweep = {
+        "name": path.stem,
+        "data": {"root": str(data_root)},
+        "train": dict(TINY_TRAIN),
+        "tune": {"resources_per_trial": {"cpu": 1}, "storage_path": str(path.parent / "ray")},
+        "bench": BENCH,
+    }
+    for key, value in sections.items():
+        sweep[key] = {**sweep.get(key, {}), **value} if isinstance(value, dict) else value
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def run(sweep: Path, *args: str, env: dict[str, str] | None = None, **kwargs: Any):
+    uri = f"sqlite:///{sweep.parent / 'mlflow.db'}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "segtune.run",
+        str(sweep),
+        "--tracking-uri",
+        uri,
+        "--no-report",
+        *args,
+    ]
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        cwd=sweep.parent,
+        env={**os.environ, **(env or {})},
+        timeout=420,
+        **kwargs,
+    )
+
+
+def trial_runs(folder: Path, experiment: str) -> list[Any]:
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id], f"tags.`{ROLE_TAG}` = 'trial'")
+
+
+def steps(folder: Path, run_id: str, key: str = "val_miou") -> list[int]:
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_sweep_contract_failure_and_retry(synthetic_root: Path, tmp_path: Path) -> None:
+    """Three trials: one diverges (FAILED, error tag, exit 1), and every other trial dies once
+    after its first epoch (a test hook) and is retried from its Ray checkpoint into its own run."""
+    sweep = write_sweep(
+        tmp_path / "contract.yaml",
+        synthetic_root,
+        search_space={
+            "model": {
+                "grid_search": [
+                    {"arch": "unet", "backbone": "none"},
+                    {"arch": "deeplabv3", "backbone": "mobilenet_v3_small"},
+                    {"arch": "unet", "backbone": "none", "lr": 1.0e6, "scheduler": "none"},
+                ]
+            }
+        },
+        tune={"max_failures": 1, "max_concurrent_trials": 2},
+    )
+    env = {"SEGTUNE_FAULT_AFTER_EPOCH": "0", "SEGTUNE_FAULT_MARKER": str(tmp_path / "faults")}
+    proc = run(sweep, env=env)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "FAILED unet-none-basic-lr=1e+06-scheduler=none" in proc.stdout and "TrainingDiverged" in proc.stdout
+    assert "mlflow ui --backend-store-uri" in proc.stdout
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("contract")
+    parents = client.search_runs([exp.experiment_id], f"tags.`{ROLE_TAG}` = 'sweep'")
+    assert len(parents) == 1
+    assert [a.path for a in client.list_artifacts(parents[0].info.run_id)] == ["sweep.yaml"]
+    runs = trial_runs(tmp_path, "contract")
+    assert len(runs) == 3, "one MLflow run per trial, retries included"
+    assert len({r.data.tags[TRIAL_ID_TAG] for r in runs}) == 3
+    failed = [r for r in runs if r.info.status == "FAILED"]
+    assert len(failed) == 1 and "TrainingDiverged" in failed[0].data.tags[ERROR_TAG]
+    assert failed[0].data.params["lr"] == "1000000.0"
+
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    assert len(finished) == 2
+    assert len(list((tmp_path / "faults").iterdir())) >= 2  # each of them died once
+    for r in finished:
+        assert r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert r.data.tags["segtune.node"] and r.data.params["arch"] in ("unet", "deeplabv3")
+        for key in EPOCH_METRICS:
+            assert steps(tmp_path, r.info.run_id, key) == [0, 1], key  # each epoch exactly once
+        m = r.data.metrics
+        assert 0.0 <= m["best_val_miou"] <= 1.0 and m["best_epoch"] in (0, 1)
+        for key in (
+            "train_time_min",
+            "params_m",
+            "size_mb",
+            "gflops",
+            "infer_ms_cpu",
+            "train_img_s",
+        ):
+            assert m[key] > 0 and math.isfinite(m[key]), key
+        assert "infer_ms_gpu" not in m and "no" in r.data.tags["segtune.gpu_skip_reason"].lower()
+        eval_files = {a.path for a in client.list_artifacts(r.info.run_id, "eval")}
+        assert {"eval/per_image.csv", "eval/confusion.csv", "eval/examples"} <= eval_files
+        examples = [a.path for a in client.list_artifacts(r.info.run_id, "eval/examples")]
+        assert any("/best_1_" in p for p in examples) and any(
+            "/class_grass_" in p for p in examples
+        )
+        best = client.download_artifacts(
+            r.info.run_id, "checkpoints/best.pt", str(tmp_path / r.info.run_id)
+        )
+        import torch
+
+        ckpt = torch.load(best, weights_only=True)
+        assert ckpt["config"]["arch"] == r.data.params["arch"]
+        assert ckpt["metrics"]["best_val_miou"] == pytest.approx(m["best_val_miou"])
+
+
+def test_asha_stops_weak_trials(synthetic_root: Path, tmp_path: Path) -> None:
+    sweep = write_sweep(
+        tmp_path / "asha.yaml",
+        synthetic_root,
+        train={"epochs": 4},
+        search_space={"lr": {"grid_search": [0.003, 0.01, 1.0e-7, 1.0e-7]}},
+        tune={
+            "scheduler": "asha",
+            "grace_period": 1,
+            "reduction_factor": 2,
+            "max_concurrent_trials": 1,
+        },
+    )
+    proc = run(sweep)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = trial_runs(tmp_path, "asha")
+    epochs = {r.info.run_id: len(steps(tmp_path, r.info.run_id)) for r in runs}
+    assert len(runs) == 4 and max(epochs.values()) == 4
+    stopped = [r for r in runs if "segtune.early_stopped" in r.data.tags]
+    assert stopped, f"ASHA stopped nothing: {epochs}"
+    for r in stopped:
+        assert epochs[r.info.run_id] < 4 and r.info.status == "FINISHED"
+        assert r.data.params["lr"] == "1e-07"
+        assert "best_val_miou" in r.data.metrics
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2"])
+def test_optuna_sweeps(synthetic_root: Path, tmp_path: Path, sampler: str) -> None:
+    tune: dict[str, Any] = {"search": "optuna", "sampler": sampler, "num_samples": 3}
+    if sampler == "nsga2":  # multi-objective: quality against CPU latency
+        tune.update(metric=["val_miou", "infer_ms_cpu"], mode=["max", "min"])
+    sweep = write_sweep(
+        tmp_path / f"opt_{sampler}.yaml",
+        synthetic_root,
+        train={"epochs": 1},
+        search_space={
+            "lr": {"loguniform": [0.0001, 0.01]},
+            "unet_min_channels": {"choice": [2, 4]},
+        },
+        tune=tune,
+    )
+    proc = run(sweep)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = trial_runs(tmp_path, f"opt_{sampler}")
+    assert len(runs) == 3
+    lrs = {float(r.data.params["lr"]) for r in runs}
+    assert len(lrs) == 3 and all(1e-4 <= lr <= 1e-2 for lr in lrs)
+    table = [line for line in proc.stdout.splitlines() if line.strip().endswith(("True", "False"))]
+    assert len(table) == 3 and any(line.strip().endswith("True") for line in table)
+
+
+def test_killed_driver_then_resume(synthetic_root: Path, tmp_path: Path) -> None:
+    sweep = write_sweep(
+        tmp_path / "resume.yaml",
+        synthetic_root,
+        train={"epochs": 3},
+        search_space={"lr": {"grid_search": [0.003, 0.002]}},
+        tune={"max_concurrent_trials": 1},
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [sys.executable, "-m", "segtune.run", str(sweep), "--tracking-uri", uri, "--no-report"]
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    driver = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            runs = trial_runs(tmp_path, "resume")
+            done = [r for r in runs if r.info.status == "FINISHED"]
+            running = [r for r in runs if r.info.status == "RUNNING"]
+            if done and running and steps(tmp_path, running[0].info.run_id):
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the sweep never reached its second trial")
+        time.sleep(2)  # let Tune write its experiment state
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    first = done[0]
+    proc = run(sweep, "--resume")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = trial_runs(tmp_path, "resume")
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    for r in runs:
+        assert steps(tmp_path, r.info.run_id) == [0, 1, 2]
+    again = next(r for r in runs if r.info.run_id == first.info.run_id)
+    assert again.info.end_time == first.info.end_time, "a finished trial was trained again"
+
+
+BAD_SWEEPS = {
+    "unknown key": ({"train": {"epochz": 2}}, "train.epochz"),
+    "wrong type": ({"train": {"lr": "fast"}}, "train.lr"),
+    "unknown backbone": ({"search_space": {"arch": "deeplabv3", "backbone": "resnet9"}}, "resnet9"),
+    "impossible combination": (
+        {"search_space": {"arch": {"grid_search": ["unet", "deeplabv3"]}, "backbone": "none"}},
+        "arch=deeplabv3",
+    ),
+    "missing dataset": ({"data": {"root": "/nonexistent/floodnet"}}, "/nonexistent/floodnet"),
+    "gpu on this machine": ({"tune": {"resources_per_trial": {"gpu": 1}}}, "no GPU"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SWEEPS))
+def test_bad_sweeps_exit_2_before_anything_starts(
+    case: str, synthetic_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import ray
+    import torch
+
+    if case == "gpu on this machine" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    sections, expected = BAD_SWEEPS[case]
+    sweep = write_sweep(tmp_path / "bad.yaml", synthetic_root, **sections)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    from segtune.cli import run_cli
+
+    code = run_cli(run_main, [str(sweep), "--tracking-uri", uri, "--no-report"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and expected in err and "Traceback" not in err
+    assert not ray.is_initialized()
+    assert not (tmp_path / "mlflow.db").exists()  # no MLflow run, not even a store
+
+
+def test_bad_yaml_from_the_command_line(tmp_path: Path) -> None:
+    sweep = tmp_path / "broken.yaml"
+    sweep.write_text("name: x\ntrain: {epochs: [1\n")
+    proc = run(sweep)
+    assert (
+        proc.returncode == 2 and "not valid YAML" in proc.stderr and "Traceback" not in proc.stderr
+    )
+
+
+def test_dry_run_lists_the_grid(synthetic_root: Path, tmp_path: Path) -> None:
+    sweep = write_sweep(
+        tmp_path / "dry.yaml",
+        synthetic_root,
+        search_space={
+            "model": {
+                "grid_search": [
+                    {"arch": "unet", "backbone": "none"},
+                    {"arch": "deeplabv3", "backbone": "resnet18"},
+                ]
+            },
+            "augment": {"grid_search": ["none", "basic"]},
+        },
+        tune={"repeats": 2},
+    )
+    proc = run(sweep, "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "8 trials" in proc.stdout and "deeplabv3-resnet18-aspp-none" in proc.stdout
+    assert not (tmp_path / "mlflow.db").exists()
