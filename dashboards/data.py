@@ -8,6 +8,7 @@ histories come in a long table (run_id, key, step, value).
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from segtune.errors import SegtuneError
 from segtune.tracking import (
+    EARLY_STOP_TAG,
     ERROR_TAG,
     LABEL_TAG,
     NODE_TAG,
@@ -153,6 +155,7 @@ def _trial_row(run: Run, sweep: Run) -> dict[str, object]:
         "run_name": run.info.run_name or tags.get(LABEL_TAG) or run.info.run_id[:8],
         "status": run.info.status,
         "error": tags.get(ERROR_TAG, ""),
+        "early_stopped": tags.get(EARLY_STOP_TAG, ""),
         "sweep_run_id": sweep.info.run_id,
         "sweep": sweep.data.tags.get(SWEEP_TAG, sweep.info.run_name),
         "trial_id": tags.get(TRIAL_ID_TAG, ""),
@@ -181,6 +184,13 @@ def _short_value(value: object) -> str:
     except ValueError:
         return str(value)
     return f"{number:.3g}" if "." in str(value) or "e" in str(value).lower() else str(value)
+
+
+def _drop_seed(name: str, seed: object) -> str:
+    """A configuration's name: a trial's run name without its seed (`unet-none-basic-s1`)."""
+    if pd.isna(seed):
+        return name
+    return re.sub(rf"[-_ ](s|seed=?){re.escape(str(seed))}$", "", name) or name
 
 
 def unique_labels(table: pd.DataFrame, param_columns: Sequence[str]) -> list[str]:
@@ -253,8 +263,14 @@ def load_sweep_data(
     table = table.sort_values("start_time", kind="stable").reset_index(drop=True)
     table["config"] = [config_key(row, params) for _, row in table.iterrows()]
     table["label"] = unique_labels(table, params)
-    firsts = table.drop_duplicates("config")
-    no_seed = [c for c in params if c != PARAM_PREFIX + SEED_PARAM]
+    firsts = table.drop_duplicates("config").copy()
+    seed = PARAM_PREFIX + SEED_PARAM
+    if seed in firsts.columns:
+        firsts["run_name"] = [
+            _drop_seed(name, value)
+            for name, value in zip(firsts["run_name"], firsts[seed], strict=True)
+        ]
+    no_seed = [c for c in params if c != seed]
     names = dict(zip(firsts["config"], unique_labels(firsts, no_seed), strict=True))
     table["config_label"] = table["config"].map(names)
     table = table[[*INFO_COLUMNS, *params, *metrics]]

@@ -73,7 +73,7 @@ def numeric(table: pd.DataFrame, column: str) -> pd.Series:
 
 def _save(fig: Figure, path: Path) -> Path:
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight", facecolor="white")
+    fig.savefig(path, dpi=DPI, bbox_inches="tight", pad_inches=0.2, facecolor="white")
     log.debug("wrote %s", path)
     return path
 

@@ -542,7 +542,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="report directory (default: reports/EXPERIMENT)")
     parser.add_argument("--ema", type=float, default=0.6, help="curve smoothing weight in [0, 1)")
     parser.add_argument(
-        "--budget", help="constraints such as 'infer_ms_cpu<=50,size_mb<20': best trial within"
+        "--budget",
+        help="name the best trial within constraints on metrics, comma-separated, with "
+        "<=, <, >=, >: e.g. 'infer_ms_cpu<=50,size_mb<20'",
     )
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--run-id", help="the parent run of one sweep (default: the newest sweep)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -21,6 +22,8 @@ def run_cli(
     main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None
 ) -> int:
     """Run `main`; a SegtuneError becomes `error: <message>` on stderr and its exit code."""
+    # MLflow's per-file download bars flood a terminal; our commands report progress themselves
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         return int(main(argv) or 0)
     except SegtuneError as exc:

@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
@@ -22,9 +21,8 @@ from segtune.config import SweepConfig, TrialConfig
 from segtune.errors import ConfigError
 from segtune.space import param_space
 from segtune.tracking import (
+    EARLY_STOP_TAG,
     ERROR_TAG,
-    ROLE_TAG,
-    ROLE_TRIAL,
     TRIAL_ID_TAG,
     start_sweep_run,
 )
@@ -32,7 +30,6 @@ from segtune.trial import run_trial
 
 log = logging.getLogger(__name__)
 STATE_FILE = "segtune_sweep.json"  # beside Ray's experiment state: the parent MLflow run id
-EARLY_STOP_TAG = "segtune.early_stopped"
 
 
 def _search_alg(sweep: SweepConfig) -> Any:
@@ -227,30 +224,11 @@ def run_sweep(
     return 1 if failed else 0
 
 
-def trial_table(tracking_uri: str, experiment: str, parent_run_id: str) -> pd.DataFrame:
-    """One row per trial run of a sweep, from MLflow."""
-    client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs(
-        [exp.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and "
-        f"tags.`{ROLE_TAG}` = '{ROLE_TRIAL}'",
-        max_results=10000,
-    )
-    rows = []
-    for run in runs:
-        row = {"label": run.info.run_name, "status": run.info.status, "run_id": run.info.run_id}
-        row.update(run.data.metrics)
-        row["error"] = run.data.tags.get(ERROR_TAG, "")
-        row["early_stopped"] = run.data.tags.get(EARLY_STOP_TAG, "")
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
 def print_summary(sweep: SweepConfig, tracking_uri: str, parent: str) -> None:
     from dashboards.analysis import pareto_front
+    from dashboards.data import load_sweep_table
 
-    table = trial_table(tracking_uri, sweep.experiment, parent)
+    table = load_sweep_table(sweep.experiment, tracking_uri, sweep_run_id=parent)
     if table.empty:
         print("no trial ran")
         return
@@ -273,12 +251,12 @@ def print_summary(sweep: SweepConfig, tracking_uri: str, parent: str) -> None:
     ]
     ok["pareto"] = pareto_front(ok, "best_val_miou", costs) if len(ok) else []
     ok = ok.sort_values("best_val_miou", ascending=False)
-    shown = ok[["label", *columns, "pareto"]].rename(columns=columns)
+    ok["note"] = ok["early_stopped"].map(lambda v: f"stopped {v}" if v else "")
+    shown = ok[["label", *columns, "pareto", "note"]].rename(columns=columns)
     print(f"\nsweep {sweep.name}: {len(table)} trials")
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-"))
     if sweep.tune.repeats > 1 and len(ok):
-        ok["configuration"] = ok["label"].str.replace(r"-s\d+$", "", regex=True)
-        spread = ok.groupby("configuration")["best_val_miou"].agg(["mean", "std", "count"])
+        spread = ok.groupby("config_label")["best_val_miou"].agg(["mean", "std", "count"])
         print("\nmIoU over seeds (mean ± std):")
         for name, row in spread.sort_values("mean", ascending=False).iterrows():
             print(f"  {name}: {row['mean']:.4f} ± {row['std']:.4f} (n={int(row['count'])})")
@@ -293,6 +271,6 @@ def _report(sweep: SweepConfig, tracking_uri: str, parent: str) -> None:
 
     try:
         path = build_report(sweep.experiment, tracking_uri=tracking_uri, sweep_run_id=parent)
-        print(f"report: {path}")
+        print(f"report: {path.resolve()}")
     except Exception as exc:  # a report problem must not hide the sweep's results
         log.warning("report not built: %s", exc)

@@ -32,6 +32,7 @@ NODE_TAG = "segtune.node"
 ERROR_TAG = "segtune.error"
 LABEL_TAG = "segtune.label"
 SWEEP_TAG = "segtune.sweep"
+EARLY_STOP_TAG = "segtune.early_stopped"  # the scheduler stopped the trial; value says when
 
 EPOCH_METRICS = (
     "train_loss",

@@ -1,7 +1,8 @@
 """A tiny sweep written into real MLflow with the contract helpers of segtune.tracking.
 
 An older sweep with two trials, and the newest sweep with seven: UNet with and without
-augmentation (two seeds each; the best trial, with eval artifacts, is one of them), DeepLab with
+augmentation (two seeds each, named without and with the seed; the best trial, with eval
+artifacts, is one of them), DeepLab with
 ResNet18 (no CPU latency logged) and MobileNet, and one FAILED trial. No GPU latency anywhere, as on a CPU
 machine.
 """
@@ -37,18 +38,19 @@ class Spec:
     finals: dict[str, float]
     error: str | None = None
     artifacts: bool = False
+    seed_in_name: bool = False  # run names as segtune.run writes them for repeats: `...-s1`
 
     @property
     def config(self) -> TrialConfig:
         return TrialConfig.model_validate(self.keys)
 
 
-def _unet(augment: str, seed: int, miou: float, artifacts: bool = False) -> Spec:
+def _unet(augment: str, seed: int, miou: float, **kwargs: bool) -> Spec:
     return Spec(
         {"arch": "unet", "backbone": "none", "augment": augment, "seed": seed, "lr": 1e-3},
         miou,
         {"train_time_min": 4.1 + 0.1 * seed, "infer_ms_cpu": 310.0 + seed, "size_mb": 118.0},
-        artifacts=artifacts,
+        **kwargs,
     )
 
 
@@ -57,8 +59,8 @@ def newest_specs() -> list[Spec]:
     return [
         _unet("none", 0, 0.20),
         _unet("none", 1, 0.21),
-        _unet("basic", 0, 0.25),
-        _unet("basic", 1, 0.29, artifacts=True),
+        _unet("basic", 0, 0.25, seed_in_name=True),
+        _unet("basic", 1, 0.29, seed_in_name=True, artifacts=True),
         Spec(
             {**deeplab, "backbone": "resnet18"},
             0.24,
@@ -152,7 +154,7 @@ def log_sweep(
             client,
             experiment=experiment,
             parent_run_id=parent,
-            label=config.label(),
+            label=f"{config.label()}-s{config.seed}" if spec.seed_in_name else config.label(),
             trial_id=f"t{i:05d}",
             params=config.model_dump(),
         )

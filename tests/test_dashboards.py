@@ -141,7 +141,7 @@ def test_pareto_front_on_the_sweep(store: Store) -> None:
         rows = list(finished[[OBJECTIVE, cost]].itertuples(index=False, name=None))
         assert got.tolist() == _dominance_front(rows, [True, False])
     front = finished.loc[pareto_front(finished, OBJECTIVE, ["train_time_min"]), "run_name"]
-    assert sorted(front) == ["deeplabv3-mobilenet_v3_small-aspp-basic", "unet-none-basic"]
+    assert sorted(front) == ["deeplabv3-mobilenet_v3_small-aspp-basic", "unet-none-basic-s1"]
 
 
 def test_budget_parsing() -> None:
@@ -184,10 +184,15 @@ def test_table_has_one_row_per_trial_of_the_newest_sweep(store: Store) -> None:
     assert failed["error"].iloc[0].startswith("TrainingDiverged")
     assert "infer_ms_gpu" not in table.columns  # never invented
     assert table["label"].is_unique
-    assert {"unet-none-basic seed=0", "unet-none-basic seed=1"} <= set(table["label"])
-    # the two seeds of a configuration share its config key; other params differ
-    basic = table[table["run_name"] == "unet-none-basic"]
-    assert basic["config"].nunique() == 1 and basic["params.seed"].tolist() == ["0", "1"]
+    assert {"unet-none-none seed=0", "unet-none-none seed=1"} <= set(table["label"])
+    # the two seeds of a configuration share its config key and name; other params differ
+    for name in ("unet-none-none", "unet-none-basic"):
+        seeds = table[table["config_label"] == name]
+        assert seeds["config"].nunique() == 1 and seeds["params.seed"].tolist() == ["0", "1"]
+    assert table.loc[table["config_label"] == "unet-none-basic", "label"].tolist() == [
+        "unet-none-basic-s0",
+        "unet-none-basic-s1",
+    ]
     assert table["config"].nunique() == 5
     assert (
         table.set_index("run_name").loc["deeplabv3-mobilenet_v3_small-aspp-basic", OBJECTIVE]
@@ -226,7 +231,7 @@ def test_report_tables_notes_and_verdicts(report: Path, store: Store) -> None:
     assert "TrainingDiverged: loss became NaN" in summary
     assert "no trial has `infer_ms_gpu`" in page
     assert "left out for want of a value: deeplabv3-resnet18-aspp-basic" in page
-    assert "Best trial: unet-none-basic seed=1" in page
+    assert "Best trial: unet-none-basic-s1" in page
     assert "Best within the budget infer_ms_cpu&lt;=50: deeplabv3-mobilenet_v3_small" in page
     assert re.search(r"unet-none-basic vs unet-none-none \(differ in augment\).*larger than", page)
     assert f"mlflow ui --backend-store-uri {store.uri}" in page

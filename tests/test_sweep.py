@@ -103,7 +103,10 @@ def test_sweep_contract_failure_and_retry(synthetic_root: Path, tmp_path: Path) 
     env = {"SEGTUNE_FAULT_AFTER_EPOCH": "0", "SEGTUNE_FAULT_MARKER": str(tmp_path / "faults")}
     proc = run(sweep, env=env)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "FAILED unet-none-basic-lr=1e+06-scheduler=none" in proc.stdout and "TrainingDiverged" in proc.stdout
+    assert (
+        "FAILED unet-none-basic-lr=1e+06-scheduler=none" in proc.stdout
+        and "TrainingDiverged" in proc.stdout
+    )
     assert "mlflow ui --backend-store-uri" in proc.stdout
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
