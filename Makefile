@@ -26,8 +26,7 @@ test: lint
 	$(VENV)/bin/pytest -q
 
 demo: install
-	$(PY) -m segtune.data.synthetic --out data/synthetic --train 100 --test 25 --size 128x96 --seed 0
-	$(PY) -m segtune.data.stats data/synthetic
+	$(PY) -m segtune.run sweeps/quickstart.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -112,8 +112,10 @@ def curves(
         ax.plot(s.index, ema(s.to_numpy(), weight), color=colors[label], lw=2.2, label=label)
     smooth = f"EMA {weight:g} bold, raw faint" if weight > 0 else "raw values"
     ax.set_title(f"{TITLES.get(key, key)} by epoch ({smooth})")
+    if key.endswith("loss"):  # an early validation loss of thousands would flatten the rest
+        _log_if_wide(ax, np.concatenate([s.to_numpy() for _, s in series]), axis="y")
     ax.set_xlabel("epoch")
-    ax.set_ylabel(key)
+    ax.set_ylabel(key + (" (log scale)" if ax.get_yscale() == "log" else ""))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     _legend(fig)

@@ -550,6 +550,116 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+class _TensorDataset(torch.utils.data.Dataset):
+    """Pre-built tensors in the dataset's `{"image", "mask", "id"}` form: no decoding, no augmentation."""
+
+    def __init__(self, images: torch.Tensor, masks: torch.Tensor) -> None:
+        self.images, self.masks = images, masks
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, object]:
+        index = key[0] if isinstance(key, tuple) else key
+        return {"image": self.images[index], "mask": self.masks[index], "id": str(index)}
+
+
+def engine_overhead(
+    arch: str, backbone: str, size: int, batch: int, images: int, repeats: int, device: str
+) -> dict[str, float]:
+    """Images/s of one `fit()` epoch against a bare PyTorch loop on the same model and tensors.
+
+    Both train the same architecture from the same initial weights on the same pre-built
+    tensors, in alternation, `repeats` times; the medians and their ratio are returned.
+    """
+    import torch.nn.functional as F
+
+    from segtune.config import trial_config
+    from segtune.data.classes import IGNORE_INDEX, NUM_CLASSES
+    from segtune.data.loader import make_loader
+    from segtune.engine import fit, resolve_device
+    from segtune.losses import build_loss
+    from segtune.models import build_model
+
+    dev = resolve_device(device)
+    cfg = trial_config(
+        {
+            "arch": arch,
+            "backbone": backbone,
+            "batch_size": batch,
+            "epochs": 1,
+            "scheduler": "none",
+            "image_size": size,
+            "amp": "off",
+        }
+    )
+    generator = torch.Generator().manual_seed(0)
+    xs = torch.randn(images, 3, size, size, generator=generator)
+    ys = torch.randint(0, NUM_CLASSES, (images, size, size), generator=generator)
+    dataset = _TensorDataset(xs, ys)
+    train = make_loader(dataset, batch, shuffle=True, drop_last=True)
+    val = make_loader(_TensorDataset(xs[:batch], ys[:batch]), batch, shuffle=False)
+    torch.manual_seed(0)
+    initial = build_model(cfg).state_dict()
+    batches = [
+        (xs[i : i + batch].to(dev), ys[i : i + batch].to(dev))
+        for i in range(0, images - batch + 1, batch)
+    ]
+
+    def bare() -> float:
+        model = build_model(cfg).to(dev)
+        model.load_state_dict(initial)
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        _sync(dev)
+        started = time.perf_counter()
+        for x_host, y_host in batches:
+            x, y = x_host.to(dev, non_blocking=True), y_host.to(dev, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y, ignore_index=IGNORE_INDEX)
+            loss.backward()
+            optimizer.step()
+        _sync(dev)
+        return len(batches) * batch / (time.perf_counter() - started)
+
+    def engine() -> float:
+        model = build_model(cfg)
+        model.load_state_dict(initial)
+        result = fit(model, train, val, cfg, build_loss("ce"), device=dev)
+        return result.history[0]["train_img_s"]
+
+    bare_runs, engine_runs = [], []
+    bare()  # warm-up: allocator, kernels, thread pools
+    for _ in range(repeats):
+        bare_runs.append(bare())
+        engine_runs.append(engine())
+    return {
+        "bare_img_s": statistics.median(bare_runs),
+        "engine_img_s": statistics.median(engine_runs),
+        "ratio": statistics.median(engine_runs) / statistics.median(bare_runs),
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cmd_engine(args: argparse.Namespace) -> int:
+    result = engine_overhead(
+        args.arch, args.backbone, args.size, args.batch, args.images, args.repeats, args.device
+    )
+    print(
+        f"{args.arch}-{args.backbone}, {args.size}px, batch {args.batch}, {args.images} images, "
+        f"device {args.device}, {torch.get_num_threads()} threads, median of {args.repeats}"
+    )
+    print(
+        f"bare loop {result['bare_img_s']:.1f} img/s, fit() {result['engine_img_s']:.1f} img/s, "
+        f"ratio {result['ratio']:.3f}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m segtune.bench",
@@ -579,6 +689,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="GPU autocast: off = float32 (default), auto = bfloat16 where supported",
     )
     models.set_defaults(func=_cmd_models)
+    engine = sub.add_parser(
+        "engine",
+        help="images/s of fit() against a bare PyTorch loop (the engine's overhead)",
+        description="Train one epoch with fit() and with a ten-line loop on the same tensors.",
+    )
+    engine.add_argument("--arch", default="deeplabv3")
+    engine.add_argument("--backbone", default="resnet18")
+    engine.add_argument("--size", type=int, default=128, help="square input side (default 128)")
+    engine.add_argument("--batch", type=int, default=8)
+    engine.add_argument("--images", type=int, default=64, help="images per epoch (default 64)")
+    engine.add_argument("--repeats", type=int, default=3, help="alternating runs (default 3)")
+    engine.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    engine.set_defaults(func=_cmd_engine)
     return parser
 
 

@@ -63,6 +63,12 @@ class TrialConfig(BaseModel):
     def _strip(cls, value: str) -> str:
         return str(value).strip()
 
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        """YAML reads a bare `off` as false (and `on` as true): take them as meant."""
+        return {False: "off", True: "auto"}.get(value, value) if isinstance(value, bool) else value
+
     def label(self) -> str:
         """A readable run name such as `deeplabv3-mobilenet_v3_small-aspp-basic`."""
         parts = [self.arch, self.backbone]

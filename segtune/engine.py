@@ -180,6 +180,26 @@ def evaluate(
     return metrics
 
 
+def _check_finite(
+    losses: list[torch.Tensor], epoch: int, last_step: int, optimizer: torch.optim.Optimizer
+) -> None:
+    """Raise `TrainingDiverged` naming the first non-finite loss of the window ending at
+    `last_step`."""
+    if not losses:
+        return
+    values = torch.stack(losses)
+    finite = torch.isfinite(values)
+    if bool(finite.all()):
+        return
+    first = int((~finite).nonzero()[0])
+    step = last_step - len(losses) + 1 + first
+    raise TrainingDiverged(
+        f"loss became {values[first].item()} at epoch {epoch}, step {step}, "
+        f"lr {optimizer.param_groups[0]['lr']:.3g}; lower train.lr, set train.grad_clip, "
+        "or try amp: off"
+    )
+
+
 def _improved(value: float, best: float, mode: str) -> bool:
     if math.isnan(value):
         return False
@@ -213,6 +233,9 @@ def fit(
     scheduler = build_scheduler(optimizer, cfg, len(train_loader))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     mode = "min" if cfg.select_metric.endswith("loss") else "max"
+    # On a GPU, reading a loss stalls the pipeline: check a window of steps at once. A bad
+    # step is still named exactly; at most `check_every - 1` more steps ran after it.
+    check_every = 16 if device.type == "cuda" else 1
 
     start_epoch, history = 0, []
     best_metric, best_epoch = math.nan, -1
@@ -236,6 +259,8 @@ def fit(
         model.train()
         set_epoch(train_loader, epoch)
         loss_sum, seen = torch.zeros((), device=device), 0
+        losses: list[torch.Tensor] = []  # this window's losses, checked without a sync per step
+        step = -1
         for step, batch in enumerate(train_loader):
             images = batch["image"].to(device, non_blocking=True)
             masks = batch["mask"].to(device, non_blocking=True)
@@ -244,12 +269,10 @@ def fit(
             with autocast(device, dtype):
                 logits = model(images)
             loss = loss_fn(logits.float(), masks)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"loss became {loss.item()} at epoch {epoch}, step {step}, "
-                    f"lr {optimizer.param_groups[0]['lr']:.3g}; lower train.lr, "
-                    "set train.grad_clip, or try amp: off"
-                )
+            losses.append(loss.detach())
+            if len(losses) == check_every:
+                _check_finite(losses, epoch, step, optimizer)
+                losses.clear()
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.grad_clip > 0:
@@ -260,6 +283,7 @@ def fit(
             scheduler.step()
             loss_sum += loss.detach() * images.shape[0]
             seen += images.shape[0]
+        _check_finite(losses, epoch, step, optimizer)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_seconds = time.perf_counter() - started

@@ -250,7 +250,7 @@ def test_cli_models_prints_the_filtered_table(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     header, columns, rows = lines[0], lines[1].split(), lines[2:]
-    assert header.startswith("# torch ") and "input 64x48" in header and "1 threads" in header
+    assert header.startswith("# torch ") and "input 64x48" in header and " 1 of " in header
     assert "GPU" in header
     assert columns == list(bench.TABLE_COLUMNS)
     labels = [bench.model_label(v) for v in wanted]
@@ -285,3 +285,11 @@ def test_cli_bad_options_give_one_error_line(args: list[str], message: str) -> N
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert result.stderr.startswith("error: ") and message in result.stderr
     assert result.stdout == ""
+
+
+def test_engine_overhead_compares_fit_with_a_bare_loop() -> None:
+    from segtune.bench import engine_overhead
+
+    result = engine_overhead("deeplabv3", "mobilenet_v3_small", 32, 2, 4, 1, "cpu")
+    assert result["bare_img_s"] > 0 and result["engine_img_s"] > 0
+    assert result["ratio"] == pytest.approx(result["engine_img_s"] / result["bare_img_s"])
