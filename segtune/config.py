@@ -88,6 +88,7 @@ class SyntheticSpec(BaseModel):
     val: int = Field(0, ge=0)
     size: str = "128x96"
     seed: int = 0
+    zoom: float = Field(1.0, ge=0.25, le=16)
 
 
 class DataConfig(BaseModel):

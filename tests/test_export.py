@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -42,7 +43,7 @@ class Sweep:
     folder: Path
     data: Path
     uri: str
-    runs: dict[str, object]  # arch -> MLflow run
+    runs: dict[str, Run]  # arch -> the trial's MLflow run
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def expected_best(sweep: Sweep) -> object:
+def expected_best(sweep: Sweep) -> Run:
     runs = list(sweep.runs.values())
     return max(runs, key=lambda r: (r.data.metrics["best_val_miou"], -r.data.metrics["size_mb"]))
 
@@ -145,7 +146,7 @@ def score_masks(sweep: Sweep, masks: Path) -> float:
     """The trial's metric: mIoU over the whole split's confusion matrix."""
     matrix = ConfusionMatrix()
     for truth_path in sorted((sweep.data / "test" / "mask").iterdir()):
-        prediction = np.asarray(Image.open(masks / truth_path.name))
+        prediction = np.array(Image.open(masks / truth_path.name))
         truth = read_mask(truth_path)
         assert prediction.shape == truth.shape  # padding cropped back
         matrix.update(torch.from_numpy(prediction)[None], torch.from_numpy(truth)[None])
@@ -248,8 +249,12 @@ def test_register_tags_the_version(sweep: Sweep, exported: ExportResult) -> None
     assert export_run.data.tags["mlflow.parentRunId"] == best.info.run_id
     # the export run is no trial: the dashboards still see two
     assert len(load_sweep_table(EXPERIMENT, sweep.uri)) == 2
-    mlflow.set_tracking_uri(sweep.uri)
-    model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}/{exported.registered_version}")
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(sweep.uri)  # models:/ URIs resolve against the global registry
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}/{exported.registered_version}")
+    finally:
+        mlflow.set_tracking_uri(previous)
     out = model.predict(np.zeros((1, 3, 70, 90), dtype=np.float32))
     assert out.shape == (1, len(CLASS_NAMES), 70, 90)
 

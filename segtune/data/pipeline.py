@@ -47,6 +47,7 @@ def ensure_dataset(data: DataConfig, progress: bool = True) -> Path:
             n_val=spec.val,
             size=parse_size(spec.size),
             seed=spec.seed,
+            zoom=spec.zoom,
             progress=progress,
         )
     return root

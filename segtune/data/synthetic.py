@@ -786,10 +786,16 @@ def _paint(c: _Canvas) -> np.ndarray:
 
 
 def render_scene(
-    rng: np.random.Generator, width: int, height: int
+    rng: np.random.Generator, width: int, height: int, zoom: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One scene: an RGB uint8 image (H, W, 3) and its class-id mask (H, W) with ids 0..7."""
-    px_per_m = _PX_PER_M_AT_512 * math.sqrt(width * height / (512 * 384)) * rng.uniform(0.8, 1.25)
+    """One scene: an RGB uint8 image (H, W, 3) and its class-id mask (H, W) with ids 0..7.
+
+    At `zoom` 1 any size shows a whole 120 m x 90 m tile; `zoom` Z shows 1/Z of it per side
+    at Z times the resolution, so small images keep objects (vehicles) several pixels wide.
+    """
+    px_per_m = (
+        _PX_PER_M_AT_512 * math.sqrt(width * height / (512 * 384)) * zoom * rng.uniform(0.8, 1.25)
+    )
     c = _Canvas(rng, width, height, px_per_m)
     density = float(rng.random())  # 0: fields and woods, 1: a dense neighbourhood
     grid_angle = rng.normal(0, 0.05) if rng.random() < 0.4 else rng.uniform(0, math.pi / 2)
@@ -843,6 +849,7 @@ def generate(
     n_val: int = 0,
     progress: bool = True,
     overwrite: bool = False,
+    zoom: float = 1.0,
 ) -> Path:
     """Write a synthetic set in the DESIGN.md layout; image ``syn_<i>`` comes from rng([seed, i])."""
     width, height = size
@@ -853,6 +860,8 @@ def generate(
         raise ConfigError(f"size {width}x{height}: both sides must be at least {MIN_SIZE} px")
     if seed < 0:
         raise ConfigError(f"seed {seed}: must be a non-negative integer")
+    if not 0.25 <= zoom <= 16:
+        raise ConfigError(f"zoom {zoom}: must be between 0.25 and 16")
     out = Path(out)
     _prepare(out, overwrite)
     index = 0
@@ -871,7 +880,9 @@ def generate(
                     f"cannot create {image_dir}: {exc}; choose another --out"
                 ) from None
             for _ in range(counts[split]):
-                image, mask = render_scene(np.random.default_rng([seed, index]), width, height)
+                image, mask = render_scene(
+                    np.random.default_rng([seed, index]), width, height, zoom
+                )
                 sample_id = f"syn_{index:06d}"
                 Image.fromarray(image).save(
                     image_dir / f"{sample_id}.jpg", format="JPEG", quality=JPEG_QUALITY
@@ -912,6 +923,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", default="512x384", help="WIDTHxHEIGHT (default 512x384)")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
     parser.add_argument(
+        "--zoom",
+        type=float,
+        default=1.0,
+        help="resolution factor: Z shows 1/Z of the 120x90 m tile per side (default 1)",
+    )
+    parser.add_argument(
         "--overwrite", action="store_true", help="replace an earlier synthetic set in --out"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -927,6 +944,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         n_val=args.val,
         progress=not args.quiet,
         overwrite=args.overwrite,
+        zoom=args.zoom,
     )
     return 0
 
