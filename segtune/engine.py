@@ -135,6 +135,15 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _to_device(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (channels_last on a GPU, where convolutions prefer it) and masks on `device`."""
+    images = batch["image"].to(device, non_blocking=True)
+    masks = batch["mask"].to(device, non_blocking=True)
+    if device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, masks
+
+
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
@@ -154,10 +163,7 @@ def evaluate(
     matrix = matrix if matrix is not None else ConfusionMatrix(device=device)
     loss_sum, count = torch.zeros((), device=device), 0
     for batch in loader:
-        images = batch["image"].to(device, non_blocking=True)
-        masks = batch["mask"].to(device, non_blocking=True)
-        if device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
+        images, masks = _to_device(batch, device)
         with autocast(device, dtype):
             logits = model(images)
         logits = logits.float()
@@ -262,10 +268,7 @@ def fit(
         losses: list[torch.Tensor] = []  # this window's losses, checked without a sync per step
         step = -1
         for step, batch in enumerate(train_loader):
-            images = batch["image"].to(device, non_blocking=True)
-            masks = batch["mask"].to(device, non_blocking=True)
-            if device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
+            images, masks = _to_device(batch, device)
             with autocast(device, dtype):
                 logits = model(images)
             loss = loss_fn(logits.float(), masks)
