@@ -6,6 +6,7 @@ No Ray, no MLflow here: a sweep file is checked completely before anything start
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -130,6 +131,29 @@ def trial_config(values: Mapping[str, Any] | TrialConfig) -> TrialConfig:
 SEARCH_FORMS = ("grid_search", "choice", "uniform", "loguniform", "randint")
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-4` as a float (YAML 1.1 wants `1.0e-4`; people write `1e-4`)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """`yaml.safe_load` semantics (no objects are ever built), with `1e-4` as a float."""
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 class Resources(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -215,7 +239,7 @@ def apply_overrides(raw: dict[str, Any], assignments: Sequence[str]) -> dict[str
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {item!r}: {key} is not a section")
             node = child
-        node[keys[-1]] = yaml.safe_load(value)
+        node[keys[-1]] = parse_yaml(value)
     return result
 
 
@@ -347,7 +371,7 @@ def load_sweep(path: Path | str, overrides: Sequence[str] = ()) -> SweepConfig:
     if not path.is_file():
         raise ConfigError(f"{path}: sweep file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
     if not isinstance(raw, dict):

@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from segtune.checkpoint import atomic_save, best_checkpoint
 from segtune.cli import run_cli, setup_logging
-from segtune.config import DataConfig, trial_config
+from segtune.config import DataConfig, parse_yaml, trial_config
 from segtune.data.pipeline import build_data
 from segtune.engine import EpochEnd, fit, seed_everything
 from segtune.errors import ConfigError
@@ -35,7 +34,7 @@ def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set lr=3e-4")
-        values[key.strip()] = yaml.safe_load(raw)
+        values[key.strip()] = parse_yaml(raw)
     return values
 
 

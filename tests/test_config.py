@@ -1,0 +1,67 @@
+"""The sweep file schema: overrides, YAML's surprises, the search-space grammar."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from segtune.config import apply_overrides, load_sweep, trial_config
+from segtune.errors import ConfigError
+from segtune.space import discrete_trials, param_space
+from segtune.trial import trial_label
+
+
+def test_yaml_off_means_amp_off(tmp_path: Path) -> None:
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("name: s\ntrain: {amp: off}\n")  # YAML 1.1 reads a bare off as false
+    assert trial_config(load_sweep(sweep).train).amp == "off"
+    assert trial_config({"amp": True}).amp == "auto"
+
+
+def test_overrides_are_typed_and_nested() -> None:
+    raw = apply_overrides(
+        {"train": {"lr": 0.1}}, ["train.lr=3e-4", "tune.resources_per_trial.gpu=0.5"]
+    )
+    assert raw["train"]["lr"] == 3e-4  # a float, not the string YAML 1.1 would make of it
+    assert raw["tune"]["resources_per_trial"]["gpu"] == 0.5
+    with pytest.raises(ConfigError, match="KEY.PATH=VALUE"):
+        apply_overrides({}, ["train.lr"])
+
+
+def test_groups_repeats_and_labels(tmp_path: Path) -> None:
+    sweep_file = tmp_path / "g.yaml"
+    sweep_file.write_text(
+        "name: g\n"
+        "train: {seed: 3}\n"
+        "search_space:\n"
+        "  model: {grid_search: [{arch: unet, backbone: none}, {arch: deeplabv3, backbone: resnet18, lr: 0.01}]}\n"
+        "  augment: {grid_search: [none, basic]}\n"
+        "tune: {repeats: 2}\n"
+    )
+    sweep = load_sweep(sweep_file)
+    trials = discrete_trials(sweep)
+    assert len(trials) == 8 and {t.seed for t in trials} == {3, 4}
+    labels = {trial_label(sweep, t) for t in trials}
+    assert "deeplabv3-resnet18-aspp-basic-lr=0.01-s4" in labels
+    assert "unet-none-none-lr=0.001-s3" in labels
+    assert param_space(sweep)["seed"] == {"grid_search": [3, 4]}
+
+
+def test_randint_is_inclusive(tmp_path: Path) -> None:
+    sweep_file = tmp_path / "r.yaml"
+    sweep_file.write_text(
+        "name: r\nsearch_space: {batch_size: {randint: [2, 4]}}\ntune: {search: random}\n"
+    )
+    domain = param_space(load_sweep(sweep_file))["batch_size"]
+    assert (domain.lower, domain.upper) == (2, 5)  # Ray's upper bound is exclusive
+
+
+def test_task_sweeps_load_and_expand() -> None:
+    root = Path(__file__).parent.parent / "sweeps"
+    for path in sorted(root.glob("*.yaml")):
+        sweep = load_sweep(path)
+        space = param_space(sweep)
+        assert space or sweep.train, path
+    hpo = load_sweep(root / "hpo.yaml")
+    assert param_space(hpo)["lr"].lower == pytest.approx(1e-4)
