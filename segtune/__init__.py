@@ -1,0 +1,1 @@
+"""segtune: architecture and hyperparameter sweeps for aerial semantic segmentation."""
