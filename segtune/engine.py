@@ -8,14 +8,13 @@ loaders' order and augmentations depend only on (seed, epoch), and the RNG state
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -55,7 +54,6 @@ class FitResult:
     best_epoch: int
     best_state_dict: dict[str, torch.Tensor]
     train_time_s: float  # training and validation of the epochs run here, wall clock
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -206,6 +204,10 @@ def _check_finite(
     )
 
 
+def _cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
 def _improved(value: float, best: float, mode: str) -> bool:
     if math.isnan(value):
         return False
@@ -245,7 +247,7 @@ def fit(
 
     start_epoch, history = 0, []
     best_metric, best_epoch = math.nan, -1
-    best_state = copy.deepcopy(model.state_dict())
+    best_state = _cpu_copy(model.state_dict())
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
@@ -305,7 +307,7 @@ def fit(
         is_best = _improved(metrics[cfg.select_metric], best_metric, mode)
         if is_best:
             best_metric, best_epoch = metrics[cfg.select_metric], epoch
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            best_state = _cpu_copy(model.state_dict())
         log.debug(
             "epoch %d/%d train_loss %.4f val_loss %.4f val_miou %.4f (%.1fs)%s",
             epoch + 1,

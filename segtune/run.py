@@ -23,7 +23,6 @@ from segtune.models import pretrained_weights_file
 from segtune.space import check_combinations, describe, discrete_trials
 
 log = logging.getLogger("segtune.run")
-STATE_FILE = "segtune_sweep.json"  # beside Ray's experiment state: the parent MLflow run id
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -23,7 +23,7 @@ from segtune.space import param_space
 from segtune.tracking import (
     EARLY_STOP_TAG,
     ERROR_TAG,
-    TRIAL_ID_TAG,
+    find_trial_run,
     start_sweep_run,
 )
 from segtune.trial import run_trial
@@ -82,14 +82,7 @@ class CloseRuns(tune.Callback):
 
     def _run(self, trial: Trial) -> Any:
         client = MlflowClient(self.tracking_uri)
-        exp = client.get_experiment_by_name(self.experiment)
-        runs = client.search_runs(
-            [exp.experiment_id],
-            filter_string=f"tags.`{TRIAL_ID_TAG}` = '{trial.trial_id}' and "
-            f"tags.`mlflow.parentRunId` = '{self.parent}'",
-            max_results=1,
-        )
-        return (client, runs[0]) if runs else (client, None)
+        return client, find_trial_run(client, self.experiment, self.parent, trial.trial_id)
 
     def on_trial_complete(
         self, iteration: int, trials: list[Trial], trial: Trial, **info: Any

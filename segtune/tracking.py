@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
@@ -105,6 +105,24 @@ def _finite(metrics: Mapping[str, Any]) -> dict[str, float]:
         if math.isfinite(value):
             out[key] = float(value)
     return out
+
+
+def find_trial_run(
+    client: MlflowClient, experiment: str, parent_run_id: str, trial_id: str
+) -> Run | None:
+    """The run of Ray trial `trial_id` in sweep `parent_run_id`, if one was created."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=(
+            f"tags.`{TRIAL_ID_TAG}` = '{trial_id}' and "
+            f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'"
+        ),
+        max_results=1,
+    )
+    return runs[0] if runs else None
 
 
 class TrialRun:

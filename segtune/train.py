@@ -11,14 +11,14 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
+from torch import nn
 
 from segtune.checkpoint import atomic_save, best_checkpoint
 from segtune.cli import run_cli, setup_logging
-from segtune.config import DataConfig, parse_yaml, trial_config
-from segtune.data.pipeline import build_data
+from segtune.config import DataConfig, TrialConfig, apply_overrides, trial_config
+from segtune.data.pipeline import DataBundle, build_data
 from segtune.engine import EpochEnd, fit, seed_everything
 from segtune.errors import ConfigError
 from segtune.losses import build_loss, class_weights
@@ -27,15 +27,17 @@ from segtune.models import build_model, check_model_config
 log = logging.getLogger("segtune.train")
 
 
-def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
-    """`KEY=VALUE` pairs, each value parsed as YAML (so 1e-3, true, [12, 24, 36] are typed)."""
-    values: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set lr=3e-4")
-        values[key.strip()] = parse_yaml(raw)
-    return values
+def prepare(
+    data_cfg: DataConfig, cfg: TrialConfig, progress: bool = True
+) -> tuple[DataBundle, nn.Module, nn.Module]:
+    """One trial's inputs: its data, its loss (class weights from the training masks) and its
+    model, built after seeding so that the initial weights depend on `cfg.seed` alone."""
+    data = build_data(data_cfg, cfg, progress)
+    loss_fn = build_loss(
+        cfg.loss, class_weights=class_weights(data.class_pixels, cfg.class_weights)
+    )
+    seed_everything(cfg.seed, cfg.deterministic)
+    return data, build_model(cfg), loss_fn
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     keys = ("arch", "backbone", "aspp", "augment", "pretrained", "epochs", "batch_size", "lr")
     values = {k: getattr(args, k) for k in (*keys, "image_size", "seed")}
     values = {k: v for k, v in values.items() if v is not None}
-    values.update(parse_assignments(args.set))
+    values.update(apply_overrides({}, args.set))
     cfg = trial_config(values)
     check_model_config(cfg)  # a configuration error is reported before the data is read
     val_split: str | float = args.val_split
@@ -85,11 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.resume:
         resume = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
 
-    data = build_data(data_cfg, cfg)
-    weights = class_weights(data.class_pixels, cfg.class_weights)
-    loss_fn = build_loss(cfg.loss, class_weights=weights)
-    seed_everything(cfg.seed, cfg.deterministic)  # the initial weights depend on the seed
-    model = build_model(cfg)
+    data, model, loss_fn = prepare(data_cfg, cfg)
     print(f"{cfg.label()}: {len(data.train)} train, {len(data.val)} val ({data.val_split})")
 
     def report(event: EpochEnd) -> None:

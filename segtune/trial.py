@@ -24,21 +24,16 @@ from ray import tune
 from segtune.bench import measure_cost, parse_hw
 from segtune.checkpoint import atomic_save, best_checkpoint
 from segtune.config import SweepConfig, TrialConfig
-from segtune.data.pipeline import build_data
-from segtune.engine import EpochEnd, amp_dtype, fit, resolve_device, seed_everything
+from segtune.engine import EpochEnd, amp_dtype, fit, resolve_device
 from segtune.evaluation import evaluate_best
-from segtune.losses import build_loss, class_weights
-from segtune.models import build_model
 from segtune.space import resolve_trial
 from segtune.tracking import (
     CHECKPOINT_ARTIFACT,
     FINAL_METRICS,
-    LABEL_TAG,
-    ROLE_TAG,
-    ROLE_TRIAL,
-    TRIAL_ID_TAG,
     TrialRun,
+    find_trial_run,
 )
+from segtune.train import prepare
 
 log = logging.getLogger(__name__)
 
@@ -65,21 +60,6 @@ def trial_label(sweep: SweepConfig, cfg: TrialConfig) -> str:
     if sweep.tune.repeats > 1:
         parts.append(f"s{cfg.seed}")
     return "-".join(parts)
-
-
-def _existing_run(client: MlflowClient, experiment: str, parent: str, trial_id: str) -> str | None:
-    """The run a previous attempt of this trial created before its first checkpoint."""
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return None
-    runs = client.search_runs(
-        [exp.experiment_id],
-        filter_string=(
-            f"tags.`{TRIAL_ID_TAG}` = '{trial_id}' and tags.`mlflow.parentRunId` = '{parent}'"
-        ),
-        max_results=1,
-    )
-    return runs[0].info.run_id if runs else None
 
 
 def _maybe_fail(epoch: int) -> None:
@@ -112,9 +92,10 @@ def run_trial(
         with checkpoint.as_directory() as folder:
             resume = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
     client = MlflowClient(tracking_uri)
-    run_id = (resume or {}).get("mlflow_run_id") or _existing_run(
-        client, sweep.experiment, parent_run_id, trial_id
-    )
+    run_id = (resume or {}).get("mlflow_run_id")
+    if run_id is None:  # a previous attempt may have died before its first checkpoint
+        earlier = find_trial_run(client, sweep.experiment, parent_run_id, trial_id)
+        run_id = earlier.info.run_id if earlier else None
     run = TrialRun.open(
         client,
         experiment=sweep.experiment,
@@ -143,12 +124,7 @@ def _train_evaluate_bench(
     resume: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """Train, evaluate, benchmark and log; returns the final result for Ray."""
-    data = build_data(sweep.data, cfg, progress=False)
-    loss_fn = build_loss(
-        cfg.loss, class_weights=class_weights(data.class_pixels, cfg.class_weights)
-    )
-    seed_everything(cfg.seed, cfg.deterministic)
-    model = build_model(cfg)
+    data, model, loss_fn = prepare(sweep.data, cfg, progress=False)
 
     def report(event: EpochEnd) -> None:
         run.log_epoch(event.epoch, event.metrics)
@@ -205,8 +181,6 @@ def _train_evaluate_bench(
         run.log_artifact(folder_path / "checkpoints", "checkpoints")
         run.log_artifact(folder_path / "eval", "eval")
     tags = {f"segtune.{k}": v for k, v in cost.items() if k not in FINAL_METRICS}
-    tags[LABEL_TAG] = trial_label(sweep, cfg)
-    tags[ROLE_TAG] = ROLE_TRIAL
     run.log_final(final, tags)
     log.info("%s: evaluation and benchmark took %.1fs", cfg.label(), time.perf_counter() - started)
     return {**history[-1], **final}
