@@ -15,14 +15,6 @@ from segtune.errors import ConfigError
 
 OBJECTIVE = "best_val_miou"
 COSTS = ("train_time_min", "infer_ms_gpu", "infer_ms_cpu")
-LOWER_IS_BETTER = (
-    "train_time_min",
-    "infer_ms_gpu",
-    "infer_ms_cpu",
-    "size_mb",
-    "params_m",
-    "gflops",
-)
 
 
 def ema(values: Sequence[float] | np.ndarray, weight: float) -> np.ndarray:

@@ -45,6 +45,7 @@ INFO_COLUMNS = (
     "label",
     "status",
     "error",
+    "early_stopped",
     "sweep_run_id",
     "sweep",
     "trial_id",

@@ -40,6 +40,7 @@ from dashboards.data import (
     metrics_at_step,
 )
 from segtune.cli import run_cli, setup_logging
+from segtune.metrics import iou_per_class
 from segtune.tracking import CONFUSION_ARTIFACT, EXAMPLES_DIR, PER_IMAGE_ARTIFACT, REPORT_DIR
 
 log = logging.getLogger(__name__)
@@ -193,15 +194,12 @@ def _budget(report: Report, trials: pd.DataFrame) -> None:
 
 
 def _iou_per_class(report: Report, row: pd.Series, matrix: pd.DataFrame | None) -> dict[str, float]:
-    """From the confusion counts when they are counts, else the IoU metrics of the best epoch."""
-    if matrix is not None and matrix.to_numpy().sum() > len(matrix) + 0.5:
-        values = matrix.to_numpy(dtype=float)
-        tp = values.diagonal()
-        union = values.sum(axis=0) + values.sum(axis=1) - tp
+    """From eval/confusion.csv (counts, as ConfusionMatrix writes them), else the IoU metrics of
+    the best epoch."""
+    if matrix is not None:
+        iou = iou_per_class(matrix.to_numpy(dtype=float))
         return {
-            str(name): float(t / u)
-            for name, t, u in zip(matrix.index, tp, union, strict=True)
-            if u > 0
+            str(name): float(v) for name, v in zip(matrix.index, iou, strict=True) if pd.notna(v)
         }
     keys = [c for c in report.data.metric_columns if c.startswith("val_iou_")]
     epoch = row.get("best_epoch")

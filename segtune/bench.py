@@ -29,11 +29,10 @@ import io
 import logging
 import os
 import platform
-import re
 import statistics
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypedDict
 
@@ -42,7 +41,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from segtune.cli import run_cli, setup_logging
-from segtune.config import trial_config
+from segtune.config import check_hw, format_hw, parse_hw, trial_config
 from segtune.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -53,8 +52,6 @@ MB = 1e6  # bytes per MB: decimal, so size_mb is the checkpoint's file size / 1e
 AMP_MODES = ("auto", "off", "bf16", "fp16")  # the values of TrialConfig.amp
 METRIC_KEYS = ("params_m", "size_mb", "gflops", "infer_ms_cpu", "infer_ms_gpu")
 TABLE_COLUMNS = ("model", *METRIC_KEYS)
-
-_HW_RE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 
 
 class Cost(TypedDict, total=False):
@@ -83,31 +80,6 @@ class Cost(TypedDict, total=False):
 
 
 # ----------------------------------------------------------------------------- parsing
-
-
-def parse_hw(text: str) -> tuple[int, int]:
-    """Parse ``WxH`` as the seed writes image sizes (``1000x750``) and return ``(H, W)``."""
-    match = _HW_RE.match(str(text))
-    if match is None:
-        raise ConfigError(
-            f"invalid input size {text!r}: write it as WIDTHxHEIGHT, e.g. 1000x750 (the seed's size)"
-        )
-    width, height = int(match.group(1)), int(match.group(2))
-    if width < 1 or height < 1:
-        raise ConfigError(f"invalid input size {text!r}: width and height must be at least 1")
-    return height, width
-
-
-def format_hw(input_hw: Sequence[int]) -> str:
-    """The inverse of `parse_hw`: ``(750, 1000)`` -> ``"1000x750"``."""
-    height, width = _check_hw(input_hw)
-    return f"{width}x{height}"
-
-
-def _check_hw(input_hw: Sequence[int]) -> tuple[int, int]:
-    if len(input_hw) != 2 or any(int(v) != v or v < 1 for v in input_hw):
-        raise ConfigError(f"invalid input size {tuple(input_hw)!r}: expected (height, width) >= 1")
-    return int(input_hw[0]), int(input_hw[1])
 
 
 def _check_count(name: str, value: int, minimum: int) -> int:
@@ -235,7 +207,7 @@ def gflops(model: nn.Module, input_hw: Sequence[int] = DEFAULT_INPUT_HW) -> floa
     Counted by `FlopCounterMode` on the model's own device: a multiply-add is 2 FLOPs, and only
     matrix products and convolutions are counted.
     """
-    input_hw = _check_hw(input_hw)
+    input_hw = check_hw(input_hw)
     device = _model_device(model)
     clone = _copy_to(model, device)
     x = _random_input(1, input_hw, device)
@@ -259,7 +231,7 @@ def cpu_latency_ms(
 
     The previous thread count is restored afterwards, so a trial's own threading is untouched.
     """
-    input_hw = _check_hw(input_hw)
+    input_hw = check_hw(input_hw)
     threads = _check_count("threads", threads, 1)
     warmup = _check_count("warmup", warmup, 0)
     repeats = _check_count("repeats", repeats, 1)
@@ -290,7 +262,7 @@ def gpu_latency_ms(
     small models is launch-bound and autocast's casts make it slower; `auto`: bfloat16 where
     supported, else float16); `gpu_precision(amp)` names the dtype that was used.
     """
-    input_hw = _check_hw(input_hw)
+    input_hw = check_hw(input_hw)
     warmup = _check_count("warmup", warmup, 0)
     repeats = _check_count("repeats", repeats, 1)
     _check_amp(amp)
@@ -332,68 +304,6 @@ def gpu_precision(amp: str) -> str:
 # ----------------------------------------------------------------------------- throughput
 
 
-def train_throughput(
-    model: nn.Module,
-    batch: int,
-    hw: Sequence[int],
-    device: torch.device | str = "cpu",
-    steps: int = 5,
-    warmup: int = 2,
-    amp: str = "auto",
-) -> float:
-    """Training images/s: forward, cross-entropy backward and an AdamW step on random data.
-
-    Runs on a copy (the steps change weights). On CUDA the copy is channels_last under autocast
-    per `amp`, with gradient scaling for float16, and timing is synchronised; on the CPU it runs
-    in float32 with the current thread count. Batch 1 fails for models whose BatchNorm sees a
-    single value per channel (e.g. ASPP's pooling branch), as it would in training.
-    """
-    hw = _check_hw(hw)
-    batch = _check_count("batch", batch, 1)
-    steps = _check_count("steps", steps, 1)
-    warmup = _check_count("warmup", warmup, 0)
-    device = torch.device(device)
-    if device.type == "cuda" and (reason := gpu_skip_reason()) is not None:
-        raise ConfigError(f"cannot measure training throughput on {device}: {reason}")
-    cuda = device.type == "cuda"
-    dtype = _autocast_dtype(amp, device)
-    clone = _copy_to(model, device, train=True, channels_last=cuda)
-    optimizer = torch.optim.AdamW(clone.parameters(), lr=1e-4)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
-    x = _random_input(batch, hw, device, channels_last=cuda)
-    target: torch.Tensor | None = None
-
-    def step() -> None:
-        nonlocal target
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = clone(x)
-            if target is None:
-                generator = torch.Generator().manual_seed(0)
-                shape = (logits.shape[0], *logits.shape[2:])
-                target = torch.randint(0, logits.shape[1], shape, generator=generator).to(device)
-            loss = nn.functional.cross_entropy(logits.float(), target)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-
-    with _cudnn_benchmark() if cuda else nullcontext():
-        for _ in range(warmup):
-            step()
-        if cuda:
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        if cuda:
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - start
-    return batch * steps / elapsed
-
-
-# ----------------------------------------------------------------------------- all together
-
-
 def measure_cost(
     model: nn.Module,
     input_hw: Sequence[int] = DEFAULT_INPUT_HW,
@@ -409,7 +319,7 @@ def measure_cost(
 
     `gpu=False` skips the GPU (its reason says so). The caller's model is left as it was.
     """
-    input_hw = _check_hw(input_hw)
+    input_hw = check_hw(input_hw)
     cost = Cost(
         params_m=count_params(model),
         size_mb=state_dict_mb(model),
@@ -601,10 +511,10 @@ def engine_overhead(
     val = make_loader(_TensorDataset(xs[:batch], ys[:batch]), batch, shuffle=False)
     torch.manual_seed(0)
     initial = build_model(cfg).state_dict()
-    batches = [
-        (xs[i : i + batch].to(dev), ys[i : i + batch].to(dev))
-        for i in range(0, images - batch + 1, batch)
-    ]
+    # host tensors, moved per step as fit() must; pinned as its loader pins them on CUDA
+    batches = [(xs[i : i + batch], ys[i : i + batch]) for i in range(0, images - batch + 1, batch)]
+    if dev.type == "cuda":
+        batches = [(x.pin_memory(), y.pin_memory()) for x, y in batches]
 
     def bare() -> float:
         model = build_model(cfg).to(dev)

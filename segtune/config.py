@@ -20,6 +20,31 @@ Arch = Literal["unet", "deeplabv3", "deeplabv3plus"]
 Augment = Literal["none", "basic", "strong"]
 
 
+def parse_hw(text: str) -> tuple[int, int]:
+    """Parse ``WxH`` as the seed writes image sizes (``1000x750``) and return ``(H, W)``."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
+    if match is None:
+        raise ConfigError(
+            f"invalid input size {text!r}: write it as WIDTHxHEIGHT, e.g. 1000x750 (the seed's size)"
+        )
+    width, height = int(match.group(1)), int(match.group(2))
+    if width < 1 or height < 1:
+        raise ConfigError(f"invalid input size {text!r}: width and height must be at least 1")
+    return height, width
+
+
+def format_hw(input_hw: Sequence[int]) -> str:
+    """The inverse of `parse_hw`: ``(750, 1000)`` -> ``"1000x750"``."""
+    height, width = check_hw(input_hw)
+    return f"{width}x{height}"
+
+
+def check_hw(input_hw: Sequence[int]) -> tuple[int, int]:
+    if len(input_hw) != 2 or any(int(v) != v or v < 1 for v in input_hw):
+        raise ConfigError(f"invalid input size {tuple(input_hw)!r}: expected (height, width) >= 1")
+    return int(input_hw[0]), int(input_hw[1])
+
+
 class TrialConfig(BaseModel):
     """Everything one trial receives; the keys are the flat trial keys of DESIGN.md."""
 
@@ -83,6 +108,15 @@ class SyntheticSpec(BaseModel):
     """A synthetic set to generate at `data.root` on first use (python -m segtune.data.synthetic)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        try:
+            parse_hw(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
     train: int = Field(100, ge=1)
     test: int = Field(25, ge=1)

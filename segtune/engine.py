@@ -136,7 +136,7 @@ def build_scheduler(
 def _to_device(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (channels_last on a GPU, where convolutions prefer it) and masks on `device`."""
     images = batch["image"].to(device, non_blocking=True)
-    masks = batch["mask"].to(device, non_blocking=True)
+    masks = batch["mask"].to(device, non_blocking=True).long()
     if device.type == "cuda":
         images = images.contiguous(memory_format=torch.channels_last)
     return images, masks
@@ -164,9 +164,8 @@ def evaluate(
         images, masks = _to_device(batch, device)
         with autocast(device, dtype):
             logits = model(images)
-        logits = logits.float()
         if loss_fn is not None:
-            loss_sum += loss_fn(logits, masks) * images.shape[0]
+            loss_sum += loss_fn(logits.float(), masks) * images.shape[0]
         count += images.shape[0]
         predictions = logits.argmax(1)
         matrix.update(predictions, masks)

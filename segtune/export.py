@@ -68,14 +68,17 @@ from segtune.predict import (
 )
 from segtune.tracking import (
     CHECKPOINT_ARTIFACT,
+    EARLY_STOP_TAG,
     ERROR_TAG,
     FINAL_METRICS,
     LABEL_TAG,
+    NODE_TAG,
     ROLE_TAG,
     ROLE_TRIAL,
     SWEEP_ARTIFACT,
     SWEEP_TAG,
     TRIAL_ID_TAG,
+    finite_metrics,
     resolve_tracking_uri,
 )
 
@@ -105,8 +108,8 @@ _NOT_BENCH_TAGS = {
     LABEL_TAG,
     SWEEP_TAG,
     ERROR_TAG,
-    "segtune.node",
-    "segtune.early_stopped",
+    NODE_TAG,
+    EARLY_STOP_TAG,
 }
 
 
@@ -406,14 +409,6 @@ def _public_uri(uri: str) -> str:
     return uri
 
 
-def _finite(values: dict[str, Any]) -> dict[str, float]:
-    return {
-        k: float(v)
-        for k, v in values.items()
-        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-    }
-
-
 def _sweep_info(client: MlflowClient, run: Run, dst: Path) -> dict[str, Any]:
     """The parent sweep's name, run id and `data` section (from its sweep.yaml), where known."""
     parent_id = run.data.tags.get(MLFLOW_PARENT_RUN_ID)
@@ -460,7 +455,7 @@ def model_card(
     run = source.run
     # the checkpoint holds the best epoch's metrics; the run's latest values are the last epoch's
     finals = {k: v for k, v in run.data.metrics.items() if k in FINAL_METRICS}
-    recorded = {**_finite(finals), **_finite(ckpt["metrics"])}
+    recorded = {**finite_metrics(finals), **finite_metrics(ckpt["metrics"])}
     data = dict(sweep.get("data", {}))
     try:
         version = importlib.metadata.version("segtune")
@@ -709,7 +704,7 @@ def register(
                 metadata={"segtune_source_run_id": src["run_id"]},
             )
             mlflow.log_artifact(str(card_path))
-            mlflow.log_metrics({**card["metrics"], **_finite(card["cost"])})
+            mlflow.log_metrics({**card["metrics"], **finite_metrics(card["cost"])})
     except MlflowException as exc:
         raise ExportError(f"--register {model_name}: {exc.message.splitlines()[0]}") from None
     finally:
@@ -718,7 +713,7 @@ def register(
     version = int(info.registered_model_version)
     headline = {
         k: v
-        for k, v in {**card["metrics"], **_finite(card["cost"])}.items()
+        for k, v in {**card["metrics"], **finite_metrics(card["cost"])}.items()
         if k in FINAL_METRICS or k in ("val_acc", "val_class_acc") or k.startswith("val_iou_")
     }
     tags = {

@@ -9,14 +9,14 @@ the training loop would take for divergence.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segtune.data.classes import IGNORE_INDEX, NUM_CLASSES
+from segtune.data.classes import IGNORE_INDEX
 from segtune.errors import ConfigError, DatasetError
 
 log = logging.getLogger(__name__)
@@ -166,26 +166,6 @@ def build_loss(
     if name == "ce_dice":
         return CEDiceLoss(weight, ignore_index)
     raise ConfigError(f"loss: unknown loss {name!r}; valid names: {', '.join(LOSS_NAMES)}")
-
-
-def class_frequencies(
-    masks: Iterable[np.ndarray],
-    num_classes: int = NUM_CLASSES,
-    ignore_index: int = IGNORE_INDEX,
-) -> np.ndarray:
-    """Pixels per class id (int64, length `num_classes`) over masks, ignored pixels skipped."""
-    counts = np.zeros(num_classes, dtype=np.int64)
-    for i, mask in enumerate(masks):
-        ids = np.asarray(mask).ravel()
-        ids = ids[ids != ignore_index]
-        if ids.size and (ids.min() < 0 or ids.max() >= num_classes):
-            bad = sorted(set(np.unique(ids).tolist()) - set(range(num_classes)))
-            raise DatasetError(
-                f"mask {i} holds class ids {bad}, outside 0..{num_classes - 1} and the ignore "
-                f"index {ignore_index}; fix the mask or mark those pixels {ignore_index}"
-            )
-        counts += np.bincount(ids, minlength=num_classes)
-    return counts
 
 
 def class_weights(freqs: Sequence[float] | np.ndarray, mode: str) -> torch.Tensor | None:

@@ -38,23 +38,24 @@ def _as_predictions(logits_or_preds: torch.Tensor, target: torch.Tensor) -> torc
 def _pixel_codes(
     preds: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int
 ) -> torch.Tensor:
-    """`target * C + pred` per pixel, and C * C (one bin past the matrix) for ignored pixels.
+    """`target * C + pred` per pixel; C * C for ignored pixels, C * C + 1 for class ids outside
+    0..C-1 (INVALID_BIN).
 
-    A sentinel bin instead of boolean indexing keeps the shape static (no nonzero() on CUDA).
+    Sentinel bins instead of boolean indexing or a check keep the shape static and the device
+    busy: nothing here waits for the GPU. Callers check the invalid bin when they read counts.
     """
     target = target.long()
     ignored = target == ignore_index
-    out_of_range = ((target < 0) | (target >= num_classes)) & ~ignored
-    out_of_range |= (preds < 0) | (preds >= num_classes)
-    if bool(out_of_range.any()):
-        bad_t = target[out_of_range & ((target < 0) | (target >= num_classes))].unique()
-        bad_p = preds[out_of_range & ((preds < 0) | (preds >= num_classes))].unique()
-        raise ValueError(
-            f"class ids outside 0..{num_classes - 1} (ignore index {ignore_index}): "
-            f"targets {bad_t.tolist()}, predictions {bad_p.tolist()}"
-        )
-    codes = target * num_classes + preds
-    return codes.masked_fill_(ignored, num_classes * num_classes)
+    invalid = (target < 0) | (target >= num_classes) | (preds < 0) | (preds >= num_classes)
+    codes = (target * num_classes + preds).masked_fill_(ignored, num_classes * num_classes)
+    return codes.masked_fill_(invalid & ~ignored, num_classes * num_classes + 1)
+
+
+def _invalid_ids(num_classes: int, ignore_index: int, pixels: int) -> ValueError:
+    return ValueError(
+        f"{pixels} pixels have class ids outside 0..{num_classes - 1} "
+        f"(ignore index {ignore_index}) in the targets or predictions"
+    )
 
 
 def iou_per_class(matrix: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -94,6 +95,7 @@ class ConfusionMatrix:
         self._matrix = torch.zeros(
             self.num_classes, self.num_classes, dtype=torch.int64, device=self.device
         )
+        self._invalid = torch.zeros((), dtype=torch.int64, device=self.device)
 
     @torch.no_grad()
     def update(self, logits_or_preds: torch.Tensor, target: torch.Tensor) -> None:
@@ -102,11 +104,13 @@ class ConfusionMatrix:
         preds = _as_predictions(logits_or_preds.to(self.device), target)
         codes = _pixel_codes(preds, target, self.num_classes, self.ignore_index)
         n = self.num_classes * self.num_classes
-        counts = torch.bincount(codes.flatten(), minlength=n + 1)
+        counts = torch.bincount(codes.flatten(), minlength=n + 2)
         self._matrix += counts[:n].view(self.num_classes, self.num_classes)
+        self._invalid += counts[n + 1]
 
     def reset(self) -> None:
         self._matrix.zero_()
+        self._invalid.zero_()
 
     @property
     def matrix(self) -> torch.Tensor:
@@ -125,7 +129,13 @@ class ConfusionMatrix:
         )
 
     def compute(self) -> dict[str, float]:
-        """`miou`, `acc`, `class_acc` and `iou_<class name>`; NaN where nothing defines them."""
+        """`miou`, `acc`, `class_acc` and `iou_<class name>`; NaN where nothing defines them.
+
+        Raises ValueError if any update held class ids outside 0..C-1 (checked here, once,
+        rather than with a GPU sync per batch).
+        """
+        if int(self._invalid):
+            raise _invalid_ids(self.num_classes, self.ignore_index, int(self._invalid))
         m = self.to_numpy().astype(np.float64)
         iou = iou_per_class(m)
         tp = np.diagonal(m)
@@ -164,6 +174,8 @@ def per_image_rows(
     c = len(class_names)
     n_images = targets.shape[0]
     codes = _pixel_codes(preds, targets, c, ignore_index).flatten(1)
+    if invalid := int((codes == c * c + 1).sum()):
+        raise _invalid_ids(c, ignore_index, invalid)
     ignored = codes == c * c
     offsets = torch.arange(n_images, device=codes.device)[:, None] * (c * c)
     codes = (codes + offsets).masked_fill_(ignored, n_images * c * c)

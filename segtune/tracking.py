@@ -96,7 +96,7 @@ def start_sweep_run(
     return run.info.run_id
 
 
-def _finite(metrics: Mapping[str, Any]) -> dict[str, float]:
+def finite_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     """MLflow stores NaN, but plots and comparisons choke on it: absent means unknown."""
     out = {}
     for key, value in metrics.items():
@@ -171,7 +171,7 @@ class TrialRun:
         if epoch in self.logged_steps:
             return
         now = int(time.time() * 1000)
-        batch = [Metric(k, v, now, epoch) for k, v in _finite(metrics).items()]
+        batch = [Metric(k, v, now, epoch) for k, v in finite_metrics(metrics).items()]
         self.client.log_batch(self.run_id, metrics=batch)
         self.logged_steps.add(epoch)
 
@@ -179,7 +179,7 @@ class TrialRun:
         now = int(time.time() * 1000)
         self.client.log_batch(
             self.run_id,
-            metrics=[Metric(k, v, now, 0) for k, v in _finite(metrics).items()],
+            metrics=[Metric(k, v, now, 0) for k, v in finite_metrics(metrics).items()],
             tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
         )
 

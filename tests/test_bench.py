@@ -161,21 +161,6 @@ def test_gpu_latency_on_gpu_is_measured_and_leaves_model_alone() -> None:
     assert_unchanged(model, before)
 
 
-def test_train_throughput_trains_a_copy() -> None:
-    model = tiny_net().train()
-    before = snapshot(model)
-    img_s = bench.train_throughput(model, batch=2, hw=HW, device="cpu", steps=2, warmup=1)
-    assert img_s > 0 and math.isfinite(img_s)
-    assert all(modes(model))
-    assert_unchanged(model, before)
-
-
-@pytest.mark.skipif(not NO_GPU, reason="this machine has a GPU")
-def test_train_throughput_on_missing_gpu_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="cuda"):
-        bench.train_throughput(tiny_net(), batch=2, hw=HW, device="cuda", steps=1)
-
-
 def test_measure_cost_has_the_design_keys_and_no_invented_gpu_number() -> None:
     model = tiny_net().train()
     before = snapshot(model)
@@ -292,4 +277,5 @@ def test_engine_overhead_compares_fit_with_a_bare_loop() -> None:
 
     result = engine_overhead("deeplabv3", "mobilenet_v3_small", 32, 2, 4, 1, "cpu")
     assert result["bare_img_s"] > 0 and result["engine_img_s"] > 0
-    assert result["ratio"] == pytest.approx(result["engine_img_s"] / result["bare_img_s"])
+    # the same work: a fit() several times slower or faster than the bare loop is a broken one
+    assert 0.2 < result["ratio"] < 5

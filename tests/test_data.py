@@ -52,7 +52,7 @@ def test_loader_batches_for_every_preset(small_root: Path, preset: str, workers:
     dataset = SegmentationDataset(samples, train_transform(preset, 40, seed=1), progress=False)
     batch = next(iter(make_loader(dataset, 4, shuffle=True, seed=3, num_workers=workers)))
     assert batch["image"].shape == (4, 3, 40, 40) and batch["image"].dtype == torch.float32
-    assert batch["mask"].shape == (4, 40, 40) and batch["mask"].dtype == torch.int64
+    assert batch["mask"].shape == (4, 40, 40) and batch["mask"].dtype == torch.uint8
     values = set(batch["mask"].unique().tolist())
     assert values <= set(range(8)) | {IGNORE_INDEX}
     assert len(batch["id"]) == 4
@@ -163,15 +163,21 @@ def test_cache_gives_the_same_samples(small_root: Path) -> None:
     samples = scan_split(small_root, "test", progress=False)
     plain = SegmentationDataset(samples, eval_transform(), progress=False)
     cached = SegmentationDataset(samples, eval_transform(), cache=True, progress=False)
-    for i in range(len(samples)):
-        assert torch.equal(plain[i]["image"], cached[i]["image"])
-        assert torch.equal(plain[i]["mask"], cached[i]["mask"])
+    expected = [plain[i] for i in range(len(samples))]
+    for sample in samples:  # a cache that read the files lazily would fail from here on
+        sample.image_path.unlink()
+        sample.mask_path.unlink()
+    for i, want in enumerate(expected):
+        assert torch.equal(want["image"], cached[i]["image"])
+        assert torch.equal(want["mask"], cached[i]["mask"])
 
 
 def test_holdout_is_reproducible(small_root: Path) -> None:
     samples = scan_split(small_root, "train", progress=False)
     kept, held = holdout(samples, 0.34, seed=0)
     assert len(kept) == 4 and len(held) == 2
+    assert not {s.id for s in kept} & {s.id for s in held}
+    assert {s.id for s in kept} | {s.id for s in held} == {s.id for s in samples}
     assert holdout(samples, 0.34, seed=0) == (kept, held)
     with pytest.raises(DatasetError, match="fraction"):
         holdout(samples, 1.5, seed=0)

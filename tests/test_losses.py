@@ -13,7 +13,6 @@ from segtune.losses import (
     LOSS_NAMES,
     FocalLoss,
     build_loss,
-    class_frequencies,
     class_weights,
 )
 
@@ -199,19 +198,6 @@ def test_class_weight_modes_on_a_toy_frequency_vector() -> None:
         class_weights(freqs, "sqrt")
     with pytest.raises(DatasetError, match="ignore index"):
         class_weights(np.zeros(4), "inverse")
-
-
-def test_class_frequencies_skip_ignored_pixels() -> None:
-    masks = [
-        np.array([[0, 0, 255], [7, 2, 255]], dtype=np.uint8),
-        np.array([[2, 2], [255, 255]], dtype=np.int64),
-    ]
-    counts = class_frequencies(iter(masks))
-    assert counts.dtype == np.int64
-    np.testing.assert_array_equal(counts, [2, 0, 3, 0, 0, 0, 0, 1])
-    np.testing.assert_array_equal(class_frequencies([]), np.zeros(C, dtype=np.int64))
-    with pytest.raises(DatasetError, match=r"mask 1 holds class ids \[9\]"):
-        class_frequencies([masks[0], np.array([[9, 1]], dtype=np.uint8)])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from segtune.cli import run_cli, setup_logging
 from segtune.data.classes import CLASS_NAMES, IGNORE_INDEX
+from segtune.data.dataset import IMAGE_SUFFIXES, SPLITS
 from segtune.errors import ConfigError, DatasetError
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,6 @@ FLOODNET_CLASSES: tuple[str, ...] = (
     "pool",
     "grass",
 )
-FLOODNET_SPLITS = ("train", "val", "test")
 FLOODED_MODES = ("merge", "ignore")
 LABEL_SUFFIX = "_lab.png"
 JPEG_QUALITY = 95
@@ -79,7 +79,7 @@ def find_pairs(src: Path | str) -> dict[str, list[Pair]]:
             f"FloodNet folder {src} does not exist; pass the unpacked FloodNet-Supervised_v1.0"
         )
     pairs: dict[str, list[Pair]] = {}
-    for split in FLOODNET_SPLITS:
+    for split in SPLITS:
         image_dir = src / split / f"{split}-org-img"
         label_dir = src / split / f"{split}-label-img"
         if not image_dir.is_dir():
@@ -87,9 +87,7 @@ def find_pairs(src: Path | str) -> dict[str, list[Pair]]:
         if not label_dir.is_dir():
             raise DatasetError(f"{label_dir} is missing: the {split} images need their labels")
         labels = {p.name.removesuffix(LABEL_SUFFIX): p for p in label_dir.glob(f"*{LABEL_SUFFIX}")}
-        images = sorted(
-            p for p in image_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")
-        )
+        images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         split_pairs = []
         for image in images:
             label = labels.pop(image.stem, None)
@@ -111,7 +109,7 @@ def find_pairs(src: Path | str) -> dict[str, list[Pair]]:
     if not pairs:
         raise DatasetError(
             f"{src}: no FloodNet split found; expected {src}/<split>/<split>-org-img with "
-            f"<split> one of {', '.join(FLOODNET_SPLITS)}"
+            f"<split> one of {', '.join(SPLITS)}"
         )
     return pairs
 

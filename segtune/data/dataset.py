@@ -41,7 +41,7 @@ class Sample:
     mask_path: Path
     width: int
     height: int
-    class_pixels: tuple[int, ...] | None = None  # pixels per class id, counted by the check
+    class_pixels: tuple[int, ...] = ()  # pixels per class id, counted by the check
 
 
 def _files_by_id(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
@@ -144,9 +144,7 @@ def scan_split(
     split: str,
     *,
     rgb_masks: bool = False,
-    check_masks: bool = True,
     progress: bool = True,
-    workers: int = 4,
 ) -> list[Sample]:
     """Find and check the pairs of one split; raise `DatasetError` on the first problem found.
 
@@ -187,18 +185,17 @@ def scan_split(
         width, height = _image_size(image_path)
         samples.append(Sample(sample_id, image_path, masks[sample_id], width, height))
 
-    if check_masks:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            checks = pool.map(lambda s: _check_mask(s, rgb_masks), samples)
-            samples = list(
-                tqdm(
-                    checks,
-                    total=len(samples),
-                    desc=f"checking {split} masks",
-                    disable=not progress,
-                    leave=False,
-                )
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        checks = pool.map(lambda s: _check_mask(s, rgb_masks), samples)
+        samples = list(
+            tqdm(
+                checks,
+                total=len(samples),
+                desc=f"checking {split} masks",
+                disable=not progress,
+                leave=False,
             )
+        )
     log.info("%s/%s: %d image/mask pairs checked", root, split, len(samples))
     return samples
 
@@ -283,5 +280,5 @@ class SegmentationDataset(torch.utils.data.Dataset):
             image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
         if not isinstance(mask, torch.Tensor):
             mask = torch.from_numpy(np.ascontiguousarray(mask))
-        mask = mask.long()
+        # uint8 (255 fits): 8x less to collate, pin and copy than int64; widened on the device
         return {"image": image, "mask": mask, "id": self.samples[index].id}

@@ -10,8 +10,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import DataLoader
 
-from segtune.config import DataConfig, TrialConfig
-from segtune.data.classes import NUM_CLASSES
+from segtune.config import DataConfig, TrialConfig, parse_hw
 from segtune.data.dataset import Sample, SegmentationDataset, available_splits, holdout, scan_split
 from segtune.data.loader import make_loader
 from segtune.data.transforms import eval_transform, train_transform
@@ -36,7 +35,7 @@ def ensure_dataset(data: DataConfig, progress: bool = True) -> Path:
     """The dataset root, generating the synthetic set there first when one is asked for."""
     root = Path(data.root)
     if data.synthetic is not None and not (root / "train" / "image").is_dir():
-        from segtune.data.synthetic import generate, parse_size
+        from segtune.data.synthetic import generate
 
         spec = data.synthetic
         log.info("generating the synthetic set at %s (%s)", root, spec)
@@ -45,7 +44,7 @@ def ensure_dataset(data: DataConfig, progress: bool = True) -> Path:
             n_train=spec.train,
             n_test=spec.test,
             n_val=spec.val,
-            size=parse_size(spec.size),
+            size=parse_hw(spec.size)[::-1],  # generate takes (width, height)
             seed=spec.seed,
             zoom=spec.zoom,
             progress=progress,
@@ -85,10 +84,6 @@ def build_data(data: DataConfig, trial: TrialConfig, progress: bool = True) -> D
         val_samples, eval_transform(data.eval_resize, trial.eval_multiple), **kwargs
     )
     loader = {"seed": trial.seed, "num_workers": trial.num_workers}
-    counts = np.zeros(NUM_CLASSES, dtype=np.int64)
-    for sample in train_samples:
-        if sample.class_pixels is not None:
-            counts += np.asarray(sample.class_pixels)
     return DataBundle(
         train=train,
         val=val,
@@ -98,5 +93,5 @@ def build_data(data: DataConfig, trial: TrialConfig, progress: bool = True) -> D
         ),
         val_loader=make_loader(val, trial.batch_size, shuffle=False, **loader),
         val_split=val_name,
-        class_pixels=counts,
+        class_pixels=np.sum([s.class_pixels for s in train_samples], axis=0, dtype=np.int64),
     )

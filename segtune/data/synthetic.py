@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from segtune.cli import run_cli, setup_logging
+from segtune.config import parse_hw
 from segtune.data.classes import CLASS_NAMES
+from segtune.data.dataset import SPLITS
 from segtune.errors import ConfigError, DatasetError
 
 log = logging.getLogger(__name__)
@@ -814,12 +815,9 @@ def render_scene(
     return _paint(c), c.mask
 
 
-SPLIT_ORDER = ("train", "val", "test")
-
-
 def _prepare(out: Path, overwrite: bool) -> None:
     """Refuse to mix two generations; with ``overwrite`` remove only files this module wrote."""
-    for split in SPLIT_ORDER:
+    for split in SPLITS:
         for sub in ("image", "mask"):
             folder = out / split / sub
             if not folder.is_dir():
@@ -868,7 +866,7 @@ def generate(
     with tqdm(
         total=sum(counts.values()), desc="synthetic", unit="img", disable=not progress
     ) as bar:
-        for split in SPLIT_ORDER:
+        for split in SPLITS:
             if not counts[split]:
                 continue
             image_dir, mask_dir = out / split / "image", out / split / "mask"
@@ -903,14 +901,6 @@ def generate(
     return out
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """`"WIDTHxHEIGHT"` (the seed's 1000x750) to (width, height)."""
-    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
-    if match is None:
-        raise ConfigError(f"--size {text!r}: expected WIDTHxHEIGHT such as 512x384")
-    return int(match[1]), int(match[2])
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m segtune.data.synthetic",
@@ -939,7 +929,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out,
         args.train,
         args.test,
-        size=parse_size(args.size),
+        size=parse_hw(args.size)[::-1],
         seed=args.seed,
         n_val=args.val,
         progress=not args.quiet,
