@@ -1,24 +1,23 @@
-"""The numbers behind the pictures: smoothing, Pareto fronts, budgets and seed-to-seed spread."""
+"""The numbers behind the pictures: curve smoothing and seed-to-seed spread.
+
+Pareto fronts and budgets, which export uses too, live in `segtune.tracking.select`.
+"""
 
 from __future__ import annotations
 
 import itertools
-import operator
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from segtune.errors import ConfigError
-
-OBJECTIVE = "best_val_miou"
-COSTS = ("train_time_min", "infer_ms_gpu", "infer_ms_cpu")
+from segtune.tracking.names import OBJECTIVE
 
 
 def ema(values: Sequence[float] | np.ndarray, weight: float) -> np.ndarray:
-    """TensorBoard's smoothing (debiased EMA), as the seed drew its loss curves.
+    """TensorBoard's smoothing (debiased EMA), as the study drew its loss curves.
 
     s_t = sum_k w^(t-k) (1-w) x_k / sum_k w^(t-k) (1-w): the first point is not dragged
     towards zero; a missing value keeps the previous smoothed value.
@@ -37,101 +36,6 @@ def check_ema(weight: float) -> float:
     if not 0.0 <= weight < 1.0:
         raise ConfigError(f"--ema {weight}: the smoothing weight must be in [0, 1) (0: raw values)")
     return weight
-
-
-def pareto_front(
-    df: pd.DataFrame,
-    objective: str = OBJECTIVE,
-    costs: Sequence[str] | str = ("train_time_min",),
-    modes: Mapping[str, str] | None = None,
-) -> pd.Series:
-    """True for the trials that no other trial dominates on `objective` and `costs`.
-
-    `modes` maps a column to "max" or "min" (defaults: objective max, costs min). A trial
-    dominates another when it is at least as good on every column and better on one; trials
-    missing any of the columns are never on the front and never dominate.
-    """
-    costs = [costs] if isinstance(costs, str) else list(costs)
-    columns = [objective, *costs]
-    modes = {objective: "max", **{c: "min" for c in costs}, **(modes or {})}
-    for column in columns:
-        if modes[column] not in ("max", "min"):
-            raise ConfigError(f"pareto_front: mode {modes[column]!r} of {column}: use max or min")
-    mask = pd.Series(False, index=df.index)
-    if any(c not in df.columns for c in columns):
-        return mask
-    values = df[columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
-    complete = np.isfinite(values).all(axis=1)
-    # as "higher is better" everywhere
-    signs = np.array([1.0 if modes[c] == "max" else -1.0 for c in columns])
-    v = values[complete] * signs
-    at_least = (v[:, None, :] >= v[None, :, :]).all(axis=2)  # [i, j]: i at least as good as j
-    better = (v[:, None, :] > v[None, :, :]).any(axis=2)
-    dominated = (at_least & better).any(axis=0)
-    mask[complete] = ~dominated
-    return mask
-
-
-# --- budgets ---------------------------------------------------------------------------------
-
-_OPS: dict[str, Callable[[object, object], object]] = {
-    "<=": operator.le,
-    ">=": operator.ge,
-    "<": operator.lt,
-    ">": operator.gt,
-}
-_CONSTRAINT = re.compile(
-    r"^\s*([A-Za-z_][\w.\-]*)\s*(<=|>=|<|>)\s*([-+]?[\d.]+(?:[eE][-+]?\d+)?)\s*$"
-)
-
-
-@dataclass(frozen=True)
-class Constraint:
-    column: str
-    op: str
-    value: float
-
-    def __str__(self) -> str:
-        return f"{self.column}{self.op}{self.value:g}"
-
-    def holds(self, df: pd.DataFrame) -> pd.Series:
-        """Where the column is missing the constraint does not hold: unknown is not within budget."""
-        values = pd.to_numeric(df[self.column], errors="coerce")
-        return values.notna() & _OPS[self.op](values, self.value)
-
-
-def parse_budget(text: str) -> list[Constraint]:
-    """`"infer_ms_cpu<=50,size_mb<20"` to constraints; anything else is a ConfigError."""
-    constraints = []
-    for part in text.split(","):
-        match = _CONSTRAINT.match(part)
-        if not part.strip() or match is None:
-            raise ConfigError(
-                f"--budget {text!r}: cannot read {part.strip()!r}; expected comma-separated "
-                "METRIC<=VALUE constraints (operators <=, <, >=, >), e.g. "
-                "'infer_ms_cpu<=50,size_mb<20'"
-            )
-        try:
-            value = float(match.group(3))
-        except ValueError:
-            raise ConfigError(f"--budget {text!r}: {match.group(3)!r} is not a number") from None
-        constraints.append(Constraint(match.group(1), match.group(2), value))
-    return constraints
-
-
-def within_budget(
-    df: pd.DataFrame, constraints: Sequence[Constraint], metric_columns: Sequence[str]
-) -> pd.Series:
-    """Trials meeting every constraint; a constraint on a metric no trial has is a ConfigError."""
-    mask = pd.Series(True, index=df.index)
-    for c in constraints:
-        if c.column not in metric_columns:
-            raise ConfigError(
-                f"--budget: no metric {c.column!r} in this sweep; metrics: "
-                f"{', '.join(metric_columns)}"
-            )
-        mask &= c.holds(df)
-    return mask
 
 
 # --- seeds -----------------------------------------------------------------------------------
@@ -186,7 +90,7 @@ def _param_diff(a: str, b: str) -> list[str]:
 def compare_configs(groups: pd.DataFrame, limit: int = 30) -> list[Comparison]:
     """Pairs of configurations that both ran several seeds: is their difference beyond the spread?
 
-    Pairs that differ in one param (the seed's questions: augmentation or not, ASPP or not)
+    Pairs that differ in one param (the study's questions: augmentation or not, ASPP or not)
     come first, then every other configuration against the best; at most `limit`.
     """
     repeated = groups[groups["n"] > 1].reset_index(drop=True)

@@ -1,4 +1,4 @@
-"""The seed's pictures, redrawn for any sweep with matplotlib's object API (Agg, no pyplot state).
+"""The study's pictures, redrawn for any sweep with matplotlib's object API (Agg, no pyplot state).
 
 Each function writes one PNG and says which trials it drew, with a note where it left some
 out or had nothing honest to draw.
@@ -22,9 +22,10 @@ from matplotlib.text import Annotation, Text
 from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import Bbox
 
-from dashboards.analysis import OBJECTIVE, ema, pareto_front
-from dashboards.data import SweepData
-from segtune.data.classes import CLASS_NAMES, PALETTE
+from dashboards.analysis import ema
+from segtune.tracking.names import OBJECTIVE
+from segtune.tracking.query import SweepData
+from segtune.tracking.select import pareto_front
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def numeric(table: pd.DataFrame, column: str) -> pd.Series:
     return pd.to_numeric(table[column], errors="coerce")
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save(fig: Figure, path: Path) -> Path:
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=DPI, bbox_inches="tight", pad_inches=0.2, facecolor="white")
     log.debug("wrote %s", path)
@@ -99,7 +100,7 @@ def curves(
     weight: float,
     path: Path,
 ) -> Drawn:
-    """One line per trial: raw values faint, EMA-smoothed bold (the seed's Pictures 1-4)."""
+    """One line per trial: raw values faint, EMA-smoothed bold (the study's Pictures 1-4)."""
     drawn = _top(trials, MAX_LINES)
     series = [(row["label"], data.history(row["run_id"], key)) for _, row in drawn.iterrows()]
     series = [(label, s) for label, s in series if len(s)]
@@ -119,7 +120,7 @@ def curves(
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     _legend(fig)
-    _save(fig, path)
+    save(fig, path)
     note = None
     if len(trials) > len(drawn):
         note = f"`{key}`: the {len(drawn)} best of {len(trials)} trials are drawn"
@@ -289,7 +290,7 @@ def pareto(
             handletextpad=0,
         )
     _place_labels(fig, ax, annotations, np.sqrt(areas) / 2)
-    _save(fig, path)
+    save(fig, path)
     return Drawn(list(usable["label"]), note)
 
 
@@ -304,7 +305,7 @@ def _nice_sizes(sizes: np.ndarray) -> list[float]:
 
 
 def size_bars(trials: pd.DataFrame, colors: Mapping[str, tuple[float, ...]], path: Path) -> Drawn:
-    """Model size per configuration (seeds share a size): the seed's Picture 8."""
+    """Model size per configuration (seeds share a size): the study's Picture 8."""
     if "size_mb" not in trials.columns or trials["size_mb"].isna().all():
         return Drawn(note="no trial has `size_mb`: no size chart")
     rows = trials.dropna(subset=["size_mb"]).drop_duplicates("config").sort_values("size_mb")
@@ -324,7 +325,7 @@ def size_bars(trials: pd.DataFrame, colors: Mapping[str, tuple[float, ...]], pat
     ax.set_xlabel(TITLES["size_mb"])
     ax.set_title("Model size")
     ax.grid(axis="x", alpha=0.3)
-    _save(fig, path)
+    save(fig, path)
     return Drawn(list(rows["label"]))
 
 
@@ -345,7 +346,7 @@ def seed_spread(groups: pd.DataFrame, trials: pd.DataFrame, path: Path) -> Drawn
     ax.set_xlabel(TITLES[OBJECTIVE])
     ax.set_title("Seed-to-seed spread: each seed (dots), mean ± std (blue)")
     ax.grid(axis="x", alpha=0.3)
-    _save(fig, path)
+    save(fig, path)
     runs = [run for group in groups["runs"] for run in group]
     return Drawn(list(trials.loc[trials["run_id"].isin(runs), "label"]))
 
@@ -382,57 +383,5 @@ def seed_bands(
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     _legend(fig)
-    _save(fig, path)
+    save(fig, path)
     return Drawn(drawn)
-
-
-def _class_color(name: str) -> tuple[float, float, float] | str:
-    if name in CLASS_NAMES:
-        return tuple(c / 255 for c in PALETTE[CLASS_NAMES.index(name)])
-    return "tab:gray"
-
-
-def confusion(matrix: pd.DataFrame, path: Path, title: str) -> None:
-    """Row-normalised confusion matrix: each row (a ground-truth class) sums to 1."""
-    values = matrix.to_numpy(dtype=float)
-    sums = values.sum(axis=1, keepdims=True)
-    norm = np.divide(values, sums, out=np.zeros_like(values), where=sums > 0)
-    n = len(matrix)
-    fig = Figure(figsize=(1.2 + 0.75 * n, 1.0 + 0.7 * n), layout="constrained")
-    ax = fig.add_subplot()
-    image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    for i in range(n):
-        for j in range(n):
-            ax.text(
-                j,
-                i,
-                f"{norm[i, j]:.2f}",
-                ha="center",
-                va="center",
-                fontsize=8,
-                color="white" if norm[i, j] > 0.6 else "black",
-            )
-    ax.set_xticks(range(n), matrix.columns, rotation=45, ha="right")
-    ax.set_yticks(range(n), matrix.index)
-    ax.set_xlabel("prediction")
-    ax.set_ylabel("ground truth")
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax, shrink=0.8, label="share of the ground-truth row")
-    _save(fig, path)
-
-
-def iou_bars(iou: Mapping[str, float], path: Path, title: str) -> None:
-    """IoU per class in the class palette (white grass gets a black edge)."""
-    names = list(iou)
-    fig = Figure(figsize=(1.5 + 0.7 * len(names), 4), layout="constrained")
-    ax = fig.add_subplot()
-    bars = ax.bar(
-        names, [iou[n] for n in names], color=[_class_color(n) for n in names], edgecolor="black"
-    )
-    ax.bar_label(bars, [f"{iou[n]:.2f}" for n in names], padding=2, fontsize=8)
-    ax.set_ylim(0, 1.08)
-    ax.set_ylabel("IoU")
-    ax.set_title(title)
-    ax.tick_params(axis="x", rotation=30)
-    ax.grid(axis="y", alpha=0.3)
-    _save(fig, path)

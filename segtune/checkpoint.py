@@ -1,7 +1,8 @@
-"""The `best.pt` format of DESIGN.md: weights plus everything needed to use them elsewhere.
+"""The `best.pt` format (docs/design.md): weights plus everything needed to use them elsewhere.
 
 A plain dict of tensors, strings and numbers, so that it loads with
-`torch.load(..., weights_only=True)` and never runs pickled code.
+`torch.load(..., weights_only=True)` and never runs pickled code. `load_dict` is the one safe
+way this project reads any weights file: checkpoints, training states, pretrained weights.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from typing import Any
 
 import torch
 
+from segtune.classes import CLASS_NAMES, IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, PALETTE
 from segtune.config import TrialConfig
-from segtune.data.classes import CLASS_NAMES, IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, PALETTE
 from segtune.errors import ModelError
 
 FORMAT_VERSION = 1
@@ -53,16 +54,27 @@ def best_checkpoint(
     }
 
 
-def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a `best.pt` safely (weights_only) and check that it is one."""
+def load_dict(
+    path: Path | str, what: str, map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
+    """A dict of tensors (a state dict, a checkpoint) read with `weights_only=True`; `what`
+    names the file's role in the errors, e.g. `pretrained` or `checkpoint`."""
     path = Path(path)
     if not path.is_file():
-        raise ModelError(f"{path}: checkpoint not found")
+        raise ModelError(f"{what}: no file {str(path)!r}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # unpickling errors have many types; all mean "not our file"
-        raise ModelError(f"{path}: not a loadable segtune checkpoint ({exc})") from None
-    missing = [k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+        raise ModelError(f"{what}: {path} is not a loadable weights file ({exc})") from None
+    if not isinstance(state, Mapping):
+        raise ModelError(f"{what}: {path} holds a {type(state).__name__}, not a dict of weights")
+    return dict(state)
+
+
+def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a `best.pt` safely (weights_only) and check that it is one."""
+    ckpt = load_dict(path, "checkpoint", map_location)
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
         raise ModelError(f"{path}: not a segtune best.pt (missing {', '.join(missing)})")
     return ckpt

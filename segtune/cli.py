@@ -1,13 +1,29 @@
-"""Shared command-line plumbing: logging set-up and turning project errors into one line on stderr."""
+"""Shared command-line plumbing: the options every command has, logging set-up, and turning
+project errors into one line on stderr."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 
 from segtune.errors import SegtuneError
+
+
+def command_parser(
+    prog: str, description: str | None = None, *, tracking: bool = False
+) -> argparse.ArgumentParser:
+    """A command's parser with `-v` (and `--tracking-uri` for commands that use MLflow)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    if tracking:
+        parser.add_argument(
+            "--tracking-uri",
+            help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+        )
+    return parser
 
 
 def setup_logging(verbose: bool = False) -> None:

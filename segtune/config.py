@@ -1,6 +1,7 @@
-"""Configuration schemas: the flat trial configuration of DESIGN.md and the sweep file.
+"""The configuration of one trial: the flat trial keys (docs/design.md), where its data comes
+from, image sizes written WxH, and the YAML reading and `--set` overrides every command shares.
 
-No Ray, no MLflow here: a sweep file is checked completely before anything starts.
+No Ray, no MLflow here. The sweep file around these is `segtune.sweepfile`.
 """
 
 from __future__ import annotations
@@ -8,8 +9,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -18,14 +18,15 @@ from segtune.errors import ConfigError
 
 Arch = Literal["unet", "deeplabv3", "deeplabv3plus"]
 Augment = Literal["none", "basic", "strong"]
+Amp = Literal["auto", "off", "bf16", "fp16"]
 
 
 def parse_hw(text: str) -> tuple[int, int]:
-    """Parse ``WxH`` as the seed writes image sizes (``1000x750``) and return ``(H, W)``."""
+    """Parse ``WxH`` as the study writes image sizes (``1000x750``) and return ``(H, W)``."""
     match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
     if match is None:
         raise ConfigError(
-            f"invalid input size {text!r}: write it as WIDTHxHEIGHT, e.g. 1000x750 (the seed's size)"
+            f"invalid input size {text!r}: write it as WIDTHxHEIGHT, e.g. 1000x750 (the study's size)"
         )
     width, height = int(match.group(1)), int(match.group(2))
     if width < 1 or height < 1:
@@ -46,9 +47,10 @@ def check_hw(input_hw: Sequence[int]) -> tuple[int, int]:
 
 
 class TrialConfig(BaseModel):
-    """Everything one trial receives; the keys are the flat trial keys of DESIGN.md."""
+    """Everything one trial receives; the keys are the flat trial keys of docs/design.md."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    LABEL_KEYS: ClassVar[tuple[str, ...]] = ("arch", "backbone", "aspp", "augment")
 
     # model
     arch: Arch = "unet"
@@ -78,7 +80,7 @@ class TrialConfig(BaseModel):
     loss: Literal["ce", "dice", "focal", "ce_dice"] = "ce"
     class_weights: Literal["none", "inverse", "median"] = "none"
     grad_clip: float = Field(0.0, ge=0.0)  # 0 disables clipping
-    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    amp: Amp = "auto"
     seed: int = 0
     deterministic: bool = False
     num_workers: int = Field(0, ge=0)
@@ -95,12 +97,24 @@ class TrialConfig(BaseModel):
         """YAML reads a bare `off` as false (and `on` as true): take them as meant."""
         return {False: "off", True: "auto"}.get(value, value) if isinstance(value, bool) else value
 
-    def label(self) -> str:
-        """A readable run name such as `deeplabv3-mobilenet_v3_small-aspp-basic`."""
+    def model_label(self) -> str:
+        """The network alone: `deeplabv3-mobilenet_v3_small-aspp`, `unet-none`."""
         parts = [self.arch, self.backbone]
         if self.arch != "unet":
             parts.append("aspp" if self.aspp else "noaspp")
-        parts.append(self.augment)
+        return "-".join(parts)
+
+    def label(self, keys: Sequence[str] = (), seed: bool = False) -> str:
+        """A readable run name: `deeplabv3-mobilenet_v3_small-aspp-basic`, then `key=value` for
+        each of `keys` that the name does not already hold, then `s<seed>` when `seed`."""
+        parts = [self.model_label(), self.augment]
+        for key in dict.fromkeys(keys):
+            if key in (*self.LABEL_KEYS, "seed"):
+                continue
+            value = getattr(self, key)
+            parts.append(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}")
+        if seed:
+            parts.append(f"s{self.seed}")
         return "-".join(parts)
 
 
@@ -133,7 +147,7 @@ class DataConfig(BaseModel):
 
     root: str = "data/tiny-floodnet"
     synthetic: SyntheticSpec | None = None
-    # auto: ROOT/val when present, else ROOT/test (the seed validated on its test split);
+    # auto: ROOT/val when present, else ROOT/test (the study validated on its test split);
     # "val" or "test" name a split; a number in (0, 1) holds out that share of train.
     val_split: Literal["auto", "val", "test"] | float = "auto"
     cache: bool = True
@@ -160,11 +174,6 @@ def trial_config(values: Mapping[str, Any] | TrialConfig) -> TrialConfig:
         raise ConfigError("invalid trial configuration:\n" + format_validation_error(exc)) from None
 
 
-# --- the sweep file ------------------------------------------------------------------------
-
-SEARCH_FORMS = ("grid_search", "choice", "uniform", "loguniform", "randint")
-
-
 class _YamlLoader(yaml.SafeLoader):
     """SafeLoader that reads `1e-4` as a float (YAML 1.1 wants `1.0e-4`; people write `1e-4`)."""
 
@@ -188,77 +197,6 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
-class Resources(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    cpu: float = Field(1.0, gt=0)
-    gpu: float = Field(0.0, ge=0)  # fractions share a GPU between trials
-
-
-class TuneSection(BaseModel):
-    """How Ray Tune searches and schedules; `metric`/`mode` may be lists (multi-objective)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    metric: str | list[str] = "val_miou"
-    mode: Literal["max", "min"] | list[Literal["max", "min"]] = "max"
-    search: Literal["grid", "random", "optuna"] = "grid"
-    sampler: Literal["tpe", "nsga2"] = "tpe"
-    scheduler: Literal["fifo", "asha"] = "fifo"
-    grace_period: int = Field(1, ge=1)
-    reduction_factor: float = Field(2.0, gt=1)
-    num_samples: int = Field(1, ge=1)
-    repeats: int = Field(1, ge=1)
-    max_concurrent_trials: int | None = Field(None, ge=1)
-    resources_per_trial: Resources = Resources()
-    max_failures: int = Field(1, ge=0)
-    storage_path: str = "runs"
-
-
-class MlflowSection(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    tracking_uri: str | None = None
-    experiment: str | None = None  # defaults to the sweep's name
-
-
-class BenchSection(BaseModel):
-    """The cost benchmark each trial runs on its best checkpoint (DESIGN.md, cost measurement)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    input: str = "1000x750"
-    threads: int = Field(2, ge=1)
-    repeats: int = Field(5, ge=1)
-    warmup: int = Field(2, ge=0)
-    gpu: bool = True
-
-
-class SweepConfig(BaseModel):
-    """A whole sweep file."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
-    description: str = ""
-    data: DataConfig = DataConfig()
-    train: dict[str, Any] = Field(default_factory=dict)
-    search_space: dict[str, Any] = Field(default_factory=dict)
-    tune: TuneSection = TuneSection()
-    mlflow: MlflowSection = MlflowSection()
-    bench: BenchSection = BenchSection()
-
-    @property
-    def experiment(self) -> str:
-        return self.mlflow.experiment or self.name
-
-    def objectives(self) -> list[tuple[str, str]]:
-        """(metric, mode) pairs: one for a single objective, several for multi-objective."""
-        metrics = [self.tune.metric] if isinstance(self.tune.metric, str) else self.tune.metric
-        modes = [self.tune.mode] if isinstance(self.tune.mode, str) else self.tune.mode
-        return list(zip(metrics, modes, strict=False))
-
-
 def apply_overrides(raw: dict[str, Any], assignments: Sequence[str]) -> dict[str, Any]:
     """Apply `a.b.c=value` overrides; values are parsed as YAML, so they keep their types."""
     result = copy.deepcopy(raw)
@@ -275,144 +213,3 @@ def apply_overrides(raw: dict[str, Any], assignments: Sequence[str]) -> dict[str
             node = child
         node[keys[-1]] = parse_yaml(value)
     return result
-
-
-_TRIAL_FIELDS = TrialConfig.model_fields
-
-
-def _check_trial_values(values: Mapping[str, Any], where: str, problems: list[str]) -> None:
-    """Type-check trial keys against TrialConfig, one problem line per key."""
-    try:
-        TrialConfig.model_validate(dict(values))
-    except ValidationError as exc:
-        problems.extend(format_validation_error(exc, where).splitlines())
-
-
-def _check_param(key: str, spec: Any, where: str, problems: list[str]) -> None:
-    """One search-space entry: a scalar or one of SEARCH_FORMS over valid values."""
-    if not isinstance(spec, dict):
-        _check_trial_values({key: spec}, where.rsplit(".", 1)[0], problems)
-        return
-    if len(spec) != 1 or next(iter(spec)) not in SEARCH_FORMS:
-        problems.append(f"{where}: expected a value or one of {', '.join(SEARCH_FORMS)}")
-        return
-    form, values = next(iter(spec.items()))
-    if not isinstance(values, list) or not values:
-        problems.append(f"{where}.{form}: expected a non-empty list")
-        return
-    if form in ("uniform", "loguniform", "randint"):
-        if len(values) != 2 or not all(isinstance(v, int | float) for v in values):
-            problems.append(f"{where}.{form}: expected [low, high]")
-            return
-        if values[0] >= values[1] or (form == "loguniform" and values[0] <= 0):
-            problems.append(
-                f"{where}.{form}: need 0 < low < high"
-                if form == "loguniform"
-                else f"{where}.{form}: need low < high"
-            )
-            return
-    for i, value in enumerate(values):
-        if isinstance(value, dict) and key not in _TRIAL_FIELDS:
-            unknown = sorted(set(value) - set(_TRIAL_FIELDS))
-            if unknown:
-                problems.append(f"{where}.{form}[{i}]: unknown trial keys {unknown}")
-            _check_trial_values(
-                {k: v for k, v in value.items() if k in _TRIAL_FIELDS},
-                f"{where}.{form}[{i}]",
-                problems,
-            )
-        elif key not in _TRIAL_FIELDS:
-            problems.append(
-                f"{where}: '{key}' is not a trial key; a group key must hold a list of mappings "
-                f"of trial keys (valid trial keys: {', '.join(_TRIAL_FIELDS)})"
-            )
-            return
-        else:
-            try:
-                TrialConfig.model_validate({key: value})
-            except ValidationError as exc:
-                problems.append(f"{where}.{form}[{i}]: {exc.errors()[0]['msg']}")
-
-
-def validate_sweep(raw: Mapping[str, Any]) -> SweepConfig:
-    """Every problem of a sweep, each with its key path, at once, as one ConfigError."""
-    problems: list[str] = []
-    sweep: SweepConfig | None = None
-    try:
-        sweep = SweepConfig.model_validate(dict(raw))
-    except ValidationError as exc:
-        problems.extend(format_validation_error(exc).splitlines())
-    train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
-    _check_trial_values(train, "train", problems)
-    space = raw.get("search_space") if isinstance(raw.get("search_space"), dict) else {}
-    for key, spec in space.items():
-        _check_param(key, spec, f"search_space.{key}", problems)
-    if sweep is not None:
-        problems.extend(_check_tune(sweep))
-    if problems:
-        raise ConfigError("invalid sweep:\n  " + "\n  ".join(dict.fromkeys(problems)))
-    assert sweep is not None
-    return sweep
-
-
-def _forms(space: Mapping[str, Any]) -> set[str]:
-    return {next(iter(v)) for v in space.values() if isinstance(v, dict) and len(v) == 1}
-
-
-def _check_tune(sweep: SweepConfig) -> list[str]:
-    tune, problems = sweep.tune, []
-    metrics = [tune.metric] if isinstance(tune.metric, str) else tune.metric
-    modes = [tune.mode] if isinstance(tune.mode, str) else tune.mode
-    forms = _forms(sweep.search_space)
-    if len(metrics) != len(modes):
-        problems.append(f"tune.mode: {len(modes)} modes for {len(metrics)} metrics")
-    if len(metrics) > 1:
-        if tune.search != "optuna":
-            problems.append(
-                "tune.metric: several metrics (multi-objective) need tune.search: optuna"
-            )
-        if tune.scheduler != "fifo":
-            problems.append(
-                "tune.scheduler: asha stops trials on one metric; use fifo with several metrics"
-            )
-    if tune.search == "grid" and forms & {"uniform", "loguniform", "randint", "choice"}:
-        problems.append(
-            "tune.search: grid expands only grid_search; sample uniform/loguniform/randint/choice "
-            "with tune.search: random or optuna"
-        )
-    if tune.search == "optuna" and "grid_search" in forms:
-        problems.append("tune.search: optuna cannot take grid_search; use choice instead")
-    if tune.search == "optuna" and tune.repeats > 1:
-        problems.append("tune.repeats: seeds per configuration need tune.search grid or random")
-    epochs = sweep.train.get("epochs", TrialConfig.model_fields["epochs"].default)
-    if tune.scheduler == "asha" and isinstance(epochs, int) and tune.grace_period >= epochs:
-        problems.append(
-            f"tune.grace_period: {tune.grace_period} must be below train.epochs ({epochs}) for asha"
-        )
-    if tune.scheduler == "asha" and metrics[0] not in (
-        "val_miou",
-        "val_loss",
-        "val_acc",
-        "train_loss",
-    ):
-        problems.append(f"tune.metric: asha needs a per-epoch metric, not {metrics[0]}")
-    return problems
-
-
-def load_sweep(path: Path | str, overrides: Sequence[str] = ()) -> SweepConfig:
-    """Read, override and validate a sweep file (yaml.safe_load; all problems at once)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: sweep file not found")
-    try:
-        raw = parse_yaml(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
-    if not isinstance(raw, dict):
-        raise ConfigError(
-            f"{path}: a sweep file is a mapping with name, data, train, search_space, tune"
-        )
-    try:
-        return validate_sweep(apply_overrides(raw, overrides))
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None

@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 import math
 import random
+import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -22,11 +22,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from segtune.classes import CLASS_NAMES
 from segtune.config import TrialConfig
-from segtune.data.classes import CLASS_NAMES
 from segtune.data.loader import set_epoch
-from segtune.errors import ConfigError, TrainingDiverged
+from segtune.device import amp_dtype, autocast, resolve_device, sync
+from segtune.errors import TrainingDiverged
 from segtune.metrics import ConfusionMatrix
+from segtune.tracking.names import OBJECTIVE
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +37,13 @@ State = dict[str, Any]
 
 @dataclass
 class EpochEnd:
-    """What callbacks receive after each epoch; `state()` builds the checkpointable state."""
+    """What callbacks receive after each epoch; `build_state()` builds the checkpointable state."""
 
     epoch: int
     metrics: dict[str, float]
     is_best: bool
-    state: Callable[[], State]
+    summary: dict[str, float]  # `training_summary` of the epochs so far
+    build_state: Callable[[], State]
 
 
 class Callback(Protocol):
@@ -55,6 +58,20 @@ class FitResult:
     best_state_dict: dict[str, torch.Tensor]
     train_time_s: float  # training and validation of the epochs run here, wall clock
 
+    def summary(self) -> dict[str, float]:
+        return training_summary(self.history, self.best_epoch)
+
+
+def training_summary(history: Sequence[dict[str, float]], best_epoch: int) -> dict[str, float]:
+    """The final training metrics of the MLflow contract: the best epoch's mIoU, the training
+    time of every epoch (validation included), and the median training throughput."""
+    return {
+        OBJECTIVE: history[best_epoch]["val_miou"],
+        "best_epoch": best_epoch,
+        "train_time_min": sum(h["epoch_time_s"] for h in history) / 60.0,
+        "train_img_s": statistics.median(h["train_img_s"] for h in history),
+    }
+
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     """Seed Python, numpy and torch; optionally ask torch for deterministic kernels."""
@@ -66,31 +83,6 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
     elif torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """`auto`: bf16 on GPUs that support it, fp16 on older GPUs, off on the CPU."""
-    if amp == "off":
-        return None
-    if amp == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if amp == "fp16" and device.type != "cuda":
-        raise ConfigError("amp: fp16 needs a CUDA device; use amp: bf16 or off on the CPU")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager[Any]:
-    if dtype is None:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def build_optimizer(model: nn.Module, cfg: TrialConfig) -> torch.optim.Optimizer:
@@ -288,8 +280,7 @@ def fit(
             loss_sum += loss.detach() * images.shape[0]
             seen += images.shape[0]
         _check_finite(losses, epoch, step, optimizer)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         train_seconds = time.perf_counter() - started
         val = evaluate(model, val_loader, loss_fn, device, dtype)
         epoch_seconds = time.perf_counter() - started
@@ -330,7 +321,7 @@ def fit(
             },
         }
 
-        def state(snapshot: State = snapshot) -> State:
+        def build_state(snapshot: State = snapshot) -> State:
             return {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -339,7 +330,10 @@ def fit(
                 **snapshot,
             }
 
+        event = EpochEnd(
+            epoch, metrics, is_best, training_summary(history, best_epoch), build_state
+        )
         for callback in callbacks:
-            callback(EpochEnd(epoch, metrics, is_best, state))
+            callback(event)
 
     return FitResult(history, best_metric, best_epoch, best_state, wall)

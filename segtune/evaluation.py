@@ -1,5 +1,5 @@
 """Evaluation of a trial's best weights: per-image rows, the confusion matrix, and the pictures
-of the seed's Task 4 (best and worst images, and each class's best and worst image).
+of the study's Task 4 (best and worst images, and each class's best and worst image).
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from segtune.data.classes import CLASS_NAMES, colorize
+from segtune.classes import CLASS_NAMES, colorize
 from segtune.data.dataset import SegmentationDataset
 from segtune.data.loader import make_loader
-from segtune.engine import autocast, evaluate
+from segtune.device import autocast
+from segtune.engine import evaluate
 from segtune.metrics import ConfusionMatrix, per_image_rows
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ GAP = 4  # white pixels between the panels of a composite
 
 
 def composite(image: np.ndarray, prediction: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """image | prediction | ground truth, side by side (the seed's Pictures 9 and 10)."""
+    """image | prediction | ground truth, side by side (the study's Pictures 9 and 10)."""
     height, width = truth.shape
     gap = np.full((height, GAP, 3), 255, np.uint8)
     return np.concatenate([image, gap, colorize(prediction), gap, colorize(truth)], axis=1)

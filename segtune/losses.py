@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segtune.data.classes import IGNORE_INDEX
+from segtune.classes import IGNORE_INDEX
 from segtune.errors import ConfigError, DatasetError
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from segtune.data.classes import CLASS_NAMES, IGNORE_INDEX
+from segtune.classes import CLASS_NAMES, IGNORE_INDEX
 
 
 def _as_predictions(logits_or_preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

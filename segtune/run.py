@@ -2,31 +2,36 @@
 
 Order of work: validate the sweep file completely (exit 2 on any problem, before Ray or MLflow
 start), pre-flight (dataset, pretrained weights, schedulable resources), then one parent MLflow
-run and a Tuner; at the end a summary table, the report, and exit 1 if any trial failed.
+run and a Tuner; at the end a summary table, the report (`python -m dashboards.report`, run as
+its own command), and exit 1 if any trial failed.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
-from segtune.cli import run_cli, setup_logging
-from segtune.config import SweepConfig, load_sweep
+from segtune.cli import command_parser, run_cli, setup_logging
 from segtune.data.pipeline import split_samples
 from segtune.errors import ConfigError, ModelError
 from segtune.models import pretrained_weights_file
 from segtune.space import check_combinations, describe, discrete_trials
+from segtune.sweepfile import SweepConfig, load_sweep
+from segtune.tracking.names import COLUMNS, OBJECTIVE, PARETO_COSTS
 
 log = logging.getLogger("segtune.run")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m segtune.run", description=__doc__)
+    p = command_parser("python -m segtune.run", __doc__, tracking=True)
     p.add_argument("sweep", help="sweep YAML file, e.g. sweeps/task3.yaml")
     p.add_argument(
         "--set",
@@ -36,14 +41,9 @@ def _parser() -> argparse.ArgumentParser:
         help="override a sweep value, e.g. --set train.epochs=2 (repeatable)",
     )
     p.add_argument("--address", help="join a running Ray cluster: auto or HOST:PORT")
-    p.add_argument(
-        "--tracking-uri",
-        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
-    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     p.add_argument("--dry-run", action="store_true", help="print the trials or space and exit")
     p.add_argument("--no-report", action="store_true", help="skip the dashboard report")
-    p.add_argument("-v", "--verbose", action="store_true")
     return p
 
 
@@ -79,9 +79,7 @@ def dry_run(sweep: SweepConfig) -> None:
 
 def preflight(sweep: SweepConfig, local: bool) -> None:
     """Fail before any trial on what would fail every trial."""
-    problems = check_combinations(sweep)
-    if problems:
-        raise ConfigError("impossible combinations:\n  " + "\n  ".join(problems))
+    check_combinations(sweep)
     missing: dict[str, None] = {}
     for cfg in discrete_trials(sweep):
         if cfg.pretrained == "imagenet":
@@ -113,12 +111,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
     sweep = load_sweep(args.sweep, args.set)
     if args.dry_run:
-        if problems := check_combinations(sweep):
-            raise ConfigError("impossible combinations:\n  " + "\n  ".join(problems))
+        check_combinations(sweep)
         dry_run(sweep)
         return 0
 
-    from segtune.tracking import resolve_tracking_uri
+    from segtune.tracking.runs import resolve_tracking_uri
 
     sweep, tracking_uri = absolute_paths(
         sweep, resolve_tracking_uri(args.tracking_uri or sweep.mlflow.tracking_uri)
@@ -126,14 +123,74 @@ def main(argv: Sequence[str] | None = None) -> int:
     preflight(sweep, local=args.address is None)
     from segtune.sweep import run_sweep
 
-    return run_sweep(
+    parent, failed = run_sweep(
         sweep,
         tracking_uri,
         address=args.address,
         resume=args.resume,
-        report=not args.no_report,
         sweep_yaml=yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False),
     )
+    print_summary(sweep, tracking_uri, parent)
+    if not args.no_report:
+        build_report(sweep.experiment, tracking_uri, parent)
+    return 1 if failed else 0
+
+
+# the summary's columns, and the costs of its Pareto column
+SUMMARY_COLUMNS = (
+    OBJECTIVE,
+    "train_time_min",
+    "infer_ms_cpu",
+    "infer_ms_gpu",
+    "params_m",
+    "size_mb",
+)
+SUMMARY_COSTS = (*PARETO_COSTS, "size_mb")
+
+
+def print_summary(sweep: SweepConfig, tracking_uri: str, parent: str) -> None:
+    """The trials of the sweep run `parent`, best first, with their Pareto membership."""
+    from segtune.tracking.query import load_sweep_table
+    from segtune.tracking.select import pareto_front
+
+    table = load_sweep_table(sweep.experiment, tracking_uri, sweep_run_id=parent)
+    if table.empty:
+        print("no trial ran")
+        return
+    ok = table[table["status"] == "FINISHED"].copy()
+    for key in SUMMARY_COLUMNS:
+        if key not in ok:
+            ok[key] = math.nan
+    costs = [c for c in SUMMARY_COSTS if c in ok and ok[c].notna().any()]
+    ok["pareto"] = pareto_front(ok, OBJECTIVE, costs) if len(ok) else []
+    ok = ok.sort_values(OBJECTIVE, ascending=False)
+    ok["note"] = ok["early_stopped"].map(lambda v: f"stopped {v}" if v else "")
+    titles = {key: COLUMNS[key][0] for key in SUMMARY_COLUMNS}
+    shown = ok[["label", *SUMMARY_COLUMNS, "pareto", "note"]].rename(columns=titles)
+    print(f"\nsweep {sweep.name}: {len(table)} trials")
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-"))
+    if sweep.tune.repeats > 1 and len(ok):
+        spread = ok.groupby("config_label")[OBJECTIVE].agg(["mean", "std", "count"])
+        print("\nmIoU over seeds (mean ± std):")
+        for name, row in spread.sort_values("mean", ascending=False).iterrows():
+            print(f"  {name}: {row['mean']:.4f} ± {row['std']:.4f} (n={int(row['count'])})")
+    failed = table[table["status"] == "FAILED"]
+    for _, row in failed.iterrows():
+        print(f"FAILED {row['label']}: {row['error']}")
+    print(f"\nopen the MLflow UI: mlflow ui --backend-store-uri {tracking_uri}")
+
+
+def build_report(experiment: str, tracking_uri: str, parent: str) -> None:
+    """The dashboards' report of this sweep, by their own command: a report problem is a
+    warning, never a failed sweep."""
+    command = [sys.executable, "-m", "dashboards.report", "--experiment", experiment]
+    command += ["--tracking-uri", tracking_uri, "--run-id", parent]
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
+    index = done.stdout.strip().splitlines()[-1:] if done.returncode == 0 else []
+    if index:
+        print(f"report: {Path(index[0]).resolve()}")
+    else:
+        log.warning("report not built (python -m dashboards.report exited %d)", done.returncode)
 
 
 if __name__ == "__main__":

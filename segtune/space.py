@@ -3,7 +3,8 @@
 Grammar (per `search_space` key): a scalar, or one of `grid_search`, `choice` (lists),
 `uniform`, `loguniform` ([low, high]), `randint` ([low, high], both inclusive). A key that is
 not a trial key is a *group*: a `grid_search` or `choice` over mappings of trial keys, which
-expresses non-Cartesian sets such as the seed's Task 3 (UNet, and DeepLab over three backbones).
+expresses non-Cartesian sets such as the study's Task 3 (UNet, and DeepLab over three backbones).
+The grammar itself (`search_form`, `is_group`) and its validation live in `segtune.sweepfile`.
 Impossible combinations (e.g. deeplabv3 without a backbone) are rejected before anything starts.
 """
 
@@ -15,28 +16,19 @@ from typing import Any
 
 from ray import tune
 
-from segtune.config import SweepConfig, TrialConfig, trial_config
+from segtune.config import TrialConfig, trial_config
 from segtune.errors import ConfigError
 from segtune.models import check_model_config
+from segtune.sweepfile import SweepConfig, is_group, search_form
 
 MAX_CHECKED_COMBINATIONS = 5000
-
-
-def _is_group(key: str) -> bool:
-    return key not in TrialConfig.model_fields
-
-
-def _form(spec: Any) -> tuple[str | None, Any]:
-    if isinstance(spec, dict) and len(spec) == 1:
-        return next(iter(spec.items()))
-    return None, spec
 
 
 def _discrete(sweep: SweepConfig) -> dict[str, list[Any]]:
     """The discrete dimensions (grid_search and choice) with their values."""
     dims = {}
     for key, spec in sweep.search_space.items():
-        form, values = _form(spec)
+        form, values = search_form(spec)
         if form in ("grid_search", "choice"):
             dims[key] = list(values)
     if sweep.tune.repeats > 1:
@@ -58,9 +50,9 @@ def resolve_trial(sweep: SweepConfig, sampled: Mapping[str, Any]) -> TrialConfig
     for key, value in sampled.items():
         if key not in sweep.search_space and not (key == "seed" and sweep.tune.repeats > 1):
             continue
-        if _is_group(key):
+        if is_group(key):
             if isinstance(value, int):
-                value = _form(sweep.search_space[key])[1][value]
+                value = search_form(sweep.search_space[key])[1][value]
             values.update(value)
         else:
             values[key] = value
@@ -68,7 +60,7 @@ def resolve_trial(sweep: SweepConfig, sampled: Mapping[str, Any]) -> TrialConfig
 
 
 def _fixed_values(sweep: SweepConfig) -> dict[str, Any]:
-    return {k: v for k, v in sweep.search_space.items() if _form(v)[0] is None}
+    return {k: v for k, v in sweep.search_space.items() if search_form(v)[0] is None}
 
 
 def discrete_trials(sweep: SweepConfig) -> list[TrialConfig]:
@@ -84,8 +76,9 @@ def _combinations(sweep: SweepConfig) -> Iterator[dict[str, Any]]:
         yield {**fixed, **dict(zip(keys, combo, strict=True))}
 
 
-def check_combinations(sweep: SweepConfig) -> list[str]:
-    """Problems of the discrete combinations (arch x backbone x ...), each named once."""
+def check_combinations(sweep: SweepConfig) -> None:
+    """Every problem of the discrete combinations (arch x backbone x ...), each named once, as
+    one ConfigError."""
     problems: dict[str, None] = {}
     for i, combo in enumerate(_combinations(sweep)):
         if i >= MAX_CHECKED_COMBINATIONS:
@@ -94,7 +87,8 @@ def check_combinations(sweep: SweepConfig) -> list[str]:
             check_model_config(resolve_trial(sweep, combo))
         except ConfigError as exc:
             problems[f"search_space: {combo_label(combo)}: {exc}"] = None
-    return list(problems)
+    if problems:
+        raise ConfigError("impossible combinations:\n  " + "\n  ".join(problems))
 
 
 def combo_label(combo: Mapping[str, Any]) -> str:
@@ -109,13 +103,13 @@ def param_space(sweep: SweepConfig) -> dict[str, Any]:
     optuna = sweep.tune.search == "optuna"
     space: dict[str, Any] = {}
     for key, spec in sweep.search_space.items():
-        form, values = _form(spec)
+        form, values = search_form(spec)
         if form is None:
             space[key] = values
         elif form == "grid_search":
             space[key] = tune.grid_search(values)
         elif form == "choice":
-            group = _is_group(key) and optuna
+            group = is_group(key) and optuna
             space[key] = tune.choice(list(range(len(values))) if group else values)
         elif form == "uniform":
             space[key] = tune.uniform(*values)

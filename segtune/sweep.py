@@ -1,13 +1,11 @@
 """The sweep on Ray Tune: parent MLflow run, Tuner (search, scheduler, retries, checkpoints),
-a driver-side callback that closes the MLflow runs of trials Ray stopped or lost, and the
-summary printed at the end.
+and a driver-side callback that closes the MLflow runs of trials Ray stopped or lost.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -17,19 +15,16 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.experiment import Trial
 
-from segtune.config import SweepConfig, TrialConfig
+from segtune.config import TrialConfig
 from segtune.errors import ConfigError
 from segtune.space import param_space
-from segtune.tracking import (
-    EARLY_STOP_TAG,
-    ERROR_TAG,
-    find_trial_run,
-    start_sweep_run,
-)
+from segtune.sweepfile import SweepConfig
+from segtune.tracking.names import EARLY_STOP_TAG, ERROR_TAG, QUALITY_METRICS, TRAIN_COSTS
+from segtune.tracking.runs import TrialRun, find_trial_run, start_sweep_run
 from segtune.trial import run_trial
 
 log = logging.getLogger(__name__)
-STATE_FILE = "segtune_sweep.json"  # beside Ray's experiment state: the parent MLflow run id
+SWEEP_STATE_FILE = "segtune_sweep.json"  # beside Ray's experiment state: the parent run id
 
 
 def _search_alg(sweep: SweepConfig) -> Any:
@@ -74,8 +69,8 @@ def _scheduler(sweep: SweepConfig) -> Any:
 
 class CloseRuns(tune.Callback):
     """Closes the MLflow run of a trial that Ray ended without the trial closing it itself:
-    stopped early by ASHA (FINISHED, tagged, best mIoU from its history) or whose process died
-    (FAILED with the error)."""
+    stopped early by ASHA (FINISHED, tagged, with the training summary of its last result) or
+    whose process died (FAILED with the error)."""
 
     def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str) -> None:
         self.tracking_uri, self.experiment, self.parent = tracking_uri, experiment, parent_run_id
@@ -90,14 +85,12 @@ class CloseRuns(tune.Callback):
         client, run = self._run(trial)
         if run is None or run.info.status != "RUNNING":
             return
-        history = client.get_metric_history(run.info.run_id, "val_miou")
-        if history:
-            best = max(history, key=lambda m: m.value)
-            client.log_metric(run.info.run_id, "best_val_miou", best.value)
-            client.log_metric(run.info.run_id, "best_epoch", best.step)
-            times = client.get_metric_history(run.info.run_id, "epoch_time_s")
-            client.log_metric(run.info.run_id, "train_time_min", sum(m.value for m in times) / 60)
-        client.set_tag(run.info.run_id, EARLY_STOP_TAG, f"after {len(history)} epochs")
+        result = trial.last_result or {}
+        summary = {k: result[k] for k in (*QUALITY_METRICS, *TRAIN_COSTS) if k in result}
+        epochs = result.get("training_iteration", 0)
+        TrialRun(client, run.info.run_id).log_final(
+            summary, {EARLY_STOP_TAG: f"after {epochs} epochs"}
+        )
         client.set_terminated(run.info.run_id, "FINISHED")
 
     def on_trial_error(
@@ -127,7 +120,7 @@ def check_cluster(sweep: SweepConfig) -> None:
 
 
 def _parent_run(sweep: SweepConfig, tracking_uri: str, sweep_yaml: str, resume: bool) -> str:
-    state = Path(sweep.tune.storage_path) / sweep.name / STATE_FILE
+    state = Path(sweep.tune.storage_path) / sweep.name / SWEEP_STATE_FILE
     if resume and state.is_file():
         parent = json.loads(state.read_text())["parent_run_id"]
         MlflowClient(tracking_uri).update_run(parent, status="RUNNING")
@@ -146,10 +139,9 @@ def run_sweep(
     *,
     address: str | None,
     resume: bool,
-    report: bool,
     sweep_yaml: str,
-) -> int:
-    """Run the sweep; 0 when every trial succeeded, 1 otherwise."""
+) -> tuple[str, int]:
+    """Run the sweep; returns its parent run id and the number of failed trials."""
     experiment_dir = Path(sweep.tune.storage_path) / sweep.name
     if resume and not tune.Tuner.can_restore(str(experiment_dir)):
         raise ConfigError(
@@ -209,61 +201,5 @@ def run_sweep(
     finally:
         ray.shutdown()
     failed = sum(1 for r in results if r.error is not None)
-    client = MlflowClient(tracking_uri)
-    client.set_terminated(parent, "FAILED" if failed else "FINISHED")
-    print_summary(sweep, tracking_uri, parent)
-    if report:
-        _report(sweep, tracking_uri, parent)
-    return 1 if failed else 0
-
-
-def print_summary(sweep: SweepConfig, tracking_uri: str, parent: str) -> None:
-    from dashboards.analysis import pareto_front
-    from dashboards.data import load_sweep_table
-
-    table = load_sweep_table(sweep.experiment, tracking_uri, sweep_run_id=parent)
-    if table.empty:
-        print("no trial ran")
-        return
-    columns = {
-        "best_val_miou": "mIoU",
-        "train_time_min": "train min",
-        "infer_ms_cpu": "CPU ms",
-        "infer_ms_gpu": "GPU ms",
-        "params_m": "params M",
-        "size_mb": "MB",
-    }
-    ok = table[table["status"] == "FINISHED"].copy()
-    for key in columns:
-        if key not in ok:
-            ok[key] = math.nan
-    costs = [
-        c
-        for c in ("train_time_min", "infer_ms_cpu", "infer_ms_gpu", "size_mb")
-        if ok[c].notna().any()
-    ]
-    ok["pareto"] = pareto_front(ok, "best_val_miou", costs) if len(ok) else []
-    ok = ok.sort_values("best_val_miou", ascending=False)
-    ok["note"] = ok["early_stopped"].map(lambda v: f"stopped {v}" if v else "")
-    shown = ok[["label", *columns, "pareto", "note"]].rename(columns=columns)
-    print(f"\nsweep {sweep.name}: {len(table)} trials")
-    print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-"))
-    if sweep.tune.repeats > 1 and len(ok):
-        spread = ok.groupby("config_label")["best_val_miou"].agg(["mean", "std", "count"])
-        print("\nmIoU over seeds (mean ± std):")
-        for name, row in spread.sort_values("mean", ascending=False).iterrows():
-            print(f"  {name}: {row['mean']:.4f} ± {row['std']:.4f} (n={int(row['count'])})")
-    failed = table[table["status"] == "FAILED"]
-    for _, row in failed.iterrows():
-        print(f"FAILED {row['label']}: {row['error']}")
-    print(f"\nopen the MLflow UI: mlflow ui --backend-store-uri {tracking_uri}")
-
-
-def _report(sweep: SweepConfig, tracking_uri: str, parent: str) -> None:
-    from dashboards.report import build_report
-
-    try:
-        path = build_report(sweep.experiment, tracking_uri=tracking_uri, sweep_run_id=parent)
-        print(f"report: {path.resolve()}")
-    except Exception as exc:  # a report problem must not hide the sweep's results
-        log.warning("report not built: %s", exc)
+    MlflowClient(tracking_uri).set_terminated(parent, "FAILED" if failed else "FINISHED")
+    return parent, failed

@@ -1,7 +1,7 @@
 """`python -m segtune.train`: one trial without Ray or MLflow, for debugging a configuration.
 
-Prints each epoch's metrics, writes `best.pt` (DESIGN.md format) and `last.pt` (the full
-training state after the last epoch, which `--resume` continues).
+Prints each epoch's metrics, writes `best.pt` (the checkpoint format of docs/design.md) and
+`last.pt` (the full training state after the last epoch, which `--resume` continues).
 """
 
 from __future__ import annotations
@@ -11,43 +11,29 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import get_args
 
-import torch
-from torch import nn
-
-from segtune.checkpoint import atomic_save, best_checkpoint
-from segtune.cli import run_cli, setup_logging
-from segtune.config import DataConfig, TrialConfig, apply_overrides, trial_config
-from segtune.data.pipeline import DataBundle, build_data
-from segtune.engine import EpochEnd, fit, seed_everything
+from segtune.checkpoint import atomic_save, best_checkpoint, load_dict
+from segtune.cli import command_parser, run_cli, setup_logging
+from segtune.config import Arch, Augment, DataConfig, apply_overrides, trial_config
+from segtune.engine import EpochEnd, fit
 from segtune.errors import ConfigError
-from segtune.losses import build_loss, class_weights
-from segtune.models import build_model, check_model_config
+from segtune.models import check_model_config
+from segtune.prepare import prepare
 
 log = logging.getLogger("segtune.train")
 
 
-def prepare(
-    data_cfg: DataConfig, cfg: TrialConfig, progress: bool = True
-) -> tuple[DataBundle, nn.Module, nn.Module]:
-    """One trial's inputs: its data, its loss (class weights from the training masks) and its
-    model, built after seeding so that the initial weights depend on `cfg.seed` alone."""
-    data = build_data(data_cfg, cfg, progress)
-    loss_fn = build_loss(
-        cfg.loss, class_weights=class_weights(data.class_pixels, cfg.class_weights)
-    )
-    seed_everything(cfg.seed, cfg.deterministic)
-    return data, build_model(cfg), loss_fn
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m segtune.train", description=__doc__)
-    p.add_argument("--data", required=True, help="dataset root (DESIGN.md layout)")
+    p = command_parser("python -m segtune.train", __doc__)
+    p.add_argument(
+        "--data", required=True, help="dataset root (ROOT/{train,val,test}/{image,mask})"
+    )
     p.add_argument("--out", required=True, help="folder for best.pt, last.pt, history.json")
-    p.add_argument("--arch", choices=("unet", "deeplabv3", "deeplabv3plus"))
+    p.add_argument("--arch", choices=get_args(Arch))
     p.add_argument("--backbone")
     p.add_argument("--aspp", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--augment", choices=("none", "basic", "strong"))
+    p.add_argument("--augment", choices=get_args(Augment))
     p.add_argument("--pretrained", help="none | imagenet | path to a state dict")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, dest="batch_size")
@@ -59,7 +45,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="decode images every epoch")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    p.add_argument("-v", "--verbose", action="store_true")
     return p
 
 
@@ -85,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     resume = None
     if args.resume:
-        resume = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+        resume = load_dict(out / "last.pt", "--resume")
 
     data, model, loss_fn = prepare(data_cfg, cfg)
     print(f"{cfg.label()}: {len(data.train)} train, {len(data.val)} val ({data.val_split})")
@@ -99,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             + ("  *best" if event.is_best else ""),
             flush=True,
         )
-        atomic_save(event.state(), out / "last.pt")
+        atomic_save(event.build_state(), out / "last.pt")
 
     result = fit(
         model,
@@ -112,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         resume=resume,
     )
     best = result.history[result.best_epoch]
-    metrics = {**best, "best_val_miou": best["val_miou"], "best_epoch": result.best_epoch}
+    metrics = {**best, **result.summary()}
     atomic_save(best_checkpoint(result.best_state_dict, cfg, metrics), out / "best.pt")
     (out / "history.json").write_text(json.dumps(result.history, indent=1))
     print(

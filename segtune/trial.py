@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -21,45 +20,23 @@ import torch
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from segtune.bench import measure_cost, parse_hw
-from segtune.checkpoint import atomic_save, best_checkpoint
-from segtune.config import SweepConfig, TrialConfig
-from segtune.engine import EpochEnd, amp_dtype, fit, resolve_device
+from segtune.checkpoint import atomic_save, best_checkpoint, load_dict
+from segtune.config import TrialConfig, parse_hw
+from segtune.cost import measure_cost
+from segtune.device import amp_dtype, resolve_device
+from segtune.engine import EpochEnd, fit
 from segtune.evaluation import evaluate_best
+from segtune.prepare import prepare
 from segtune.space import resolve_trial
-from segtune.tracking import (
-    CHECKPOINT_ARTIFACT,
-    FINAL_METRICS,
-    TrialRun,
-    find_trial_run,
-)
-from segtune.train import prepare
+from segtune.sweepfile import SweepConfig
+from segtune.tracking.names import CHECKPOINT_ARTIFACT, COST_TAG_PREFIX, EVAL_DIR, MODEL_COSTS
+from segtune.tracking.runs import TrialRun, find_trial_run
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"
+TRAINING_STATE_FILE = "state.pt"  # fit()'s full state, in each Ray checkpoint
 # Test hook: make every trial die once after this epoch (the marker file says it happened).
 FAULT_EPOCH_ENV, FAULT_MARKER_ENV = "SEGTUNE_FAULT_AFTER_EPOCH", "SEGTUNE_FAULT_MARKER"
-
-
-def trial_label(sweep: SweepConfig, cfg: TrialConfig) -> str:
-    """`cfg.label()`, then the other searched keys (`lr=0.003`), then the seed of a repeat."""
-    searched: list[str] = []
-    for key, spec in sweep.search_space.items():
-        if key in TrialConfig.model_fields:
-            searched.append(key)
-        elif isinstance(spec, dict) and len(spec) == 1:  # a group: the keys of its mappings
-            for mapping in next(iter(spec.values())):
-                searched.extend(k for k in mapping if k not in searched)
-    parts = [cfg.label()]
-    for key in dict.fromkeys(searched):
-        if key in ("arch", "backbone", "aspp", "augment", "seed"):
-            continue
-        value = getattr(cfg, key)
-        parts.append(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}")
-    if sweep.tune.repeats > 1:
-        parts.append(f"s{cfg.seed}")
-    return "-".join(parts)
 
 
 def _maybe_fail(epoch: int) -> None:
@@ -79,7 +56,6 @@ def run_trial(
 ) -> None:
     """Ray Tune function trainable for one trial of `sweep`."""
     cfg = resolve_trial(sweep, config)
-    label = trial_label(sweep, cfg)
     context = tune.get_context()
     trial_id = context.get_trial_id()
     resources = context.get_trial_resources().required_resources
@@ -90,7 +66,7 @@ def run_trial(
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            resume = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+            resume = load_dict(Path(folder) / TRAINING_STATE_FILE, "Ray checkpoint")
     client = MlflowClient(tracking_uri)
     run_id = (resume or {}).get("mlflow_run_id")
     if run_id is None:  # a previous attempt may have died before its first checkpoint
@@ -100,7 +76,8 @@ def run_trial(
         client,
         experiment=sweep.experiment,
         parent_run_id=parent_run_id,
-        label=label,
+        label=sweep.trial_label(cfg),
+        config_label=sweep.config_label(cfg),
         trial_id=trial_id,
         params=cfg.model_dump(mode="json"),
         run_id=run_id,
@@ -129,8 +106,14 @@ def _train_evaluate_bench(
     def report(event: EpochEnd) -> None:
         run.log_epoch(event.epoch, event.metrics)
         with tempfile.TemporaryDirectory() as folder:
-            atomic_save({**event.state(), "mlflow_run_id": run.run_id}, Path(folder) / STATE_FILE)
-            tune.report(event.metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+            state = {**event.build_state(), "mlflow_run_id": run.run_id}
+            atomic_save(state, Path(folder) / TRAINING_STATE_FILE)
+            # the summary so far travels with each result: a trial that a scheduler stops
+            # early is closed by the driver with it (sweep.CloseRuns)
+            tune.report(
+                {**event.metrics, **event.summary},
+                checkpoint=tune.Checkpoint.from_directory(folder),
+            )
         _maybe_fail(event.epoch)
 
     result = fit(
@@ -145,12 +128,7 @@ def _train_evaluate_bench(
     )
     history = result.history
     best = history[result.best_epoch]
-    final: dict[str, Any] = {
-        "best_val_miou": best["val_miou"],
-        "best_epoch": result.best_epoch,
-        "train_time_min": sum(h["epoch_time_s"] for h in history) / 60.0,
-        "train_img_s": statistics.median(h["train_img_s"] for h in history),
-    }
+    final: dict[str, Any] = result.summary()
 
     model.load_state_dict(result.best_state_dict)
     started = time.perf_counter()
@@ -159,7 +137,7 @@ def _train_evaluate_bench(
         evaluate_best(
             model,
             data.val,
-            folder_path / "eval",
+            folder_path / EVAL_DIR,
             device,
             amp_dtype(cfg.amp, device),
             cfg.batch_size,
@@ -173,14 +151,15 @@ def _train_evaluate_bench(
             # on a CPU trial of a GPU node the GPU belongs to other trials: not measured here
             gpu=sweep.bench.gpu and (device.type == "cuda" or not torch.cuda.is_available()),
         )
-        final.update({k: v for k, v in cost.items() if k in FINAL_METRICS})
+        final.update({k: v for k, v in cost.items() if k in MODEL_COSTS})
         atomic_save(
             best_checkpoint(result.best_state_dict, cfg, {**best, **final}),
             folder_path / CHECKPOINT_ARTIFACT,
         )
-        run.log_artifact(folder_path / "checkpoints", "checkpoints")
-        run.log_artifact(folder_path / "eval", "eval")
-    tags = {f"segtune.{k}": v for k, v in cost.items() if k not in FINAL_METRICS}
+        checkpoints = CHECKPOINT_ARTIFACT.rsplit("/", 1)[0]
+        run.log_artifact(folder_path / checkpoints, checkpoints)
+        run.log_artifact(folder_path / EVAL_DIR, EVAL_DIR)
+    tags = {f"{COST_TAG_PREFIX}{k}": v for k, v in cost.items() if k not in MODEL_COSTS}
     run.log_final(final, tags)
     log.info("%s: evaluation and benchmark took %.1fs", cfg.label(), time.perf_counter() - started)
     return {**history[-1], **final}

@@ -1,4 +1,4 @@
-"""Helpers for tests: small image/mask pairs in the DESIGN.md layout."""
+"""Helpers for tests: small image/mask pairs in the docs/design.md layout."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from PIL import Image
 def write_pair(
     root: Path, split: str, sample_id: str, image: np.ndarray, mask: np.ndarray, ext: str = ".jpg"
 ) -> tuple[Path, Path]:
-    """Write one image/mask pair in the DESIGN.md layout."""
+    """Write one image/mask pair in the docs/design.md layout."""
     (root / split / "image").mkdir(parents=True, exist_ok=True)
     (root / split / "mask").mkdir(parents=True, exist_ok=True)
     image_path = root / split / "image" / f"{sample_id}{ext}"

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from segtune.config import apply_overrides, load_sweep, trial_config
+from segtune.config import apply_overrides, format_hw, parse_hw, trial_config
 from segtune.errors import ConfigError
 from segtune.space import discrete_trials, param_space
-from segtune.trial import trial_label
+from segtune.sweepfile import load_sweep
 
 
 def test_yaml_off_means_amp_off(tmp_path: Path) -> None:
@@ -42,9 +42,11 @@ def test_groups_repeats_and_labels(tmp_path: Path) -> None:
     sweep = load_sweep(sweep_file)
     trials = discrete_trials(sweep)
     assert len(trials) == 8 and {t.seed for t in trials} == {3, 4}
-    labels = {trial_label(sweep, t) for t in trials}
+    labels = {sweep.trial_label(t) for t in trials}
     assert "deeplabv3-resnet18-aspp-basic-lr=0.01-s4" in labels
     assert "unet-none-none-lr=0.001-s3" in labels
+    configs = {sweep.config_label(t) for t in trials}  # the seeds of one configuration share it
+    assert configs == {label.rsplit("-s", 1)[0] for label in labels} and len(configs) == 4
     assert param_space(sweep)["seed"] == {"grid_search": [3, 4]}
 
 
@@ -65,3 +67,35 @@ def test_task_sweeps_load_and_expand() -> None:
         assert space or sweep.train, path
     hpo = load_sweep(root / "hpo.yaml")
     assert param_space(hpo)["lr"].lower == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("1000x750", (750, 1000)), ("64x48", (48, 64)), (" 32X16 ", (16, 32)), ("1x1", (1, 1))],
+)
+def test_parse_hw_reads_width_then_height(text: str, expected: tuple[int, int]) -> None:
+    assert parse_hw(text) == expected
+    assert parse_hw(format_hw(expected)) == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["1000", "1000x", "x750", "axb", "0x10", "10x0", "-1x5", "2x3x4", ""]
+)
+def test_parse_hw_rejects_bad_sizes(text: str) -> None:
+    with pytest.raises(ConfigError, match="WIDTHxHEIGHT|at least 1"):
+        parse_hw(text)
+
+
+def test_format_hw_writes_width_first() -> None:
+    assert format_hw((750, 1000)) == "1000x750"
+    with pytest.raises(ConfigError):
+        format_hw((0, 10))
+
+
+def test_model_label_drops_augment() -> None:
+    assert trial_config({"arch": "unet", "backbone": "none"}).model_label() == "unet-none"
+    deeplab = trial_config({"arch": "deeplabv3", "backbone": "resnet18", "augment": "strong"})
+    assert deeplab.model_label() == "deeplabv3-resnet18-aspp"
+    assert deeplab.label() == "deeplabv3-resnet18-aspp-strong"
+    plus = trial_config({"arch": "deeplabv3plus", "backbone": "resnet18", "aspp": False})
+    assert plus.model_label() == "deeplabv3plus-resnet18-noaspp"

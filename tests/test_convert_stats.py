@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from segtune.classes import CLASS_NAMES, IGNORE_INDEX
 from segtune.cli import run_cli
 from segtune.data import convert_floodnet, stats
-from segtune.data.classes import CLASS_NAMES, IGNORE_INDEX
 from segtune.data.convert_floodnet import convert, convert_pair, floodnet_lut
 from segtune.data.stats import class_pixel_shares, compute_stats
 from segtune.errors import ConfigError, DatasetError

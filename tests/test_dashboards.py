@@ -22,20 +22,15 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from dashboards.analysis import (
-    OBJECTIVE,
-    compare_configs,
-    ema,
-    pareto_front,
-    parse_budget,
-    seed_groups,
-)
-from dashboards.data import ReportError, load_sweep_table
+from dashboards.analysis import compare_configs, ema, seed_groups
 from dashboards.report import build_report, main
+from segtune.classes import CLASS_NAMES
 from segtune.cli import run_cli
-from segtune.data.classes import CLASS_NAMES
 from segtune.errors import ConfigError
-from tests.dash_sweep import log_sweep, newest_specs, older_specs
+from segtune.tracking.names import OBJECTIVE
+from segtune.tracking.query import TrackingError, load_sweep_table
+from segtune.tracking.select import pareto_front, parse_budget
+from tests.recorded_sweep import log_sweep, newest_specs, older_specs
 
 EXPERIMENT = "tiny-sweep"
 FIGURES = (
@@ -206,7 +201,7 @@ def test_run_id_and_all_choose_sweeps(store: Store) -> None:
     both = load_sweep_table(EXPERIMENT, store.uri, all_sweeps=True)
     assert sorted(both["run_id"]) == sorted(store.old_runs + store.runs)
     assert both["label"].is_unique  # unet-none-none of both sweeps told apart
-    with pytest.raises(ReportError, match="not a sweep run"):
+    with pytest.raises(TrackingError, match="not a sweep run"):
         load_sweep_table(EXPERIMENT, store.uri, sweep_run_id=store.runs[0])
 
 
@@ -324,7 +319,7 @@ def test_cli_unknown_experiment(store: Store, tmp_path: Path) -> None:
 
 def test_experiment_without_sweep(store: Store, tmp_path: Path) -> None:
     MlflowClient(tracking_uri=store.uri).create_experiment("no-sweeps-here")
-    with pytest.raises(ReportError, match="'no-sweeps-here' has no sweep run"):
+    with pytest.raises(TrackingError, match="'no-sweeps-here' has no sweep run"):
         build_report("no-sweeps-here", store.uri, out=tmp_path)
 
 

@@ -10,16 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
+from segtune.classes import IGNORE_INDEX, PALETTE, colorize, rgb_to_mask
 from segtune.data import (
-    IGNORE_INDEX,
-    PALETTE,
     PRESETS,
     SegmentationDataset,
-    colorize,
     eval_transform,
     holdout,
     make_loader,
-    rgb_to_mask,
     scan_split,
     set_epoch,
     train_transform,

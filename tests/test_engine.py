@@ -60,7 +60,7 @@ def test_resume_continues_exactly(synthetic_root: Path) -> None:
     def crash_after_two(event: EpochEnd) -> None:
         if event.epoch == 1:
             buffer = io.BytesIO()
-            torch.save(event.state(), buffer)  # as a checkpoint file would hold it
+            torch.save(event.build_state(), buffer)  # as a checkpoint file would hold it
             saved["state"] = buffer.getvalue()
             raise Interrupt
 

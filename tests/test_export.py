@@ -19,18 +19,20 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from dashboards.analysis import parse_budget
-from dashboards.data import load_sweep_table
 from segtune.checkpoint import load_checkpoint
+from segtune.classes import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, PALETTE
 from segtune.cli import run_cli
-from segtune.data.classes import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, PALETTE
 from segtune.data.dataset import read_image, read_mask
-from segtune.export import ExportResult, checkpoint_model, export, rank_trials
+from segtune.deploy.convert import checkpoint_model
+from segtune.deploy.runtime import Preprocess, blend_window, predict_scores, tile_starts
+from segtune.export import ExportResult, export
 from segtune.export import main as export_main
 from segtune.metrics import ConfusionMatrix
-from segtune.predict import Preprocess, blend_window, predict_scores, tile_starts
 from segtune.predict import main as predict_main
-from segtune.tracking import ROLE_TAG, TrialRun, start_sweep_run
+from segtune.tracking.names import ROLE_TAG
+from segtune.tracking.query import load_sweep_table
+from segtune.tracking.runs import TrialRun, start_sweep_run
+from segtune.tracking.select import parse_budget, rank_trials
 from tests.test_sweep import run, trial_runs, write_sweep
 
 EXPERIMENT = "exp"
@@ -299,6 +301,7 @@ def test_export_errors_exit_2(
         experiment="broken",
         parent_run_id=parent,
         label="unet-none-basic",
+        config_label="unet-none-basic",
         trial_id="t0",
         params={"arch": "unet"},
     )

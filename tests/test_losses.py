@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segtune.data.classes import IGNORE_INDEX, NUM_CLASSES
+from segtune.classes import IGNORE_INDEX, NUM_CLASSES
 from segtune.errors import ConfigError, DatasetError
 from segtune.losses import (
     LOSS_NAMES,

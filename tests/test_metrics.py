@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from segtune.data.classes import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
+from segtune.classes import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
 from segtune.metrics import ConfusionMatrix, iou_per_class, per_image_rows
 
 C = NUM_CLASSES

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import torchvision.models as tvm
 from torch import nn
 
-from segtune.data.classes import NUM_CLASSES
+from segtune.classes import NUM_CLASSES
 from segtune.errors import ConfigError, ModelError
 from segtune.models import (
     ARCHS,
@@ -226,21 +226,40 @@ def test_aspp_needs_two_samples_in_train_mode_only(arch: str) -> None:
 # --- configuration ------------------------------------------------------------------------
 
 
+def conv_outputs(model: nn.Module, x: torch.Tensor) -> list[tuple[int, int]]:
+    """(channels, height) of every convolution's output in one forward pass, in call order."""
+    seen: list[tuple[int, int]] = []
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: seen.append((out.shape[1], out.shape[2])))
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d)
+    ]
+    with torch.no_grad():
+        model.eval()(x)
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
 def test_trial_keys_reach_the_modules() -> None:
     unet_cfg = {"unet_min_channels": 4, "unet_max_channels": 16, "unet_depth": 3, "dropout": 0.3}
     unet = build_model({"arch": "unet", **unet_cfg})
     assert isinstance(unet, UNet)
-    assert len(unet.down) == len(unet.up) == 3
-    widths = [unet.stem[-1].out_channels, *(d[-1][-1].out_channels for d in unet.down)]
-    assert widths == [4, 8, 16, 16]  # doubling, capped at unet_max_channels
+    outputs = conv_outputs(unet, torch.randn(1, 3, 64, 64))
+    assert outputs[0] == (4, 64)  # the first convolution is unet_min_channels wide
+    deepest = min(height for _, height in outputs)
+    assert deepest == 64 // 2**3  # unet_depth 3: three halvings
+    assert {c for c, h in outputs if h == deepest} == {16}  # doubling, capped at max_channels
+    assert {c for c, h in outputs if h == 16} == {16} and {c for c, h in outputs if h == 32} == {8}
     assert {m.p for m in unet.modules() if isinstance(m, nn.Dropout2d)} == {0.3}
 
     deeplab_cfg = {"aspp_rates": (2, 4, 6), "output_stride": 8, "dropout": 0.25}
     deeplab = build_model({"arch": "deeplabv3", "backbone": "resnet18", **deeplab_cfg})
     assert deeplab.encoder.strides == [2, 4, 8, 8, 8]
-    aspp = deeplab.head[0]
-    assert [branch[0].dilation for branch in aspp.convs[1:4]] == [(2, 2), (4, 4), (6, 6)]
-    assert aspp.project[-1].p == 0.25
+    head_convs = [m for m in deeplab.head.modules() if isinstance(m, nn.Conv2d)]
+    assert {m.dilation for m in head_convs} - {(1, 1)} == {(2, 2), (4, 4), (6, 6)}
+    dropouts = {m.p for m in deeplab.head.modules() if isinstance(m, nn.Dropout | nn.Dropout2d)}
+    assert dropouts == {0.25}
 
     # UNet always runs its encoder at stride 32 and ignores aspp.
     a = build_model({"arch": "unet", "backbone": "resnet18", "aspp": True, "output_stride": 8})

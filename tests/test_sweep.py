@@ -19,7 +19,15 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from segtune.run import main as run_main
-from segtune.tracking import EPOCH_METRICS, ERROR_TAG, ROLE_TAG, TRIAL_ID_TAG
+from segtune.tracking.names import (
+    CONFIG_LABEL_TAG,
+    COST_TAG_PREFIX,
+    EPOCH_METRICS,
+    ERROR_TAG,
+    LABEL_TAG,
+    ROLE_TAG,
+    TRIAL_ID_TAG,
+)
 
 TINY_TRAIN = {
     "epochs": 2,
@@ -47,18 +55,17 @@ def write_sweep(path: Path, data_root: Path, **sections: Any) -> Path:
     return path
 
 
-def run(sweep: Path, *args: str, env: dict[str, str] | None = None, **kwargs: Any):
+def run(
+    sweep: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    report: bool = False,
+    **kwargs: Any,
+):
     uri = f"sqlite:///{sweep.parent / 'mlflow.db'}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "segtune.run",
-        str(sweep),
-        "--tracking-uri",
-        uri,
-        "--no-report",
-        *args,
-    ]
+    cmd = [sys.executable, "-m", "segtune.run", str(sweep), "--tracking-uri", uri, *args]
+    if not report:
+        cmd.append("--no-report")
     return subprocess.run(
         cmd,
         capture_output=True,
@@ -127,6 +134,7 @@ def test_sweep_contract_failure_and_retry(synthetic_root: Path, tmp_path: Path) 
     for r in finished:
         assert r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert r.data.tags["segtune.node"] and r.data.params["arch"] in ("unet", "deeplabv3")
+        assert r.data.tags[CONFIG_LABEL_TAG] == r.data.tags[LABEL_TAG] == r.info.run_name
         for key in EPOCH_METRICS:
             assert steps(tmp_path, r.info.run_id, key) == [0, 1], key  # each epoch exactly once
         m = r.data.metrics
@@ -140,7 +148,10 @@ def test_sweep_contract_failure_and_retry(synthetic_root: Path, tmp_path: Path) 
             "train_img_s",
         ):
             assert m[key] > 0 and math.isfinite(m[key]), key
-        assert "infer_ms_gpu" not in m and "no" in r.data.tags["segtune.gpu_skip_reason"].lower()
+        assert (
+            "infer_ms_gpu" not in m
+            and "no" in r.data.tags[COST_TAG_PREFIX + "gpu_skip_reason"].lower()
+        )
         eval_files = {a.path for a in client.list_artifacts(r.info.run_id, "eval")}
         assert {"eval/per_image.csv", "eval/confusion.csv", "eval/examples"} <= eval_files
         examples = [a.path for a in client.list_artifacts(r.info.run_id, "eval/examples")]
@@ -170,8 +181,16 @@ def test_asha_stops_weak_trials(synthetic_root: Path, tmp_path: Path) -> None:
             "max_concurrent_trials": 1,
         },
     )
-    proc = run(sweep)
+    proc = run(sweep, report=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # the report, built by its own command at the end of the sweep, on disk and in MLflow
+    index = Path(proc.stdout.strip().splitlines()[-1].removeprefix("report: "))
+    assert index == tmp_path / "reports" / "asha" / "index.html" and index.is_file()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("asha").experiment_id
+    parent = client.search_runs([experiment], f"tags.`{ROLE_TAG}` = 'sweep'")[0]
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert "report/index.html" in logged
     runs = trial_runs(tmp_path, "asha")
     epochs = {r.info.run_id: len(steps(tmp_path, r.info.run_id)) for r in runs}
     assert len(runs) == 3 and max(epochs.values()) == 3
@@ -180,7 +199,12 @@ def test_asha_stops_weak_trials(synthetic_root: Path, tmp_path: Path) -> None:
     for r in stopped:
         assert epochs[r.info.run_id] < 3 and r.info.status == "FINISHED"
         assert r.data.params["lr"] == "1e-07"
-        assert "best_val_miou" in r.data.metrics
+        assert r.data.tags["segtune.early_stopped"] == f"after {epochs[r.info.run_id]} epochs"
+        # closed with the summary of the epochs it ran, as the trial itself computed it
+        miou = client.get_metric_history(r.info.run_id, "val_miou")
+        times = client.get_metric_history(r.info.run_id, "epoch_time_s")
+        assert r.data.metrics["best_val_miou"] == max(m.value for m in miou)
+        assert r.data.metrics["train_time_min"] == pytest.approx(sum(m.value for m in times) / 60)
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "nsga2"])
@@ -263,6 +287,10 @@ BAD_SWEEPS = {
     ),
     "missing dataset": ({"data": {"root": "/nonexistent/floodnet"}}, "/nonexistent/floodnet"),
     "gpu on this machine": ({"tune": {"resources_per_trial": {"gpu": 1}}}, "no GPU"),
+    "asha on no score": (
+        {"train": {"epochs": 3}, "tune": {"scheduler": "asha", "metric": "lr", "mode": "min"}},
+        "asha needs a per-epoch metric, not lr",
+    ),
 }
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from segtune.classes import CLASS_NAMES, NUM_CLASSES
 from segtune.cli import run_cli
-from segtune.data.classes import CLASS_NAMES, NUM_CLASSES
 from segtune.data.synthetic import generate, main, render_scene
 from segtune.errors import ConfigError, DatasetError
 

@@ -1,15 +1,5 @@
-"""Data layer: class table, FloodNet-layout dataset, augmentation presets, loaders, synthetic data."""
+"""Data layer: FloodNet-layout dataset, augmentation presets, loaders, synthetic data."""
 
-from segtune.data.classes import (
-    CLASS_NAMES,
-    IGNORE_INDEX,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    NUM_CLASSES,
-    PALETTE,
-    colorize,
-    rgb_to_mask,
-)
 from segtune.data.dataset import (
     Sample,
     SegmentationDataset,
@@ -23,24 +13,16 @@ from segtune.data.loader import EpochSampler, make_loader, set_epoch
 from segtune.data.transforms import PRESETS, eval_transform, train_transform
 
 __all__ = [
-    "CLASS_NAMES",
-    "IGNORE_INDEX",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "NUM_CLASSES",
-    "PALETTE",
     "PRESETS",
     "Sample",
     "SegmentationDataset",
     "available_splits",
     "EpochSampler",
-    "colorize",
     "eval_transform",
     "holdout",
     "make_loader",
     "read_image",
     "read_mask",
-    "rgb_to_mask",
     "scan_split",
     "set_epoch",
     "train_transform",

@@ -6,15 +6,14 @@ scores well can be solved without looking at shapes or context, and tells nothin
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from segtune.cli import run_cli, setup_logging
-from segtune.data.classes import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
+from segtune.classes import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
+from segtune.cli import command_parser, run_cli, setup_logging
 from segtune.data.dataset import SegmentationDataset, scan_split
 from segtune.metrics import ConfusionMatrix
 
@@ -55,11 +54,11 @@ def colour_baseline(root: Path | str, eval_split: str = "test") -> dict[str, flo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m segtune.data.baseline", description=__doc__)
-    parser.add_argument("root", help="dataset root (DESIGN.md layout)")
+    parser = command_parser("python -m segtune.data.baseline", __doc__)
+    parser.add_argument("root", help="dataset root (ROOT/<split>/image|mask)")
     parser.add_argument("--split", default="test", help="split to score (default: test)")
     args = parser.parse_args(argv)
-    setup_logging()
+    setup_logging(args.verbose)
     scores = colour_baseline(args.root, args.split)
     print(
         f"colour-only baseline on {args.root}/{args.split}: mIoU {scores['miou']:.4f}, "

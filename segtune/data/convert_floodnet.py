@@ -9,8 +9,8 @@ from the authors' GitHub page) is laid out as::
     SRC/train/train-org-img/<id>.jpg   SRC/train/train-label-img/<id>_lab.png
     SRC/val/val-org-img/...            SRC/test/test-org-img/...
 
-The "tiny FloodNet" of the seed study is a subset of it resized to about 1000x750, with the
-flooded and non-flooded buildings and roads merged into the eight classes of DESIGN.md. No
+The "tiny FloodNet" of the study is a subset of it resized to about 1000x750, with the
+flooded and non-flooded buildings and roads merged into the eight classes of docs/design.md. No
 dataset can be downloaded on the build machines; with the release at hand, this tool builds it::
 
     python -m segtune.data.convert_floodnet FloodNet-Supervised_v1.0 data/floodnet --width 1000
@@ -22,7 +22,6 @@ Images are resized with area averaging, masks with nearest neighbour (no invente
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,8 +31,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from segtune.cli import run_cli, setup_logging
-from segtune.data.classes import CLASS_NAMES, IGNORE_INDEX
+from segtune.classes import CLASS_NAMES, IGNORE_INDEX
+from segtune.cli import command_parser, run_cli, setup_logging
 from segtune.data.dataset import IMAGE_SUFFIXES, SPLITS
 from segtune.errors import ConfigError, DatasetError
 
@@ -188,9 +187,9 @@ def convert(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m segtune.data.convert_floodnet",
-        description="Convert the FloodNet release (10 classes, 4000x3000) to segtune's layout.",
+    parser = command_parser(
+        "python -m segtune.data.convert_floodnet",
+        "Convert the FloodNet release (10 classes, 4000x3000) to segtune's layout.",
     )
     parser.add_argument("src", type=Path, help="unpacked FloodNet-Supervised_v1.0 folder")
     parser.add_argument("dst", type=Path, help="dataset root to write (ROOT/<split>/image|mask)")
@@ -202,7 +201,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="flooded buildings/roads: merge into building/road, or ignore (255)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     convert(args.src, args.dst, args.width, args.flooded, progress=not args.quiet)

@@ -1,6 +1,6 @@
 """The FloodNet-layout dataset: pairs found by id, checked up front, optionally cached in RAM.
 
-Layout (DESIGN.md): ``ROOT/<split>/image/<id>.jpg|png`` and ``ROOT/<split>/mask/<id>.png``.
+Layout (docs/design.md): ``ROOT/<split>/image/<id>.jpg|png`` and ``ROOT/<split>/mask/<id>.png``.
 Every problem a user can cause is found when the dataset is built and raised as a
 `DatasetError` that names the file and the fix, so that a sweep fails before its first trial
 rather than in the middle of epoch 7.
@@ -20,7 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from segtune.data.classes import IGNORE_INDEX, NUM_CLASSES, rgb_to_mask
+from segtune.classes import IGNORE_INDEX, NUM_CLASSES, rgb_to_mask
 from segtune.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def read_mask(path: Path | str, rgb_masks: bool = False) -> np.ndarray:
                     raise DatasetError(
                         f"{path}: mask is {img.mode}, expected single-channel class ids; "
                         "convert it, or set data.rgb_masks: true to map the palette colours "
-                        "of DESIGN.md to class ids"
+                        "of docs/design.md to class ids"
                     )
                 return rgb_to_mask(np.asarray(img.convert("RGB")))
             if img.mode not in ("L", "P", "I", "I;16"):
@@ -201,7 +201,7 @@ def scan_split(
 
 
 def available_splits(root: Path | str) -> list[str]:
-    """The splits of DESIGN.md that exist under `root`."""
+    """The splits of docs/design.md that exist under `root`."""
     return [s for s in SPLITS if (Path(root) / s / "image").is_dir()]
 
 

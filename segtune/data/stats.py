@@ -2,14 +2,13 @@
 
     python -m segtune.data.stats data/tiny-floodnet --plot class_shares.png
 
-The shares tell whether a sweep needs class weights (the seed's vehicles and pools are rare)
+The shares tell whether a sweep needs class weights (the study's vehicles and pools are rare)
 and whether a synthetic or converted set looks like the real one. Checking every pair is the
 dataset module's job; this tool reports what that check counted.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from segtune.cli import run_cli, setup_logging
-from segtune.data.classes import CLASS_NAMES, IGNORE_COLOR, PALETTE
+from segtune.classes import CLASS_NAMES, IGNORE_COLOR, PALETTE
+from segtune.cli import command_parser, run_cli, setup_logging
 from segtune.data.dataset import SPLITS, available_splits, scan_split
 from segtune.errors import DatasetError
 
@@ -141,14 +140,13 @@ def plot_shares(stats: pd.DataFrame, path: Path | str, title: str = "") -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m segtune.data.stats",
-        description="Images, sizes and class pixel shares of each split of a dataset root.",
+    parser = command_parser(
+        "python -m segtune.data.stats",
+        "Images, sizes and class pixel shares of each split of a dataset root.",
     )
     parser.add_argument("root", type=Path, help="dataset root (ROOT/<split>/image|mask)")
     parser.add_argument("--plot", type=Path, help="also write a bar chart of the shares (PNG)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     stats = compute_stats(args.root, progress=not args.quiet)

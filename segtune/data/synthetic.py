@@ -5,7 +5,7 @@ that hold all eight classes with plausible shapes and frequencies: textured gras
 layer, bare soil and parking lots (background), a road network with lane marks, vehicles on the
 roads and in the lots, buildings with shaded gable roofs and cast shadows, clustered tree
 canopies that partly cover roads and roofs, ponds or a river (some with bright sky
-reflections, the seed's failure case) and small pools next to houses. Colours are natural and
+reflections, the study's failure case) and small pools next to houses. Colours are natural and
 jittered per scene, with noise and texture, so that colour alone does not solve the task.
 
     python -m segtune.data.synthetic --out data/synthetic --train 200 --test 50 --size 512x384
@@ -16,7 +16,6 @@ byte-identical files.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 from collections.abc import Sequence
@@ -28,9 +27,9 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from segtune.cli import run_cli, setup_logging
+from segtune.classes import CLASS_NAMES
+from segtune.cli import command_parser, run_cli, setup_logging
 from segtune.config import parse_hw
-from segtune.data.classes import CLASS_NAMES
 from segtune.data.dataset import SPLITS
 from segtune.errors import ConfigError, DatasetError
 
@@ -316,7 +315,7 @@ def _ground(c: _Canvas) -> None:
 
 
 def _water(c: _Canvas) -> None:
-    """A pond or a meandering river; some get bright sky reflections (the seed's failure case)."""
+    """A pond or a meandering river; some get bright sky reflections (the study's failure case)."""
     rng = c.rng
     if rng.random() > 0.6:
         return
@@ -849,7 +848,7 @@ def generate(
     overwrite: bool = False,
     zoom: float = 1.0,
 ) -> Path:
-    """Write a synthetic set in the DESIGN.md layout; image ``syn_<i>`` comes from rng([seed, i])."""
+    """Write a synthetic set in the docs/design.md layout; image ``syn_<i>`` comes from rng([seed, i])."""
     width, height = size
     counts = {"train": n_train, "val": n_val, "test": n_test}
     if min(counts.values()) < 0 or sum(counts.values()) == 0:
@@ -902,9 +901,9 @@ def generate(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m segtune.data.synthetic",
-        description="Write a synthetic aerial segmentation set in the tiny-FloodNet layout.",
+    parser = command_parser(
+        "python -m segtune.data.synthetic",
+        "Write a synthetic aerial segmentation set in the tiny-FloodNet layout.",
     )
     parser.add_argument("--out", type=Path, required=True, help="dataset root to write")
     parser.add_argument("--train", type=int, default=200, help="training images (default 200)")
@@ -922,7 +921,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--overwrite", action="store_true", help="replace an earlier synthetic set in --out"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     generate(

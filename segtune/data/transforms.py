@@ -1,6 +1,6 @@
 """Augmentation presets (albumentations) and the evaluation transform.
 
-`none` is the seed's no-augmentation setting (a random crop), `basic` the seed's augmentation,
+`none` is the study's no-augmentation setting (a random crop), `basic` the study's augmentation,
 `strong` adds scale, brightness/contrast, blur and noise. Geometric padding fills masks with the
 ignore index, never class 0, so padded pixels count neither as background nor in the metrics.
 """
@@ -13,7 +13,7 @@ import albumentations as A
 import cv2
 from albumentations.pytorch import ToTensorV2
 
-from segtune.data.classes import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+from segtune.classes import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from segtune.errors import ConfigError
 
 PRESETS = ("none", "basic", "strong")

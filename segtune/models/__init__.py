@@ -8,6 +8,7 @@ from segtune.models.builder import (
     backbone_names,
     build_model,
     check_model_config,
+    example_input,
     model_variants,
 )
 from segtune.models.deeplab import DeepLabV3, DeepLabV3Plus
@@ -32,6 +33,7 @@ __all__ = [
     "build_model",
     "check_model_config",
     "encoder_names",
+    "example_input",
     "imagenet_state_dict",
     "model_variants",
     "pretrained_weights_file",

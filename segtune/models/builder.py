@@ -2,7 +2,7 @@
 
 Rules (each violation is a `ConfigError` listing the valid values):
 - `arch` is one of ARCHS; `backbone` is `none` or a registered encoder. `backbone: none` is
-  the seed's classic UNet and only exists for `arch: unet`.
+  the study's classic UNet and only exists for `arch: unet`.
 - `aspp` only applies to the DeepLabs; UNet ignores it (`TrialConfig.label()` omits it).
 - `output_stride` (8, 16, 32) only applies to the DeepLabs; UNet always uses stride 32.
 - `unet_min_channels`, `unet_max_channels`, `unet_depth` only apply to the classic UNet.
@@ -20,20 +20,22 @@ Rules (each violation is a `ConfigError` listing the valid values):
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
+from segtune.checkpoint import load_dict
+from segtune.classes import NUM_CLASSES
 from segtune.config import TrialConfig, trial_config
-from segtune.data.classes import NUM_CLASSES
 from segtune.errors import ConfigError
 from segtune.models.deeplab import DeepLabV3, DeepLabV3Plus
 from segtune.models.encoders import (
+    PRETRAINED,
     build_encoder,
     encoder_names,
     load_state_checked,
-    load_state_file,
 )
 from segtune.models.unet import EncoderUNet, UNet
 
@@ -91,7 +93,7 @@ def _pretrained_states(
     """(whole-model state, encoder state) from a `pretrained` file; neither otherwise."""
     if cfg.pretrained in ("none", "imagenet"):
         return None, None
-    state = load_state_file(cfg.pretrained)
+    state = load_dict(cfg.pretrained, PRETRAINED)
     if isinstance(state.get("model"), Mapping):
         return state["model"], None
     return (state, None) if cfg.backbone == "none" else (None, state)
@@ -132,3 +134,17 @@ def build_model(cfg: TrialConfig | Mapping[str, Any]) -> nn.Module:
         sum(p.numel() for p in model.parameters()) / 1e6,
     )
     return model
+
+
+def example_input(
+    hw: Sequence[int],
+    batch: int = 1,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """A reproducible `batch x 3 x H x W` input shaped like normalised images (standard normal
+    noise): what tracing, checking and timing a model run on."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, *hw, generator=generator).to(device)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x

@@ -1,4 +1,4 @@
-"""DeepLabV3 (the seed's Tasks 2-3) and DeepLabV3+ (the seed's Task 4 proposal) over any encoder.
+"""DeepLabV3 (the study's Tasks 2-3) and DeepLabV3+ (the study's Task 4 proposal) over any encoder.
 
 The ASPP is torchvision's (`torchvision.models.segmentation.deeplabv3`): a 1x1 branch, one
 dilated 3x3 branch per rate, an image-pooling branch, a 1x1 projection to 256 channels and
@@ -42,7 +42,7 @@ class DeepLabV3(nn.Module):
 
     With ASPP the head is torchvision's `DeepLabHead`; without it the same
     conv3x3-BN-ReLU-(dropout)-1x1 head sits directly on the encoder's deepest map, so the
-    two differ only by the ASPP (the seed's Task 2 comparison).
+    two differ only by the ASPP (the study's Task 2 comparison).
     """
 
     def __init__(

@@ -31,9 +31,13 @@ from torchvision.models import vgg
 from torchvision.models._api import WeightsEnum
 from torchvision.models._utils import IntermediateLayerGetter
 
+from segtune.checkpoint import load_dict
 from segtune.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
+
+# how weights-file errors name the `pretrained` key and its values
+PRETRAINED = "pretrained (none, imagenet or the path of a state dict)"
 
 NOMINAL_STRIDES: tuple[int, ...] = (2, 4, 8, 16, 32)
 OUTPUT_STRIDES: tuple[int, ...] = (8, 16, 32)
@@ -239,7 +243,7 @@ def build_encoder(name: str, pretrained: str = "none", output_stride: int = 32) 
             imagenet_state_dict(name), str(pretrained_weights_file(name))
         )
     elif pretrained != "none":
-        state = load_state_file(pretrained)
+        state = load_dict(pretrained, PRETRAINED)
         if isinstance(state.get("model"), Mapping):
             raise ModelError(
                 f"pretrained: {pretrained} is a segtune checkpoint of a whole model; "
@@ -265,23 +269,7 @@ def imagenet_state_dict(backbone: str) -> dict[str, Any]:
             f"it at {path} ($TORCH_HOME/hub/checkpoints), or use pretrained: none"
         )
     log.info("loading imagenet weights for %s from %s", backbone, path)
-    return load_state_file(path)
-
-
-def load_state_file(path: str | Path) -> dict[str, Any]:
-    """A state dict (or a dict holding one) read safely with `weights_only=True`."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(
-            f"pretrained: no file {str(path)!r} (expected none, imagenet or the path of a state dict)"
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors have many types; all mean "not a state dict"
-        raise ModelError(f"pretrained: {path} is not a loadable state dict ({exc})") from None
-    if not isinstance(state, Mapping):
-        raise ModelError(f"pretrained: {path} holds a {type(state).__name__}, not a state dict")
-    return dict(state)
+    return load_dict(path, PRETRAINED)
 
 
 def load_state_checked(

@@ -1,4 +1,4 @@
-"""U-Nets: the seed's classic UNet (`backbone: none`) and a U-Net decoder over any encoder.
+"""U-Nets: the study's classic UNet (`backbone: none`) and a U-Net decoder over any encoder.
 
 Both take inputs of any size: every upsampled map is resized to the skip it meets (odd sizes
 do not halve evenly), and the logits come out at the input size.
@@ -40,7 +40,7 @@ class UpBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """The classic U-Net of Ronneberger et al. as the seed trained it, without a backbone.
+    """The classic U-Net of Ronneberger et al. as the study trained it, without a backbone.
 
     Widths start at `min_channels` and double with each of the `depth` down blocks up to
     `max_channels`; max pooling goes down, transposed convolutions come back up. Inputs

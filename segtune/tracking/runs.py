@@ -1,8 +1,7 @@
-"""The MLflow contract of DESIGN.md, in one place: names, tags, metric keys, artifacts, resume.
+"""Writing the runs of the MLflow contract: the sweep's parent run and each trial's nested run.
 
 Everything goes through `MlflowClient` with explicit run ids (no global "active run"), so a
 trial on any Ray node writes to its own run, and a retried trial writes to the same run again.
-Dashboards and export read exactly these names.
 """
 
 from __future__ import annotations
@@ -21,46 +20,20 @@ from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from segtune.data.classes import CLASS_NAMES
+from segtune.tracking.names import (
+    CONFIG_LABEL_TAG,
+    ERROR_TAG,
+    LABEL_TAG,
+    NODE_TAG,
+    ROLE_SWEEP,
+    ROLE_TAG,
+    ROLE_TRIAL,
+    SWEEP_ARTIFACT,
+    SWEEP_TAG,
+    TRIAL_ID_TAG,
+)
 
 log = logging.getLogger(__name__)
-
-ROLE_TAG = "segtune.role"
-ROLE_SWEEP, ROLE_TRIAL = "sweep", "trial"
-TRIAL_ID_TAG = "ray.trial_id"
-NODE_TAG = "segtune.node"
-ERROR_TAG = "segtune.error"
-LABEL_TAG = "segtune.label"
-SWEEP_TAG = "segtune.sweep"
-EARLY_STOP_TAG = "segtune.early_stopped"  # the scheduler stopped the trial; value says when
-
-EPOCH_METRICS = (
-    "train_loss",
-    "val_loss",
-    "val_miou",
-    "val_acc",
-    "val_class_acc",
-    *(f"val_iou_{name}" for name in CLASS_NAMES),
-    "lr",
-    "epoch_time_s",
-)
-FINAL_METRICS = (
-    "best_val_miou",
-    "best_epoch",
-    "train_time_min",
-    "params_m",
-    "size_mb",
-    "gflops",
-    "infer_ms_cpu",
-    "infer_ms_gpu",  # absent where there is no GPU; never invented
-    "train_img_s",
-)
-SWEEP_ARTIFACT = "sweep.yaml"
-REPORT_DIR = "report"
-CHECKPOINT_ARTIFACT = "checkpoints/best.pt"
-PER_IMAGE_ARTIFACT = "eval/per_image.csv"
-CONFUSION_ARTIFACT = "eval/confusion.csv"
-EXAMPLES_DIR = "eval/examples"
 
 
 def resolve_tracking_uri(cli_value: str | None = None) -> str:
@@ -141,11 +114,15 @@ class TrialRun:
         experiment: str,
         parent_run_id: str | None,
         label: str,
+        config_label: str,
         trial_id: str,
         params: Mapping[str, Any],
         run_id: str | None = None,
     ) -> TrialRun:
-        """Create the trial's run, or reopen `run_id` (a retried or resumed trial)."""
+        """Create the trial's run, or reopen `run_id` (a retried or resumed trial).
+
+        `config_label` names the configuration: the label without the seed of a repeat.
+        """
         if run_id is not None:
             client.update_run(run_id, status="RUNNING")
             client.set_tag(run_id, NODE_TAG, socket.gethostname())
@@ -156,6 +133,7 @@ class TrialRun:
             TRIAL_ID_TAG: trial_id,
             NODE_TAG: socket.gethostname(),
             LABEL_TAG: label,
+            CONFIG_LABEL_TAG: config_label,
         }
         if parent_run_id:
             tags[MLFLOW_PARENT_RUN_ID] = parent_run_id

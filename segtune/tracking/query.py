@@ -1,4 +1,5 @@
-"""What the report draws, read from MLflow and nothing else (so it works against a remote server).
+"""Reading a sweep back from MLflow into tables: what the report draws and what export chooses
+from, read from MLflow and nothing else (so it works against a remote server).
 
 One row per trial of the chosen sweep(s): params (as `params.<key>`, strings as MLflow holds
 them), every metric's latest value under its own name, status and error, run ids. Per-epoch
@@ -8,7 +9,6 @@ histories come in a long table (run_id, key, step, value).
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +21,8 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from segtune.errors import SegtuneError
-from segtune.tracking import (
+from segtune.tracking.names import (
+    CONFIG_LABEL_TAG,
     EARLY_STOP_TAG,
     ERROR_TAG,
     LABEL_TAG,
@@ -31,8 +32,8 @@ from segtune.tracking import (
     ROLE_TRIAL,
     SWEEP_TAG,
     TRIAL_ID_TAG,
-    resolve_tracking_uri,
 )
+from segtune.tracking.runs import resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,8 @@ INFO_COLUMNS = (
 )
 
 
-class ReportError(SegtuneError):
-    """MLflow holds nothing to report: unknown experiment, no sweep, unknown run, no server."""
+class TrackingError(SegtuneError):
+    """MLflow holds nothing to read: unknown experiment, no sweep, unknown run, no server."""
 
 
 @dataclass
@@ -114,10 +115,10 @@ def _experiment(client: MlflowClient, name: str, uri: str) -> str:
     try:
         experiment = client.get_experiment_by_name(name)
     except MlflowException as exc:
-        raise ReportError(f"cannot read MLflow at {uri}: {exc.message.splitlines()[0]}") from None
+        raise TrackingError(f"cannot read MLflow at {uri}: {exc.message.splitlines()[0]}") from None
     if experiment is None:
         known = sorted(e.name for e in client.search_experiments())
-        raise ReportError(
+        raise TrackingError(
             f"experiment {name!r} not found at tracking URI {uri} "
             f"(experiments there: {', '.join(known) or 'none'}); "
             "pass --tracking-uri or the sweep's experiment name"
@@ -133,16 +134,16 @@ def _sweep_runs(
         try:
             run = client.get_run(sweep_run_id)
         except MlflowException:
-            raise ReportError(f"--run-id {sweep_run_id}: no such MLflow run") from None
+            raise TrackingError(f"--run-id {sweep_run_id}: no such MLflow run") from None
         if run.info.experiment_id != experiment_id or run.data.tags.get(ROLE_TAG) != ROLE_SWEEP:
-            raise ReportError(
+            raise TrackingError(
                 f"--run-id {sweep_run_id}: not a sweep run (tag {ROLE_TAG}={ROLE_SWEEP}) "
                 f"of experiment {experiment!r}"
             )
         return [run]
     sweeps = list(_search(client, experiment_id, f"tags.`{ROLE_TAG}` = '{ROLE_SWEEP}'"))
     if not sweeps:
-        raise ReportError(
+        raise TrackingError(
             f"experiment {experiment!r} has no sweep run (tag {ROLE_TAG}={ROLE_SWEEP}); "
             "run `python -m segtune.run SWEEP.yaml` first"
         )
@@ -163,6 +164,7 @@ def _trial_row(run: Run, sweep: Run) -> dict[str, object]:
         "node": tags.get(NODE_TAG, ""),
         "start_time": _time(run.info.start_time),
         "end_time": _time(run.info.end_time),
+        "config_label": tags.get(CONFIG_LABEL_TAG) or run.info.run_name,
     }
     row.update({PARAM_PREFIX + k: v for k, v in run.data.params.items()})
     row.update(run.data.metrics)
@@ -185,13 +187,6 @@ def _short_value(value: object) -> str:
     except ValueError:
         return str(value)
     return f"{number:.3g}" if "." in str(value) or "e" in str(value).lower() else str(value)
-
-
-def _drop_seed(name: str, seed: object) -> str:
-    """A configuration's name: a trial's run name without its seed (`unet-none-basic-s1`)."""
-    if pd.isna(seed):
-        return name
-    return re.sub(rf"[-_ ](s|seed=?){re.escape(str(seed))}$", "", name) or name
 
 
 def unique_labels(table: pd.DataFrame, param_columns: Sequence[str]) -> list[str]:
@@ -253,7 +248,7 @@ def load_sweep_data(
             rows.append(_trial_row(run, sweep))
     if not rows:
         names = ", ".join(s.info.run_name for s in sweeps)
-        raise ReportError(
+        raise TrackingError(
             f"sweep run(s) {names} of experiment {experiment!r} have no trial runs yet"
         )
     table = pd.DataFrame(rows)
@@ -264,14 +259,9 @@ def load_sweep_data(
     table = table.sort_values("start_time", kind="stable").reset_index(drop=True)
     table["config"] = [config_key(row, params) for _, row in table.iterrows()]
     table["label"] = unique_labels(table, params)
-    firsts = table.drop_duplicates("config").copy()
-    seed = PARAM_PREFIX + SEED_PARAM
-    if seed in firsts.columns:
-        firsts["run_name"] = [
-            _drop_seed(name, value)
-            for name, value in zip(firsts["run_name"], firsts[seed], strict=True)
-        ]
-    no_seed = [c for c in params if c != seed]
+    firsts = table.drop_duplicates("config")
+    firsts = firsts.assign(run_name=firsts["config_label"])
+    no_seed = [c for c in params if c != PARAM_PREFIX + SEED_PARAM]
     names = dict(zip(firsts["config"], unique_labels(firsts, no_seed), strict=True))
     table["config_label"] = table["config"].map(names)
     table = table[[*INFO_COLUMNS, *params, *metrics]]

@@ -1,4 +1,4 @@
-"""The tiny-FloodNet class table of DESIGN.md: names, palette, ignore index and colour conversions."""
+"""The tiny-FloodNet class table of docs/design.md: names, palette, ignore index and colour conversions."""
 
 from __future__ import annotations
 

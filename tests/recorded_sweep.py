@@ -1,4 +1,5 @@
-"""A tiny sweep written into real MLflow with the contract helpers of segtune.tracking.
+"""A tiny sweep written into real MLflow with the contract helpers of segtune.tracking: the
+fixture data of the dashboards and export tests.
 
 An older sweep with two trials, and the newest sweep with seven: UNet with and without
 augmentation (two seeds each, named without and with the seed; the best trial, with eval
@@ -17,15 +18,10 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from segtune.classes import CLASS_NAMES, colorize
 from segtune.config import TrialConfig
-from segtune.data.classes import CLASS_NAMES, colorize
-from segtune.tracking import (
-    CONFUSION_ARTIFACT,
-    EXAMPLES_DIR,
-    PER_IMAGE_ARTIFACT,
-    TrialRun,
-    start_sweep_run,
-)
+from segtune.tracking.names import CONFUSION_ARTIFACT, EXAMPLES_DIR, PER_IMAGE_ARTIFACT
+from segtune.tracking.runs import TrialRun, start_sweep_run
 
 EPOCHS = 6
 IMAGE_IDS = [f"img{i}" for i in range(6)]
@@ -154,7 +150,8 @@ def log_sweep(
             client,
             experiment=experiment,
             parent_run_id=parent,
-            label=f"{config.label()}-s{config.seed}" if spec.seed_in_name else config.label(),
+            label=config.label(seed=spec.seed_in_name),
+            config_label=config.label(),
             trial_id=f"t{i:05d}",
             params=config.model_dump(),
         )

@@ -1,0 +1,176 @@
+"""The report as one HTML page: the summary table with a link to every trial's run, the
+figures, and the best trial's galleries."""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from dashboards.sections import FAILED, Picture, Report
+from segtune.tracking.names import COLUMNS, OBJECTIVE, format_metric
+from segtune.tracking.query import PARAM_PREFIX
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1200px;padding:0 1em;color:#222}
+h1{margin-bottom:.2em} h2{margin-top:1.6em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-size:.85em;margin:.6em 0}
+td,th{border:1px solid #ddd;padding:.25em .5em;text-align:left;vertical-align:top}
+th{background:#f4f4f4} td.num{text-align:right;font-variant-numeric:tabular-nums}
+tr.failed{color:#999} tr.failed td.error{color:#b00}
+tr.best td:first-child{font-weight:bold}
+figure{margin:1em 0} figure img{max-width:100%;border:1px solid #eee}
+figcaption{font-size:.85em;color:#555}
+.gallery img{width:100%;max-width:960px} .thumb{width:330px}
+.notes li{color:#8a5a00} .wide{overflow-x:auto} code{background:#f4f4f4;padding:0 .2em}
+"""
+
+
+def _run_link(report: Report, run_id: str) -> str:
+    uri = report.data.tracking_uri
+    if uri.startswith(("http://", "https://")):
+        url = f"{uri.rstrip('/')}/#/experiments/{report.data.experiment_id}/runs/{run_id}"
+        return f'<a href="{html.escape(url)}">{run_id[:8]}</a>'
+    return f"<code>{run_id}</code>"
+
+
+def _summary_table(report: Report) -> str:
+    """Every trial, failed ones last with their error; data-run-id marks a trial's row."""
+    data = report.data
+    table = data.table
+    params = data.varying_params()
+    metrics = [(m, p) for m, (_, p) in COLUMNS.items() if m in table.columns]
+    order = table.assign(
+        _failed=table["status"] == FAILED, _obj=pd.to_numeric(table.get(OBJECTIVE), errors="coerce")
+    ).sort_values(["_failed", "_obj"], ascending=[True, False], na_position="last")
+    head = ["trial", "status", *(p[len(PARAM_PREFIX) :] for p in params), *(m for m, _ in metrics)]
+    head += (
+        ["Pareto front"] + (["in budget"] if report.in_budget is not None else []) + ["MLflow run"]
+    )
+    lines = ['<div class="wide"><table id="summary"><thead><tr>']
+    lines += [f"<th>{html.escape(h)}</th>" for h in head]
+    lines.append("</tr></thead><tbody>")
+    best_id = report.best.row["run_id"] if report.best is not None else None
+    for idx, row in order.iterrows():
+        failed = row["status"] == FAILED
+        css = "failed" if failed else ("best" if row["run_id"] == best_id else "")
+        cells = [html.escape(str(row["label"])), html.escape(str(row["status"]))]
+        cells += [html.escape(str(row[p])) if pd.notna(row[p]) else "—" for p in params]
+        num = [format_metric(row[m], pattern) for m, pattern in metrics]
+        fronts = [
+            COLUMNS[c][0] for c, mask in report.fronts.items() if idx in mask.index and mask[idx]
+        ]
+        tail = [", ".join(fronts)]
+        if report.in_budget is not None:
+            tail.append("yes" if idx in report.in_budget.index and report.in_budget[idx] else "")
+        tail.append(_run_link(report, row["run_id"]))
+        tds = [f"<td>{c}</td>" for c in cells] + [f'<td class="num">{c}</td>' for c in num]
+        tds += [f"<td>{c}</td>" for c in tail]
+        lines.append(f'<tr class="{css}" data-run-id="{row["run_id"]}">{"".join(tds)}</tr>')
+        if failed and row["error"]:
+            lines.append(
+                f'<tr class="failed detail"><td class="error" colspan="{len(head)}">'
+                f"{html.escape(str(row['error'])[:400])}</td></tr>"
+            )
+    lines.append("</tbody></table></div>")
+    return "\n".join(lines)
+
+
+def _figures_html(items: Sequence[Picture], src: Callable[[str], str]) -> str:
+    return "\n".join(
+        f'<figure data-trials="{html.escape("|".join(f.trials))}">'
+        f'<img src="{src(f.path)}" alt="{html.escape(f.path)}">'
+        f"<figcaption>{html.escape(f.caption)}</figcaption></figure>"
+        for f in items
+    )
+
+
+def _best_html(report: Report, src: Callable[[str], str]) -> str:
+    best = report.best
+    if best is None:
+        return ""
+    parts = [f"<h2>Best trial: {html.escape(str(best.row['label']))}</h2>"]
+    for kind, title in (
+        ("best", "Good detection cases (Picture 10)"),
+        ("worst", "Poor detection cases (Picture 9)"),
+    ):
+        items = [(p, c) for k, p, c in best.overall if k == kind]
+        if items:
+            parts.append(
+                f"<h3>{title}</h3><p>Left: image, middle: prediction, right: ground truth.</p>"
+            )
+            parts += [
+                f'<figure class="gallery"><img src="{src(p)}" alt="{html.escape(c)}"><figcaption>{html.escape(c)}</figcaption></figure>'
+                for p, c in items
+            ]
+    if best.per_class:
+        parts.append("<h3>Per class: the image with the highest and the lowest IoU</h3>")
+        parts.append(
+            '<table id="per-class"><tr><th>class</th><th>good example</th><th>bad example</th></tr>'
+        )
+        for entry in best.per_class:
+            cells = []
+            for kind in ("best", "worst"):
+                if kind not in entry:
+                    cells.append("<td>None (class absent)</td>")
+                    continue
+                image_id, iou, path = entry[kind]
+                text = f"{html.escape(str(image_id))}: IoU {iou:.3f}"
+                img = (
+                    f'<br><img class="thumb" src="{src(path)}" alt="{html.escape(path)}">'
+                    if path
+                    else ""
+                )
+                cells.append(f"<td>{text}{img}</td>")
+            parts.append(f"<tr><td>{html.escape(str(entry['class']))}</td>{''.join(cells)}</tr>")
+        parts.append("</table>")
+    parts.append(_figures_html(best.figures, src))
+    return "\n".join(parts)
+
+
+def render(report: Report, src: Callable[[str], str]) -> str:
+    """The whole page; `src` turns a report-relative image path into an <img> source."""
+    data = report.data
+    trials = data.table
+    sweeps = ", ".join(f"{s.run_name} ({s.run_id[:8]})" for s in data.sweeps.itertuples())
+    counts = trials["status"].value_counts().to_dict()
+    status = ", ".join(f"{n} {s.lower()}" for s, n in counts.items())
+    header = [
+        f"<h1>{html.escape(data.experiment)}</h1>",
+        f"<p>Sweep{'s' if len(data.sweeps) > 1 else ''}: {html.escape(sweeps)}. "
+        f"{len(trials)} trials: {html.escape(status)}. Tracking URI: <code>{html.escape(data.tracking_uri)}</code>.</p>",
+    ]
+    if not data.tracking_uri.startswith(("http://", "https://")):
+        header.append(
+            "<p>Browse the runs with <code>mlflow ui --backend-store-uri "
+            f"{html.escape(data.tracking_uri)}</code> and look them up by run id.</p>"
+        )
+    body = header + ["<h2>Summary</h2><ul>"]
+    body += [f"<li>{html.escape(s)}</li>" for s in report.summary] + ["</ul>"]
+    body.append(_summary_table(report))
+    if report.notes:
+        body.append('<h2>Notes</h2><ul class="notes">')
+        body += [f"<li>{html.escape(n)}</li>" for n in report.notes] + ["</ul>"]
+    for section, title in (
+        ("curves", "Training curves"),
+        ("pareto", "Quality against cost"),
+        ("seeds", "Seed-to-seed spread"),
+    ):
+        if report.figures.get(section):
+            body.append(f"<h2>{title}</h2>" + _figures_html(report.figures[section], src))
+    body.append(_best_html(report, src))
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>segtune report: {html.escape(data.experiment)}</title><style>{CSS}</style></head>"
+        f"<body>{''.join(body)}</body></html>\n"
+    )
+
+
+def inline(out: Path) -> Callable[[str], str]:
+    def src(path: str) -> str:
+        return "data:image/png;base64," + base64.b64encode((out / path).read_bytes()).decode()
+
+    return src

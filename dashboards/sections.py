@@ -1,0 +1,285 @@
+"""What the report says, computed from a sweep's tables: its figures, its summary lines, its
+notes, and the study's Task 4 analysis of the best trial. `dashboards.page` lays it out."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from dashboards import class_figures, figures
+from dashboards.analysis import compare_configs, seed_groups
+from segtune.metrics import iou_per_class
+from segtune.tracking.names import (
+    CONFUSION_ARTIFACT,
+    EVAL_DIR,
+    EXAMPLES_DIR,
+    OBJECTIVE,
+    PARETO_COSTS,
+    PER_IMAGE_ARTIFACT,
+    format_metric,
+)
+from segtune.tracking.query import SweepData, download_eval, metrics_at_step
+from segtune.tracking.select import Constraint, pareto_front, within_budget
+
+FAILED = "FAILED"
+EXAMPLE = re.compile(r"^(best|worst)_(\d+)_(.+)\.png$")
+BEST_DIR = "best"  # the best trial's eval artifacts, downloaded beside the report
+
+
+@dataclass
+class Picture:
+    path: str  # relative to the report directory
+    caption: str
+    trials: list[str] = field(default_factory=list)  # the trials it shows
+
+
+@dataclass
+class BestTrial:
+    row: pd.Series
+    overall: list[tuple[str, str, str]] = field(default_factory=list)  # kind, path, caption
+    per_class: list[dict[str, object]] = field(default_factory=list)
+    figures: list[Picture] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    data: SweepData
+    out: Path
+    weight: float
+    budget: list[Constraint]
+    figures: dict[str, list[Picture]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    summary: list[str] = field(default_factory=list)
+    fronts: dict[str, pd.Series] = field(default_factory=dict)
+    in_budget: pd.Series | None = None
+    best: BestTrial | None = None
+
+    def figure(self, section: str, name: str, caption: str, drawn: figures.Drawn) -> None:
+        """Record a figure its drawing function wrote, or the note saying why it could not."""
+        if drawn.note:
+            self.notes.append(drawn.note)
+        if drawn.labels:
+            self.figures.setdefault(section, []).append(Picture(name, caption, drawn.labels))
+
+
+def _short(row: pd.Series) -> str:
+    """A trial in prose: label and objective."""
+    return f"{row['label']} ({OBJECTIVE} {format_metric(row.get(OBJECTIVE), '{:.3f}')})"
+
+
+# --- the sections ---------------------------------------------------------------------------
+
+
+def _curves(report: Report, trials: pd.DataFrame, colors: dict) -> None:
+    for key, caption in (
+        ("train_loss", "Training loss, one line per trial (the study's Pictures 1 and 3)."),
+        ("val_loss", "Validation loss, one line per trial (the study's Pictures 2 and 4)."),
+        ("val_miou", "Validation mIoU by epoch."),
+    ):
+        drawn = figures.curves(
+            report.data, trials, key, colors, report.weight, report.out / f"{key}.png"
+        )
+        report.figure("curves", f"{key}.png", caption, drawn)
+
+
+def _pareto(report: Report, trials: pd.DataFrame, colors: dict) -> None:
+    pictures = {"train_time_min": 5, "infer_ms_gpu": 6, "infer_ms_cpu": 7}
+    for cost in PARETO_COSTS:
+        name = f"pareto_{cost}.png"
+        drawn = figures.pareto(trials, cost, colors, report.out / name)
+        report.figure(
+            "pareto",
+            name,
+            f"{OBJECTIVE} against {cost}; bubble area proportional to size_mb; black rings and "
+            f"the dashed line: the Pareto front (the study's Picture {pictures[cost]}).",
+            drawn,
+        )
+        front = pareto_front(trials, OBJECTIVE, [cost])
+        if front.any():
+            report.fronts[cost] = front
+            names = ", ".join(trials.loc[front, "label"])
+            report.summary.append(f"Pareto front of {OBJECTIVE} vs {cost}: {names}.")
+    drawn = figures.size_bars(trials, colors, report.out / "size_mb.png")
+    report.figure("pareto", "size_mb.png", "Model size per configuration (Picture 8).", drawn)
+
+
+def _seeds(report: Report, trials: pd.DataFrame, colors: dict) -> None:
+    groups = seed_groups(trials)
+    if groups.empty or (groups["n"] < 2).all():
+        report.summary.append(
+            "Every configuration ran with a single seed, so no difference here is known to "
+            "exceed seed-to-seed noise; set `tune.repeats: 3` in the sweep to measure it."
+        )
+        return
+    report.figure(
+        "seeds",
+        "seeds_best_val_miou.png",
+        f"{OBJECTIVE} per configuration: each seed a dot, mean ± std of the seeds a blue bar.",
+        figures.seed_spread(groups, trials, report.out / "seeds_best_val_miou.png"),
+    )
+    drawn = figures.seed_bands(
+        report.data, groups, colors, trials, report.out / "seeds_val_miou.png"
+    )
+    report.figure("seeds", "seeds_val_miou.png", "val_miou by epoch, mean ± std over seeds.", drawn)
+    comparisons = compare_configs(groups)
+    if not comparisons:
+        report.summary.append(
+            "Only one configuration ran several seeds: nothing to compare against its spread."
+        )
+    for c in comparisons:
+        verdict = (
+            "larger than the seed-to-seed spread"
+            if c.beyond_spread
+            else "within the seed-to-seed spread (not a difference on this evidence)"
+        )
+        report.summary.append(
+            f"{c.a} vs {c.b} (differ in {c.differs_in or 'nothing but the seed'}): "
+            f"Δ{OBJECTIVE} = {c.diff:+.3f}, seed std {c.std_a:.3f} / {c.std_b:.3f}: {verdict}."
+        )
+
+
+def _budget(report: Report, trials: pd.DataFrame) -> None:
+    if report.in_budget is None:
+        return
+    text = ", ".join(str(c) for c in report.budget)
+    fitting = trials[report.in_budget].dropna(subset=[OBJECTIVE])
+    if fitting.empty:
+        report.summary.append(f"No trial fits the budget {text}.")
+    else:
+        best = fitting.loc[fitting[OBJECTIVE].idxmax()]
+        report.summary.append(f"Best within the budget {text}: {_short(best)}.")
+
+
+def _iou_per_class(report: Report, row: pd.Series, matrix: pd.DataFrame | None) -> dict[str, float]:
+    """From eval/confusion.csv (counts, as ConfusionMatrix writes them), else the IoU metrics of
+    the best epoch."""
+    if matrix is not None:
+        iou = iou_per_class(matrix.to_numpy(dtype=float))
+        return {
+            str(name): float(v) for name, v in zip(matrix.index, iou, strict=True) if pd.notna(v)
+        }
+    keys = [c for c in report.data.metric_columns if c.startswith("val_iou_")]
+    epoch = row.get("best_epoch")
+    if not keys or pd.isna(epoch):
+        return {}
+    found = metrics_at_step(report.data.tracking_uri, row["run_id"], keys, int(epoch))
+    return {k[len("val_iou_") :]: v for k, v in found.items()}
+
+
+def _read_per_image(report: Report, path: Path) -> pd.DataFrame | None:
+    """eval/per_image.csv (id, miou, iou_<class>), or None with a note saying what is wrong."""
+    if not path.is_file():
+        report.notes.append(f"the best trial has no {PER_IMAGE_ARTIFACT}: no per-class table")
+        return None
+    scores = pd.read_csv(path, dtype={"id": str})
+    if "id" not in scores.columns:
+        report.notes.append(f"{PER_IMAGE_ARTIFACT} of the best trial has no `id` column")
+        return None
+    return scores
+
+
+def _read_confusion(report: Report, path: Path) -> pd.DataFrame | None:
+    """eval/confusion.csv: square, class names as index and columns, rows the ground truth."""
+    if not path.is_file():
+        report.notes.append(f"the best trial has no {CONFUSION_ARTIFACT}: no confusion matrix")
+        return None
+    matrix = pd.read_csv(path, index_col=0).apply(pd.to_numeric, errors="coerce")
+    if matrix.shape[0] != matrix.shape[1] or matrix.isna().to_numpy().any():
+        report.notes.append(
+            f"{CONFUSION_ARTIFACT} of the best trial is not a square numeric table "
+            f"(shape {matrix.shape}): no confusion matrix"
+        )
+        return None
+    return matrix
+
+
+def _best_trial(report: Report, trials: pd.DataFrame) -> None:
+    """The study's Task 4 for the best trial: galleries, per-class table, confusion, IoU bars."""
+    ranked = trials.dropna(subset=[OBJECTIVE])
+    if ranked.empty:
+        report.notes.append(f"no trial has `{OBJECTIVE}`: no best trial to analyse")
+        return
+    row = ranked.loc[ranked[OBJECTIVE].idxmax()]
+    best = report.best = BestTrial(row)
+    report.summary.append(f"Best trial: {_short(row)}.")
+    root = report.out / BEST_DIR
+    if download_eval(report.data.tracking_uri, row["run_id"], EVAL_DIR, root) is None:
+        report.notes.append(f"the best trial {row['label']} has no eval/ artifacts")
+        return
+    examples = root / EXAMPLES_DIR
+    files = sorted(p.name for p in examples.glob("*.png")) if examples.is_dir() else []
+    scores = _read_per_image(report, root / PER_IMAGE_ARTIFACT)
+    miou = {}
+    if scores is not None and "miou" in scores.columns:
+        miou = dict(zip(scores["id"], scores["miou"], strict=True))
+    for kind in ("best", "worst"):
+        for name in sorted((f for f in files if f.startswith(kind + "_")), key=_rank):
+            match = EXAMPLE.match(name)
+            if match:
+                rank, image_id = match.group(2), match.group(3)
+                caption = f"{kind} #{rank}: {image_id}, mIoU {format_metric(miou.get(image_id), '{:.3f}')}"
+                best.overall.append((kind, f"{BEST_DIR}/{EXAMPLES_DIR}/{name}", caption))
+    if scores is not None:
+        best.per_class = _per_class_examples(scores, set(files))
+    matrix = _read_confusion(report, root / CONFUSION_ARTIFACT)
+    if matrix is not None:
+        class_figures.confusion(
+            matrix, report.out / "confusion.png", f"Confusion matrix, {row['label']}"
+        )
+        best.figures.append(
+            Picture("confusion.png", "Row-normalised confusion matrix (rows: ground truth).")
+        )
+    iou = _iou_per_class(report, row, matrix)
+    if iou:
+        class_figures.iou_bars(
+            iou, report.out / "iou_per_class.png", f"IoU per class, {row['label']}"
+        )
+        best.figures.append(Picture("iou_per_class.png", "IoU per class of the best trial."))
+
+
+def _rank(name: str) -> int:
+    match = EXAMPLE.match(name)
+    return int(match.group(2)) if match else 0
+
+
+def _per_class_examples(scores: pd.DataFrame, files: set[str]) -> list[dict[str, object]]:
+    """For each class, the images with its highest and lowest IoU, and their composites."""
+    rows = []
+    for column in (c for c in scores.columns if c.startswith("iou_")):
+        name = column[len("iou_") :]
+        values = pd.to_numeric(scores[column], errors="coerce")
+        entry: dict[str, object] = {"class": name}
+        if values.notna().any():
+            for kind, idx in (("best", values.idxmax()), ("worst", values.idxmin())):
+                image_id = scores.at[idx, "id"]
+                composite = f"class_{name}_{kind}_{image_id}.png"
+                entry[kind] = (
+                    image_id,
+                    float(values[idx]),
+                    f"{BEST_DIR}/{EXAMPLES_DIR}/{composite}" if composite in files else None,
+                )
+        rows.append(entry)
+    return rows
+
+
+def compose(data: SweepData, out: Path, weight: float, budget: list[Constraint]) -> Report:
+    """Every section of the report of `data`, its figures drawn into `out`."""
+    trials = data.table[data.table["status"] != FAILED]
+    report = Report(data, out, weight, budget)
+    if budget:  # checked against the sweep's metrics before anything is drawn
+        report.in_budget = within_budget(trials, budget, data.metric_columns)
+    out.mkdir(parents=True, exist_ok=True)
+    colors = figures.trial_colors(list(trials["label"]))
+    _best_trial(report, trials)
+    _budget(report, trials)
+    _curves(report, trials, colors)
+    _pareto(report, trials, colors)
+    _seeds(report, trials, colors)
+    for _, row in data.table[data.table["status"] == FAILED].iterrows():
+        report.notes.append(
+            f"failed trial {row['label']} (not plotted): {row['error'] or 'no error recorded'}"
+        )
+    return report

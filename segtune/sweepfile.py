@@ -1,0 +1,267 @@
+"""The sweep file: its schema, the grammar of its `search_space`, and validation that reports
+every problem at once, each with its key path, before anything starts.
+
+Grammar (per `search_space` key): a scalar, or one of `grid_search`, `choice` (lists),
+`uniform`, `loguniform` ([low, high]), `randint` ([low, high], both inclusive). A key that is
+not a trial key is a *group*: a `grid_search` or `choice` over mappings of trial keys.
+`segtune.space` turns a valid sweep into Ray Tune's `param_space`. No Ray, no MLflow here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from segtune.config import (
+    DataConfig,
+    TrialConfig,
+    apply_overrides,
+    format_validation_error,
+    parse_yaml,
+)
+from segtune.errors import ConfigError
+from segtune.tracking.names import EPOCH_SCORES
+
+SEARCH_FORMS = ("grid_search", "choice", "uniform", "loguniform", "randint")
+
+
+def search_form(spec: Any) -> tuple[str | None, Any]:
+    """A `search_space` entry as (form, values): `(None, value)` for a fixed value."""
+    if isinstance(spec, dict) and len(spec) == 1:
+        return next(iter(spec.items()))
+    return None, spec
+
+
+def is_group(key: str) -> bool:
+    """A `search_space` key that is not a trial key holds a list of mappings of trial keys."""
+    return key not in TrialConfig.model_fields
+
+
+class Resources(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cpu: float = Field(1.0, gt=0)
+    gpu: float = Field(0.0, ge=0)  # fractions share a GPU between trials
+
+
+class TuneSection(BaseModel):
+    """How Ray Tune searches and schedules; `metric`/`mode` may be lists (multi-objective)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    metric: str | list[str] = "val_miou"
+    mode: Literal["max", "min"] | list[Literal["max", "min"]] = "max"
+    search: Literal["grid", "random", "optuna"] = "grid"
+    sampler: Literal["tpe", "nsga2"] = "tpe"
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1)
+    num_samples: int = Field(1, ge=1)
+    repeats: int = Field(1, ge=1)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    resources_per_trial: Resources = Resources()
+    max_failures: int = Field(1, ge=0)
+    storage_path: str = "runs"
+
+
+class MlflowSection(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tracking_uri: str | None = None
+    experiment: str | None = None  # defaults to the sweep's name
+
+
+class BenchSection(BaseModel):
+    """The cost benchmark each trial runs on its best checkpoint (docs/design.md, cost measurement)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: str = "1000x750"
+    threads: int = Field(2, ge=1)
+    repeats: int = Field(5, ge=1)
+    warmup: int = Field(2, ge=0)
+    gpu: bool = True
+
+
+class SweepConfig(BaseModel):
+    """A whole sweep file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str = ""
+    data: DataConfig = DataConfig()
+    train: dict[str, Any] = Field(default_factory=dict)
+    search_space: dict[str, Any] = Field(default_factory=dict)
+    tune: TuneSection = TuneSection()
+    mlflow: MlflowSection = MlflowSection()
+    bench: BenchSection = BenchSection()
+
+    @property
+    def experiment(self) -> str:
+        return self.mlflow.experiment or self.name
+
+    def searched_keys(self) -> list[str]:
+        """The trial keys the search space sets: its own keys and those of its groups' mappings."""
+        keys: list[str] = []
+        for key, spec in self.search_space.items():
+            form, values = search_form(spec)
+            if not is_group(key):
+                keys.append(key)
+            elif form is not None:
+                keys.extend(k for mapping in values for k in mapping)
+        return list(dict.fromkeys(keys))
+
+    def trial_label(self, cfg: TrialConfig) -> str:
+        """A trial's run name: the label, the other searched keys (`lr=0.003`), the repeat's seed."""
+        return cfg.label(self.searched_keys(), seed=self.tune.repeats > 1)
+
+    def config_label(self, cfg: TrialConfig) -> str:
+        """`trial_label` without the seed: the name of the configuration that seeds repeat."""
+        return cfg.label(self.searched_keys())
+
+    def objectives(self) -> list[tuple[str, str]]:
+        """(metric, mode) pairs: one for a single objective, several for multi-objective."""
+        metrics = [self.tune.metric] if isinstance(self.tune.metric, str) else self.tune.metric
+        modes = [self.tune.mode] if isinstance(self.tune.mode, str) else self.tune.mode
+        return list(zip(metrics, modes, strict=False))
+
+
+_TRIAL_FIELDS = TrialConfig.model_fields
+
+
+def _check_trial_values(values: Mapping[str, Any], where: str, problems: list[str]) -> None:
+    """Type-check trial keys against TrialConfig, one problem line per key."""
+    try:
+        TrialConfig.model_validate(dict(values))
+    except ValidationError as exc:
+        problems.extend(format_validation_error(exc, where).splitlines())
+
+
+def _check_param(key: str, spec: Any, where: str, problems: list[str]) -> None:
+    """One search-space entry: a scalar or one of SEARCH_FORMS over valid values."""
+    if not isinstance(spec, dict):
+        _check_trial_values({key: spec}, where.rsplit(".", 1)[0], problems)
+        return
+    form, values = search_form(spec)
+    if form not in SEARCH_FORMS:
+        problems.append(f"{where}: expected a value or one of {', '.join(SEARCH_FORMS)}")
+        return
+    if not isinstance(values, list) or not values:
+        problems.append(f"{where}.{form}: expected a non-empty list")
+        return
+    if form in ("uniform", "loguniform", "randint"):
+        if len(values) != 2 or not all(isinstance(v, int | float) for v in values):
+            problems.append(f"{where}.{form}: expected [low, high]")
+            return
+        if values[0] >= values[1] or (form == "loguniform" and values[0] <= 0):
+            problems.append(
+                f"{where}.{form}: need 0 < low < high"
+                if form == "loguniform"
+                else f"{where}.{form}: need low < high"
+            )
+            return
+    for i, value in enumerate(values):
+        if isinstance(value, dict) and is_group(key):
+            unknown = sorted(set(value) - set(_TRIAL_FIELDS))
+            if unknown:
+                problems.append(f"{where}.{form}[{i}]: unknown trial keys {unknown}")
+            _check_trial_values(
+                {k: v for k, v in value.items() if k in _TRIAL_FIELDS},
+                f"{where}.{form}[{i}]",
+                problems,
+            )
+        elif is_group(key):
+            problems.append(
+                f"{where}: '{key}' is not a trial key; a group key must hold a list of mappings "
+                f"of trial keys (valid trial keys: {', '.join(_TRIAL_FIELDS)})"
+            )
+            return
+        else:
+            try:
+                TrialConfig.model_validate({key: value})
+            except ValidationError as exc:
+                problems.append(f"{where}.{form}[{i}]: {exc.errors()[0]['msg']}")
+
+
+def validate_sweep(raw: Mapping[str, Any]) -> SweepConfig:
+    """Every problem of a sweep, each with its key path, at once, as one ConfigError."""
+    problems: list[str] = []
+    sweep: SweepConfig | None = None
+    try:
+        sweep = SweepConfig.model_validate(dict(raw))
+    except ValidationError as exc:
+        problems.extend(format_validation_error(exc).splitlines())
+    train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+    _check_trial_values(train, "train", problems)
+    space = raw.get("search_space") if isinstance(raw.get("search_space"), dict) else {}
+    for key, spec in space.items():
+        _check_param(key, spec, f"search_space.{key}", problems)
+    if sweep is not None:
+        problems.extend(_check_tune(sweep))
+    if problems:
+        raise ConfigError("invalid sweep:\n  " + "\n  ".join(dict.fromkeys(problems)))
+    assert sweep is not None
+    return sweep
+
+
+def _forms(space: Mapping[str, Any]) -> set[str]:
+    return {form for form, _ in map(search_form, space.values()) if form is not None}
+
+
+def _check_tune(sweep: SweepConfig) -> list[str]:
+    tune, problems = sweep.tune, []
+    metrics = [tune.metric] if isinstance(tune.metric, str) else tune.metric
+    modes = [tune.mode] if isinstance(tune.mode, str) else tune.mode
+    forms = _forms(sweep.search_space)
+    if len(metrics) != len(modes):
+        problems.append(f"tune.mode: {len(modes)} modes for {len(metrics)} metrics")
+    if len(metrics) > 1:
+        if tune.search != "optuna":
+            problems.append(
+                "tune.metric: several metrics (multi-objective) need tune.search: optuna"
+            )
+        if tune.scheduler != "fifo":
+            problems.append(
+                "tune.scheduler: asha stops trials on one metric; use fifo with several metrics"
+            )
+    if tune.search == "grid" and forms & {"uniform", "loguniform", "randint", "choice"}:
+        problems.append(
+            "tune.search: grid expands only grid_search; sample uniform/loguniform/randint/choice "
+            "with tune.search: random or optuna"
+        )
+    if tune.search == "optuna" and "grid_search" in forms:
+        problems.append("tune.search: optuna cannot take grid_search; use choice instead")
+    if tune.search == "optuna" and tune.repeats > 1:
+        problems.append("tune.repeats: seeds per configuration need tune.search grid or random")
+    epochs = sweep.train.get("epochs", TrialConfig.model_fields["epochs"].default)
+    if tune.scheduler == "asha" and isinstance(epochs, int) and tune.grace_period >= epochs:
+        problems.append(
+            f"tune.grace_period: {tune.grace_period} must be below train.epochs ({epochs}) for asha"
+        )
+    if tune.scheduler == "asha" and metrics[0] not in EPOCH_SCORES:
+        problems.append(f"tune.metric: asha needs a per-epoch metric, not {metrics[0]}")
+    return problems
+
+
+def load_sweep(path: Path | str, overrides: Sequence[str] = ()) -> SweepConfig:
+    """Read, override and validate a sweep file (yaml.safe_load; all problems at once)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: sweep file not found")
+    try:
+        raw = parse_yaml(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{path}: a sweep file is a mapping with name, data, train, search_space, tune"
+        )
+    try:
+        return validate_sweep(apply_overrides(raw, overrides))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

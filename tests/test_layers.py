@@ -1,0 +1,88 @@
+"""The arrows between the packages point down: the dashboards draw from segtune, never the
+other way round, and the training core runs without Ray or MLflow."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# what runs on any machine without a cluster or a tracking server: no Ray, no MLflow in it
+CORE = (
+    "segtune.classes",
+    "segtune.config",
+    "segtune.cost",
+    "segtune.data.baseline",
+    "segtune.data.convert_floodnet",
+    "segtune.data.pipeline",
+    "segtune.data.stats",
+    "segtune.data.synthetic",
+    "segtune.device",
+    "segtune.engine",
+    "segtune.evaluation",
+    "segtune.losses",
+    "segtune.metrics",
+    "segtune.models",
+    "segtune.prepare",
+    "segtune.sweepfile",
+    "segtune.tracking.names",
+    "segtune.train",
+)
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, at its top or inside a function."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_segtune_never_imports_dashboards() -> None:
+    offenders = {
+        str(path.relative_to(REPO)): sorted(
+            n for n in imported_modules(path) if n.split(".")[0] == "dashboards"
+        )
+        for path in (REPO / "segtune").rglob("*.py")
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_the_training_core_imports_neither_ray_nor_mlflow() -> None:
+    """Imported in a fresh interpreter: what they pull in transitively counts too."""
+    code = (
+        "import importlib, json, sys\n"
+        f"for name in {list(CORE)!r}: importlib.import_module(name)\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'mlflow'})))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+def test_the_dashboards_read_mlflow_only_through_segtune_tracking() -> None:
+    for path in (REPO / "dashboards").rglob("*.py"):
+        segtune = {n for n in imported_modules(path) if n.split(".")[0] == "segtune"}
+        allowed = {"segtune.cli", "segtune.classes", "segtune.errors", "segtune.metrics"}
+        assert {n for n in segtune if not n.startswith("segtune.tracking")} <= allowed, path
+
+
+def test_no_module_does_several_jobs() -> None:
+    """A module past ~400 lines is doing several jobs; the synthetic renderer is one coherent
+    exception."""
+    exempt = {"segtune/data/synthetic.py"}
+    long = {
+        str(path.relative_to(REPO)): n
+        for folder in ("segtune", "dashboards")
+        for path in (REPO / folder).rglob("*.py")
+        if (n := len(path.read_text().splitlines())) > 400
+    }
+    assert {k: v for k, v in long.items() if k not in exempt} == {}
