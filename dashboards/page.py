@@ -46,7 +46,9 @@ def _summary_table(report: Report) -> str:
     order = table.assign(
         _failed=table["status"] == FAILED, _obj=pd.to_numeric(table.get(OBJECTIVE), errors="coerce")
     ).sort_values(["_failed", "_obj"], ascending=[True, False], na_position="last")
-    head = ["trial", "status", *(p[len(PARAM_PREFIX) :] for p in params), *(m for m, _ in metrics)]
+    where = ["node"] if table["node"].nunique() > 1 else []  # a sweep over several machines
+    head = ["trial", "status", *where, *(p[len(PARAM_PREFIX) :] for p in params)]
+    head += [m for m, _ in metrics]
     head += (
         ["Pareto front"] + (["in budget"] if report.in_budget is not None else []) + ["MLflow run"]
     )
@@ -57,7 +59,7 @@ def _summary_table(report: Report) -> str:
     for idx, row in order.iterrows():
         failed = row["status"] == FAILED
         css = "failed" if failed else ("best" if row["run_id"] == best_id else "")
-        cells = [html.escape(str(row["label"])), html.escape(str(row["status"]))]
+        cells = [html.escape(str(row[c])) for c in ("label", "status", *where)]
         cells += [html.escape(str(row[p])) if pd.notna(row[p]) else "—" for p in params]
         num = [format_metric(row[m], pattern) for m, pattern in metrics]
         fronts = [

@@ -24,6 +24,7 @@ from segtune.data.pipeline import split_samples
 from segtune.errors import ConfigError, ModelError
 from segtune.models import pretrained_weights_file
 from segtune.space import check_combinations, describe, discrete_trials
+from segtune.storage import RunStorage
 from segtune.sweepfile import SweepConfig, load_sweep
 from segtune.tracking.names import COLUMNS, OBJECTIVE, PARETO_COSTS
 
@@ -48,11 +49,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def absolute_paths(sweep: SweepConfig, tracking_uri: str) -> tuple[SweepConfig, str]:
-    """Trials run in Ray's own working directories: make every local path absolute."""
+    """Trials run in Ray's own working directories: make every local path absolute (a storage
+    URI stays as it is)."""
     data = sweep.data.model_copy(update={"root": str(Path(sweep.data.root).resolve())})
-    tune = sweep.tune.model_copy(
-        update={"storage_path": str(Path(sweep.tune.storage_path).resolve())}
-    )
+    storage = RunStorage.of(sweep.tune.storage_path, sweep.tune.storage_endpoint)
+    tune = sweep.tune.model_copy(update={"storage_path": storage.location})
     if tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:////"):
         tracking_uri = "sqlite:///" + str(Path(tracking_uri[len("sqlite:///") :]).resolve())
     return sweep.model_copy(update={"data": data, "tune": tune}), tracking_uri
@@ -166,7 +167,8 @@ def print_summary(sweep: SweepConfig, tracking_uri: str, parent: str) -> None:
     ok = ok.sort_values(OBJECTIVE, ascending=False)
     ok["note"] = ok["early_stopped"].map(lambda v: f"stopped {v}" if v else "")
     titles = {key: COLUMNS[key][0] for key in SUMMARY_COLUMNS}
-    shown = ok[["label", *SUMMARY_COLUMNS, "pareto", "note"]].rename(columns=titles)
+    where = ["node"] if table["node"].nunique() > 1 else []  # a sweep over several machines
+    shown = ok[["label", *where, *SUMMARY_COLUMNS, "pareto", "note"]].rename(columns=titles)
     print(f"\nsweep {sweep.name}: {len(table)} trials")
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-"))
     if sweep.tune.repeats > 1 and len(ok):

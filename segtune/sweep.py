@@ -1,5 +1,6 @@
-"""The sweep on Ray Tune: parent MLflow run, Tuner (search, scheduler, retries, checkpoints),
-and a driver-side callback that closes the MLflow runs of trials Ray stopped or lost.
+"""The sweep on Ray Tune: every node checked, parent MLflow run, Tuner (search, scheduler,
+retries, checkpoints on the run storage), and a driver-side callback that closes the MLflow
+runs of trials Ray stopped or lost.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from ray.tune.experiment import Trial
 
 from segtune.config import TrialConfig
 from segtune.errors import ConfigError
+from segtune.nodes import check_nodes, node_name, runtime_env_vars
 from segtune.space import param_space
+from segtune.storage import RunStorage
 from segtune.sweepfile import SweepConfig
 from segtune.tracking.names import EARLY_STOP_TAG, ERROR_TAG, QUALITY_METRICS, TRAIN_COSTS
 from segtune.tracking.runs import TrialRun, find_trial_run, start_sweep_run
@@ -100,11 +103,18 @@ class CloseRuns(tune.Callback):
         if run is None:
             return
         if ERROR_TAG not in run.data.tags:
-            client.set_tag(
-                run.info.run_id, ERROR_TAG, str(trial.error_file or "trial process died")
-            )
+            client.set_tag(run.info.run_id, ERROR_TAG, _error_text(trial))
         if run.info.status != "FAILED":
             client.set_terminated(run.info.run_id, "FAILED")
+
+
+def _error_text(trial: Trial) -> str:
+    """The end of Ray's error file (it lives in a temporary folder that does not last)."""
+    try:
+        text = Path(trial.error_file).read_text().strip() if trial.error_file else ""
+    except OSError:
+        text = ""
+    return text[-4000:] or "the trial's process died"
 
 
 def check_cluster(sweep: SweepConfig) -> None:
@@ -119,17 +129,26 @@ def check_cluster(sweep: SweepConfig) -> None:
             )
 
 
-def _parent_run(sweep: SweepConfig, tracking_uri: str, sweep_yaml: str, resume: bool) -> str:
-    state = Path(sweep.tune.storage_path) / sweep.name / SWEEP_STATE_FILE
-    if resume and state.is_file():
-        parent = json.loads(state.read_text())["parent_run_id"]
+def _parent_run(
+    sweep: SweepConfig, storage: RunStorage, tracking_uri: str, sweep_yaml: str, resume: bool
+) -> str:
+    """The sweep's parent run: a new one, or on --resume the one named in the sweep's state
+    file, which lives beside Ray's experiment state so that any machine can resume."""
+    state = storage.read_text(sweep.name, SWEEP_STATE_FILE) if resume else None
+    if state is not None:
+        parent = json.loads(state)["parent_run_id"]
         MlflowClient(tracking_uri).update_run(parent, status="RUNNING")
         return parent
     parent = start_sweep_run(
-        MlflowClient(tracking_uri), sweep.experiment, sweep.name, sweep_yaml, sweep.description
+        MlflowClient(tracking_uri),
+        sweep.experiment,
+        sweep.name,
+        sweep_yaml,
+        sweep.description,
+        node=node_name(),
     )
-    state.parent.mkdir(parents=True, exist_ok=True)
-    state.write_text(json.dumps({"parent_run_id": parent, "tracking_uri": tracking_uri}))
+    state = json.dumps({"parent_run_id": parent, "tracking_uri": tracking_uri})
+    storage.write_text(state, sweep.name, SWEEP_STATE_FILE)
     return parent
 
 
@@ -142,12 +161,14 @@ def run_sweep(
     sweep_yaml: str,
 ) -> tuple[str, int]:
     """Run the sweep; returns its parent run id and the number of failed trials."""
-    experiment_dir = Path(sweep.tune.storage_path) / sweep.name
-    if resume and not tune.Tuner.can_restore(str(experiment_dir)):
+    storage = RunStorage.of(sweep.tune.storage_path, sweep.tune.storage_endpoint)
+    filesystem, root = storage.filesystem()
+    experiment_dir = storage.path(sweep.name)
+    if resume and not tune.Tuner.can_restore(experiment_dir, storage_filesystem=filesystem):
         raise ConfigError(
-            f"--resume: no interrupted sweep at {experiment_dir}; run without --resume"
+            f"--resume: no interrupted sweep at {storage}/{sweep.name}; run without --resume"
         )
-    env = {"MLFLOW_TRACKING_URI": tracking_uri}
+    env = {"MLFLOW_TRACKING_URI": tracking_uri, **runtime_env_vars()}
     ray.init(
         address=address,
         include_dashboard=False,
@@ -157,7 +178,8 @@ def run_sweep(
     )
     try:
         check_cluster(sweep)
-        parent = _parent_run(sweep, tracking_uri, sweep_yaml, resume)
+        check_nodes(sweep.data, storage, tracking_uri)
+        parent = _parent_run(sweep, storage, tracking_uri, sweep_yaml, resume)
         resources = sweep.tune.resources_per_trial
         trainable = tune.with_resources(
             tune.with_parameters(
@@ -171,7 +193,8 @@ def run_sweep(
             os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
         run_config = tune.RunConfig(
             name=sweep.name,
-            storage_path=sweep.tune.storage_path,
+            storage_path=root,
+            storage_filesystem=None if storage.is_local else filesystem,
             failure_config=tune.FailureConfig(max_failures=sweep.tune.max_failures),
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=1,  # the best by the metric; Ray always keeps the latest as well
@@ -182,7 +205,12 @@ def run_sweep(
             verbose=1,
         )
         if resume:
-            tuner = tune.Tuner.restore(str(experiment_dir), trainable, resume_unfinished=True)
+            tuner = tune.Tuner.restore(
+                experiment_dir,
+                trainable,
+                resume_unfinished=True,
+                storage_filesystem=None if storage.is_local else filesystem,
+            )
         else:
             tuner = tune.Tuner(
                 trainable,

@@ -65,7 +65,10 @@ class TuneSection(BaseModel):
     max_concurrent_trials: int | None = Field(None, ge=1)
     resources_per_trial: Resources = Resources()
     max_failures: int = Field(1, ge=0)
+    # a local folder (one machine, or a mount at the same path on every node) or a URI such
+    # as s3://bucket/prefix; storage_endpoint: an S3-compatible server (MinIO, Ceph, ...)
     storage_path: str = "runs"
+    storage_endpoint: str | None = None
 
 
 class MlflowSection(BaseModel):

@@ -9,6 +9,7 @@ writing to its own run.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -26,6 +27,7 @@ from segtune.cost import measure_cost
 from segtune.device import amp_dtype, resolve_device
 from segtune.engine import EpochEnd, fit
 from segtune.evaluation import evaluate_best
+from segtune.nodes import node_name
 from segtune.prepare import prepare
 from segtune.space import resolve_trial
 from segtune.sweepfile import SweepConfig
@@ -34,7 +36,8 @@ from segtune.tracking.runs import TrialRun, find_trial_run
 
 log = logging.getLogger(__name__)
 
-TRAINING_STATE_FILE = "state.pt"  # fit()'s full state, in each Ray checkpoint
+TRAINING_STATE_FILE = "state.pt"  # fit()'s full state, in each epoch's Ray checkpoint
+FINAL_RESULT_FILE = "final.json"  # the last checkpoint of a finished trial
 # Test hook: make every trial die once after this epoch (the marker file says it happened).
 FAULT_EPOCH_ENV, FAULT_MARKER_ENV = "SEGTUNE_FAULT_AFTER_EPOCH", "SEGTUNE_FAULT_MARKER"
 
@@ -66,6 +69,10 @@ def run_trial(
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
+            done = Path(folder) / FINAL_RESULT_FILE
+            if done.is_file():  # finished before the driver died: report it again, run nothing
+                tune.report(json.loads(done.read_text()))
+                return
             resume = load_dict(Path(folder) / TRAINING_STATE_FILE, "Ray checkpoint")
     client = MlflowClient(tracking_uri)
     run_id = (resume or {}).get("mlflow_run_id")
@@ -81,6 +88,7 @@ def run_trial(
         trial_id=trial_id,
         params=cfg.model_dump(mode="json"),
         run_id=run_id,
+        node=node_name(),
     )
     try:
         final = _train_evaluate_bench(sweep, cfg, run, device, resume)
@@ -90,7 +98,11 @@ def run_trial(
         run.finish(exc)
         raise
     run.finish()  # before the last report: a scheduler may stop the trial right there
-    tune.report(final)
+    with tempfile.TemporaryDirectory() as folder:
+        # the final result as the trial's last checkpoint: a sweep resumed from an experiment
+        # state saved before this trial's end does not evaluate it again
+        (Path(folder) / FINAL_RESULT_FILE).write_text(json.dumps(final))
+        tune.report(final, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
 def _train_evaluate_bench(

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from segtune.tracking.names import OBJECTIVE
 from segtune.tracking.query import TrackingError, load_sweep_table
 from segtune.tracking.select import pareto_front, parse_budget
 from tests.recorded_sweep import log_sweep, newest_specs, older_specs
+from tests.servers import mlflow_server
 
 EXPERIMENT = "tiny-sweep"
 FIGURES = (
@@ -380,43 +379,8 @@ def test_report_renders_in_headless_chromium(report: Path, store: Store, tmp_pat
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One `mlflow server` on 127.0.0.1 for the module, serving artifacts itself."""
-    tmp = tmp_path_factory.mktemp("dash_server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = (tmp / "server.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp}/db.sqlite",
-         "--artifacts-destination", str(tmp / "artifacts"), "--serve-artifacts",
-         "--workers", "1"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"mlflow server did not start: {(tmp / 'server.log').read_text()[-2000:]}"
-                )
-            time.sleep(0.5)
+    with mlflow_server(tmp_path_factory.mktemp("dash_server")) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
 
 
 def test_report_against_a_tracking_server(server: str, tmp_path: Path) -> None:

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # what runs on any machine without a cluster or a tracking server: no Ray, no MLflow in it
@@ -27,6 +30,7 @@ CORE = (
     "segtune.metrics",
     "segtune.models",
     "segtune.prepare",
+    "segtune.storage",
     "segtune.sweepfile",
     "segtune.tracking.names",
     "segtune.train",
@@ -86,3 +90,48 @@ def test_no_module_does_several_jobs() -> None:
         if (n := len(path.read_text().splitlines())) > 400
     }
     assert {k: v for k, v in long.items() if k not in exempt} == {}
+
+
+ENTRY_POINTS = (
+    "segtune.run",
+    "segtune.train",
+    "segtune.bench",
+    "segtune.export",
+    "segtune.predict",
+    "segtune.data.synthetic",
+    "segtune.data.baseline",
+    "segtune.data.stats",
+    "segtune.data.convert_floodnet",
+    "dashboards.report",
+)
+
+
+def test_entry_points_import_without_network() -> None:
+    """A cluster node without internet: no entry point calls out when imported (albumentations
+    checks for updates unless NO_ALBUMENTATIONS_UPDATE is set, which segtune does itself)."""
+    if os.geteuid() != 0:
+        pytest.skip("a network namespace needs root (unshare --net)")
+    code = (
+        "import importlib, os, time\n"
+        f"for name in {list(ENTRY_POINTS)!r}: importlib.import_module(name)\n"
+        "time.sleep(1)  # a version check runs in the background\n"
+        "print(os.environ['NO_ALBUMENTATIONS_UPDATE'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    try:
+        done = subprocess.run(
+            ["unshare", "--net", "--", sys.executable, "-c", code],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    except OSError as exc:
+        pytest.skip(f"unshare is not available: {exc}")
+    if done.returncode != 0 and "unshare" in done.stderr:
+        pytest.skip(f"no network namespace here: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "1"
+    for symptom in ("name resolution", "Name or service", "urlopen error", "version info"):
+        assert symptom not in done.stderr, done.stderr

@@ -135,6 +135,8 @@ def test_sweep_contract_failure_and_retry(synthetic_root: Path, tmp_path: Path) 
         assert r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert r.data.tags["segtune.node"] and r.data.params["arch"] in ("unet", "deeplabv3")
         assert r.data.tags[CONFIG_LABEL_TAG] == r.data.tags[LABEL_TAG] == r.info.run_name
+        # it died once and was retried: a second attempt, and no error left from the first
+        assert r.data.tags["segtune.attempts"] == "2" and ERROR_TAG not in r.data.tags
         for key in EPOCH_METRICS:
             assert steps(tmp_path, r.info.run_id, key) == [0, 1], key  # each epoch exactly once
         m = r.data.metrics

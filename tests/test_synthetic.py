@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,8 @@ from PIL import Image
 
 from segtune.classes import CLASS_NAMES, NUM_CLASSES
 from segtune.cli import run_cli
+from segtune.config import DataConfig
+from segtune.data.pipeline import ensure_dataset
 from segtune.data.synthetic import generate, main, render_scene
 from segtune.errors import ConfigError, DatasetError
 
@@ -150,3 +153,49 @@ def test_python_m_writes_a_set_and_fails_without_traceback(tmp_path: Path) -> No
     assert "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "--overwrite" in bad.stderr
+
+
+def test_two_processes_generate_one_complete_set(tmp_path: Path) -> None:
+    """Two trials of a fresh node ask for the same synthetic set at once: one writes it (beside
+    the root, then renamed into place, under a lock), the other waits; never half a set."""
+    spec = {"train": 6, "test": 2, "size": "96x64", "seed": 3}
+    root = tmp_path / "set"
+    code = (
+        "from segtune.config import DataConfig\n"
+        "from segtune.data.pipeline import ensure_dataset\n"
+        f"ensure_dataset(DataConfig(root={str(root)!r}, synthetic={spec!r}), progress=False)\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE) for _ in "ab"]
+    errors = [p.communicate(timeout=300)[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    reference = generate(
+        tmp_path / "ref", n_train=6, n_test=2, size=(96, 64), seed=3, progress=False
+    )
+
+    def files(folder: Path) -> dict[str, bytes]:
+        return {
+            str(p.relative_to(folder)): p.read_bytes()
+            for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.name.startswith(".")
+        }
+
+    assert files(root) == files(reference) and len(files(root)) == 2 * (6 + 2)
+    assert sorted(p.name for p in tmp_path.iterdir() if "partial" in p.name) == []
+
+
+def test_a_half_written_set_is_not_taken_for_a_complete_one(tmp_path: Path) -> None:
+    root = tmp_path / "set"
+    generate(root, n_train=2, n_test=1, size=(64, 48), seed=0, progress=False)  # no marker
+    (root / "test" / "image" / "syn_000002.jpg").unlink()  # as if interrupted
+    data = DataConfig(root=str(root), synthetic={"train": 2, "test": 1, "size": "64x48"})
+    with pytest.raises(DatasetError, match="no complete synthetic set"):
+        ensure_dataset(data, progress=False)
+    # a complete set an older segtune wrote (no marker) is taken as it is
+    shutil.rmtree(root)
+    generate(root, n_train=2, n_test=1, size=(64, 48), seed=0, progress=False)
+    assert ensure_dataset(data, progress=False) == root
+    other = DataConfig(
+        root=str(root), synthetic={"train": 2, "test": 1, "size": "64x48", "seed": 1}
+    )
+    with pytest.raises(DatasetError, match="delete it or set data.root"):
+        ensure_dataset(other, progress=False)

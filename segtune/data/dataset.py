@@ -8,6 +8,7 @@ rather than in the middle of epoch 7.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -151,12 +152,7 @@ def scan_split(
     Image sizes come from headers; masks are decoded once, in one threaded pass, to check
     their size and values.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(
-            f"dataset root {root} does not exist; point data.root at a folder with "
-            "train/image and train/mask, or generate one with python -m segtune.data.synthetic"
-        )
+    root = _existing_root(root)
     image_dir, mask_dir = root / split / "image", root / split / "mask"
     for folder in (image_dir, mask_dir):
         if not folder.is_dir():
@@ -198,6 +194,32 @@ def scan_split(
         )
     log.info("%s/%s: %d image/mask pairs checked", root, split, len(samples))
     return samples
+
+
+def _existing_root(root: Path | str) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(
+            f"dataset root {root} does not exist; point data.root at a folder with "
+            "train/image and train/mask, or generate one with python -m segtune.data.synthetic"
+        )
+    return root
+
+
+def fingerprint(root: Path | str) -> str:
+    """`<files>:<hash>` over every split's file names and sizes: two copies of a dataset on two
+    machines agree on it without reading the images."""
+    root = _existing_root(root)
+    digest, count = hashlib.sha256(), 0
+    for split in SPLITS:
+        for sub in ("image", "mask"):
+            folder = root / split / sub
+            if not folder.is_dir():
+                continue
+            for path in sorted(p for p in folder.iterdir() if p.is_file()):
+                digest.update(f"{split}/{sub}/{path.name}:{path.stat().st_size}\n".encode())
+                count += 1
+    return f"{count}:{digest.hexdigest()[:16]}"
 
 
 def available_splits(root: Path | str) -> list[str]:

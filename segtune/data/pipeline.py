@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock
 from torch.utils.data import DataLoader
 
-from segtune.config import DataConfig, TrialConfig, parse_hw
+from segtune.config import DataConfig, SyntheticSpec, TrialConfig, parse_hw
 from segtune.data.dataset import Sample, SegmentationDataset, available_splits, holdout, scan_split
 from segtune.data.loader import make_loader
 from segtune.data.transforms import eval_transform, train_transform
 from segtune.errors import DatasetError
 
 log = logging.getLogger(__name__)
+
+SYNTHETIC_MARKER = ".segtune-synthetic.json"  # written last: the set beside it is complete
 
 
 @dataclass
@@ -32,15 +37,59 @@ class DataBundle:
 
 
 def ensure_dataset(data: DataConfig, progress: bool = True) -> Path:
-    """The dataset root, generating the synthetic set there first when one is asked for."""
-    root = Path(data.root)
-    if data.synthetic is not None and not (root / "train" / "image").is_dir():
-        from segtune.data.synthetic import generate
+    """The dataset root, generating the synthetic set there first when one is asked for.
 
-        spec = data.synthetic
-        log.info("generating the synthetic set at %s (%s)", root, spec)
+    The set is written into a folder beside the root and renamed into place, under a file
+    lock, with a marker that records its spec: a concurrent caller (another trial, another
+    process on the node) waits for it and never reads half a set.
+    """
+    root = Path(data.root)
+    spec = data.synthetic
+    if spec is None:
+        return root
+    marker = root / SYNTHETIC_MARKER
+    wanted = spec.model_dump_json()
+    if not marker.is_file():
+        with FileLock(root.parent / f".{root.name}.lock"):
+            if not marker.is_file():
+                _generate(root, spec, progress)
+    if marker.read_text() != wanted:
+        raise DatasetError(
+            f"{root} holds the synthetic set {marker.read_text()}, not {wanted}; delete it or "
+            "set data.root to another folder"
+        )
+    return root
+
+
+def _split_counts(spec: SyntheticSpec) -> dict[str, int]:
+    return {"train": spec.train, "val": spec.val, "test": spec.test}
+
+
+def _generate(root: Path, spec: SyntheticSpec, progress: bool) -> None:
+    """Write the set beside `root`, then rename it into place (the lock is held)."""
+    from segtune.data.synthetic import generate
+
+    if root.exists() and any(root.iterdir()):
+        counts = {
+            split: spec_count for split, spec_count in _split_counts(spec).items() if spec_count
+        }
+        found = {split: len(list((root / split / "image").glob("syn_*"))) for split in counts}
+        if found != counts or len(list(root.glob("*/mask/syn_*"))) != sum(counts.values()):
+            raise DatasetError(
+                f"{root} exists but holds no complete synthetic set ({SYNTHETIC_MARKER} is "
+                f"missing and it has {found} images, not {counts}); delete it and run again"
+            )
+        # every file of the spec is there (an older segtune wrote no marker): the dataset
+        # check before training still reads every header and mask
+        (root / SYNTHETIC_MARKER).write_text(spec.model_dump_json())
+        return
+    root.parent.mkdir(parents=True, exist_ok=True)
+    partial = root.parent / f".{root.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    log.info("generating the synthetic set at %s (%s)", root, spec)
+    try:
         generate(
-            root,
+            partial,
             n_train=spec.train,
             n_test=spec.test,
             n_val=spec.val,
@@ -49,7 +98,12 @@ def ensure_dataset(data: DataConfig, progress: bool = True) -> Path:
             zoom=spec.zoom,
             progress=progress,
         )
-    return root
+        (partial / SYNTHETIC_MARKER).write_text(spec.model_dump_json())
+        if root.exists():
+            root.rmdir()  # empty, checked above
+        os.replace(partial, root)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def split_samples(

@@ -14,7 +14,8 @@ from segtune.classes import CLASS_NAMES
 ROLE_TAG = "segtune.role"
 ROLE_SWEEP, ROLE_TRIAL, ROLE_EXPORT = "sweep", "trial", "export"
 TRIAL_ID_TAG = "ray.trial_id"
-NODE_TAG = "segtune.node"
+NODE_TAG = "segtune.node"  # where the run ran: `IP (hostname)`
+ATTEMPTS_TAG = "segtune.attempts"  # 1, then one more each time a retry or resume reopens it
 ERROR_TAG = "segtune.error"
 LABEL_TAG = "segtune.label"  # the trial's run name, seed included
 CONFIG_LABEL_TAG = "segtune.config_label"  # the same without the seed: one name per configuration

@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from segtune.tracking.names import (
+    ATTEMPTS_TAG,
     CONFIG_LABEL_TAG,
     ERROR_TAG,
     LABEL_TAG,
@@ -52,7 +53,12 @@ def experiment_id(client: MlflowClient, name: str) -> str:
 
 
 def start_sweep_run(
-    client: MlflowClient, experiment: str, sweep_name: str, sweep_yaml: str, description: str = ""
+    client: MlflowClient,
+    experiment: str,
+    sweep_name: str,
+    sweep_yaml: str,
+    description: str = "",
+    node: str | None = None,
 ) -> str:
     """The parent run of one sweep invocation, with the resolved sweep as `sweep.yaml`."""
     run = client.create_run(
@@ -61,7 +67,7 @@ def start_sweep_run(
         tags={
             ROLE_TAG: ROLE_SWEEP,
             SWEEP_TAG: sweep_name,
-            NODE_TAG: socket.gethostname(),
+            NODE_TAG: node or socket.gethostname(),
             "mlflow.note.content": description,
         },
     )
@@ -118,20 +124,28 @@ class TrialRun:
         trial_id: str,
         params: Mapping[str, Any],
         run_id: str | None = None,
+        node: str | None = None,
     ) -> TrialRun:
         """Create the trial's run, or reopen `run_id` (a retried or resumed trial).
 
-        `config_label` names the configuration: the label without the seed of a repeat.
+        `config_label` names the configuration: the label without the seed of a repeat;
+        `node` where this attempt runs (default: the host name).
         """
+        node = node or socket.gethostname()
         if run_id is not None:
+            attempts = client.get_run(run_id).data.tags.get(ATTEMPTS_TAG, "1")
             client.update_run(run_id, status="RUNNING")
-            client.set_tag(run_id, NODE_TAG, socket.gethostname())
-            log.info("continuing MLflow run %s for trial %s", run_id, trial_id)
+            client.log_batch(
+                run_id,
+                tags=[RunTag(NODE_TAG, node), RunTag(ATTEMPTS_TAG, str(int(attempts) + 1))],
+            )
+            log.info("continuing MLflow run %s for trial %s on %s", run_id, trial_id, node)
             return cls(client, run_id)
         tags = {
             ROLE_TAG: ROLE_TRIAL,
             TRIAL_ID_TAG: trial_id,
-            NODE_TAG: socket.gethostname(),
+            NODE_TAG: node,
+            ATTEMPTS_TAG: "1",
             LABEL_TAG: label,
             CONFIG_LABEL_TAG: config_label,
         }
@@ -169,10 +183,13 @@ class TrialRun:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def finish(self, error: BaseException | str | None = None) -> None:
-        """FINISHED, or FAILED with the error as `segtune.error`."""
+        """FINISHED (an earlier attempt's error tag removed), or FAILED with the error as
+        `segtune.error`."""
         if error is not None:
             message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
             self.client.set_tag(self.run_id, ERROR_TAG, message[:5000])
             self.client.set_terminated(self.run_id, status="FAILED")
-        else:
-            self.client.set_terminated(self.run_id, status="FINISHED")
+            return
+        if ERROR_TAG in self.client.get_run(self.run_id).data.tags:
+            self.client.delete_tag(self.run_id, ERROR_TAG)
+        self.client.set_terminated(self.run_id, status="FINISHED")

@@ -1,0 +1,188 @@
+"""Every node of the Ray cluster checked before the first trial: the same dataset, the same run
+storage, a reachable tracking server and the same versions as the driver.
+
+One small task pinned to each alive node reports what it sees; the driver compares, and every
+problem becomes one line naming the node, the key and the fix. A cluster of one node, the
+driver's own, needs no task: the driver's pre-flight already looked at that machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import ipaddress
+import logging
+import os
+import secrets
+import socket
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+from urllib.parse import urlsplit
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from segtune.config import DataConfig
+from segtune.data.dataset import fingerprint
+from segtune.data.pipeline import ensure_dataset
+from segtune.errors import ConfigError, SegtuneError
+from segtune.storage import RunStorage
+
+log = logging.getLogger(__name__)
+
+PACKAGES = ("segtune", "torch", "ray", "mlflow")
+MARKER_DIR = ".segtune-preflight"
+TIMEOUT_S = 300  # a node that does not answer by then is reported, not waited for
+
+
+def node_name() -> str:
+    """How runs and messages name the node this process runs on: `IP (hostname)`."""
+    return f"{ray.util.get_node_ip_address()} ({socket.gethostname()})"
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for package in PACKAGES:
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def _is_loopback(host: str | None) -> bool:
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def tracking_reachable(uri: str, timeout: float = 5.0) -> str | None:
+    """None when the tracking server answers its health check, else why not."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return None  # a file or database store: nothing to reach
+    url = f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}"
+    try:
+        with urllib.request.urlopen(f"{url}{parts.path.rstrip('/')}/health", timeout=timeout):
+            return None
+    except urllib.error.HTTPError as exc:
+        return None if exc.code in (401, 403) else f"HTTP {exc.code} from {url}"
+    except (urllib.error.URLError, OSError) as exc:
+        return f"{url} does not answer ({getattr(exc, 'reason', exc)})"
+
+
+def _inspect(data: DataConfig, storage: RunStorage, marker: str, token: str, uri: str) -> dict:
+    """What one node sees; runs there as a Ray task."""
+    report: dict[str, Any] = {"node": node_name(), "versions": versions()}
+    try:
+        report["dataset"] = fingerprint(ensure_dataset(data, progress=False))
+    except SegtuneError as exc:
+        report["dataset_error"] = str(exc)
+    try:
+        report["marker_seen"] = storage.read_text(MARKER_DIR, marker) == token
+        mine = f"{marker}-{ray.get_runtime_context().get_node_id()}"
+        storage.write_text(token, MARKER_DIR, mine)  # a node writes checkpoints there too
+        storage.delete(MARKER_DIR, mine)
+    except (OSError, SegtuneError) as exc:
+        report["storage_error"] = f"{type(exc).__name__}: {exc}"
+    report["tracking_error"] = tracking_reachable(uri)
+    return report
+
+
+def check_nodes(data: DataConfig, storage: RunStorage, tracking_uri: str) -> list[str]:
+    """Check every alive node; returns the names of the nodes. Raises one ConfigError with
+    every problem found, before any MLflow run exists."""
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    names = [n["NodeManagerAddress"] for n in nodes]
+    if len(nodes) == 1 and nodes[0]["NodeID"] == ray.get_runtime_context().get_node_id():
+        return names  # the driver's own machine, checked by the driver's pre-flight
+    started = time.perf_counter()
+    problems: list[str] = []
+    multi = len(nodes) > 1
+    scheme = urlsplit(tracking_uri).scheme
+    host = urlsplit(tracking_uri).hostname
+    if multi and scheme in ("", "file", "sqlite"):
+        problems.append(
+            f"--tracking-uri {tracking_uri}: a store on one node's disk; each of the "
+            f"{len(nodes)} nodes would write its own. Run an MLflow server on the head "
+            "(mlflow server --host HEAD_IP --serve-artifacts) and pass --tracking-uri "
+            "http://HEAD_IP:5000"
+        )
+    elif multi and _is_loopback(host) and not all(_is_loopback(n) for n in names):
+        problems.append(
+            f"--tracking-uri {tracking_uri}: a loopback address, which no other node reaches; "
+            "use the head's private address"
+        )
+    marker, token = f"check-{secrets.token_hex(4)}", secrets.token_hex(8)
+    storage.write_text(token, MARKER_DIR, marker)
+    expected = {"dataset": fingerprint(ensure_dataset(data, progress=False)), **versions()}
+    task = ray.remote(num_cpus=0, max_retries=0)(_inspect)
+    pending = {
+        task.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+        ).remote(data, storage, marker, token, tracking_uri): n["NodeManagerAddress"]
+        for n in nodes
+    }
+    ready, late = ray.wait(list(pending), num_returns=len(pending), timeout=TIMEOUT_S)
+    for ref in late:
+        problems.append(f"node {pending[ref]}: did not answer the pre-flight in {TIMEOUT_S} s")
+    for ref in ready:
+        try:
+            report = ray.get(ref)
+        except ray.exceptions.RayError as exc:
+            problems.append(f"node {pending[ref]}: the pre-flight task failed ({exc})")
+            continue
+        problems.extend(_problems(report, expected, data, storage, tracking_uri))
+    with contextlib.suppress(OSError):  # markers left behind are harmless
+        storage.delete(MARKER_DIR, marker)
+    log.info("pre-flight of %d nodes took %.1f s", len(nodes), time.perf_counter() - started)
+    if problems:
+        raise ConfigError(
+            f"the cluster cannot run this sweep ({len(nodes)} nodes):\n  " + "\n  ".join(problems)
+        )
+    return names
+
+
+def _problems(
+    report: dict, expected: dict, data: DataConfig, storage: RunStorage, uri: str
+) -> list[str]:
+    node, found = f"node {report['node']}", []
+    if "dataset_error" in report:
+        found.append(
+            f"{node}: data.root {data.root}: {report['dataset_error']}; every node needs the "
+            "same dataset at that path (a shared mount, or a copy), or use data.synthetic"
+        )
+    elif report["dataset"] != expected["dataset"]:
+        found.append(
+            f"{node}: data.root {data.root} holds another dataset than the driver's (file "
+            "names and sizes differ); copy the same dataset to every node"
+        )
+    if "storage_error" in report:
+        found.append(
+            f"{node}: tune.storage_path {storage}: cannot write ({report['storage_error']})"
+        )
+    elif not report["marker_seen"]:
+        found.append(
+            f"{node}: tune.storage_path {storage} is not the driver's storage (a file the driver "
+            "wrote there is not visible); use a folder every node mounts at the same path (NFS) "
+            "or an s3://bucket/prefix URI (tune.storage_endpoint for MinIO/Ceph)"
+        )
+    if report["tracking_error"]:
+        found.append(f"{node}: --tracking-uri {uri}: {report['tracking_error']}")
+    for package, version in report["versions"].items():
+        if version != expected[package]:
+            found.append(
+                f"{node}: {package} {version}, but the driver has {expected[package]}; install "
+                "the same versions everywhere (pip install -c constraints.txt)"
+            )
+    return found
+
+
+def runtime_env_vars() -> dict[str, str]:
+    """Environment every trial process gets: no network call when albumentations is imported."""
+    return {"NO_ALBUMENTATIONS_UPDATE": os.environ.get("NO_ALBUMENTATIONS_UPDATE", "1")}
