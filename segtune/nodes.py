@@ -32,7 +32,8 @@ from segtune.storage import RunStorage
 
 log = logging.getLogger(__name__)
 
-PACKAGES = ("segtune", "torch", "ray", "mlflow")
+# what trials and their data depend on (pillow and numpy write the synthetic sets)
+PACKAGES = ("segtune", "torch", "torchvision", "ray", "mlflow", "numpy", "pillow")
 MARKER_DIR = ".segtune-preflight"
 TIMEOUT_S = 300  # a node that does not answer by then is reported, not waited for
 
@@ -66,7 +67,7 @@ def tracking_reachable(uri: str, timeout: float = 5.0) -> str | None:
     parts = urlsplit(uri)
     if parts.scheme not in ("http", "https"):
         return None  # a file or database store: nothing to reach
-    url = f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}"
+    url = f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}"  # no credentials in messages
     try:
         with urllib.request.urlopen(f"{url}{parts.path.rstrip('/')}/health", timeout=timeout):
             return None
@@ -88,28 +89,35 @@ def _inspect(data: DataConfig, storage: RunStorage, marker: str, token: str, uri
         mine = f"{marker}-{ray.get_runtime_context().get_node_id()}"
         storage.write_text(token, MARKER_DIR, mine)  # a node writes checkpoints there too
         storage.delete(MARKER_DIR, mine)
-    except (OSError, SegtuneError) as exc:
-        report["storage_error"] = f"{type(exc).__name__}: {exc}"
+    except SegtuneError as exc:
+        report["storage_error"] = str(exc)
     report["tracking_error"] = tracking_reachable(uri)
     return report
 
 
-def check_nodes(data: DataConfig, storage: RunStorage, tracking_uri: str) -> list[str]:
-    """Check every alive node; returns the names of the nodes. Raises one ConfigError with
-    every problem found, before any MLflow run exists."""
+def check_nodes(
+    data: DataConfig, storage: RunStorage, tracking_uri: str, joined: bool = True
+) -> list[str]:
+    """Check every alive node; returns their addresses. Raises one ConfigError with every
+    problem found, before any MLflow run exists.
+
+    `joined`: the driver joined a cluster (--address); nodes may join it later, so even a
+    cluster of one node gets the checks a cluster needs. A Ray started by the driver on its
+    own machine is checked by the driver's own pre-flight.
+    """
     nodes = [n for n in ray.nodes() if n["Alive"]]
     names = [n["NodeManagerAddress"] for n in nodes]
-    if len(nodes) == 1 and nodes[0]["NodeID"] == ray.get_runtime_context().get_node_id():
-        return names  # the driver's own machine, checked by the driver's pre-flight
+    if not joined and len(nodes) == 1:
+        return names
     started = time.perf_counter()
     problems: list[str] = []
-    multi = len(nodes) > 1
+    multi = len(nodes) > 1 or joined
     scheme = urlsplit(tracking_uri).scheme
     host = urlsplit(tracking_uri).hostname
     if multi and scheme in ("", "file", "sqlite"):
         problems.append(
-            f"--tracking-uri {tracking_uri}: a store on one node's disk; each of the "
-            f"{len(nodes)} nodes would write its own. Run an MLflow server on the head "
+            f"--tracking-uri {tracking_uri}: a store on one node's disk; each node of the "
+            "cluster would write its own. Run an MLflow server on the head "
             "(mlflow server --host HEAD_IP --serve-artifacts) and pass --tracking-uri "
             "http://HEAD_IP:5000"
         )
@@ -130,12 +138,18 @@ def check_nodes(data: DataConfig, storage: RunStorage, tracking_uri: str) -> lis
     }
     ready, late = ray.wait(list(pending), num_returns=len(pending), timeout=TIMEOUT_S)
     for ref in late:
-        problems.append(f"node {pending[ref]}: did not answer the pre-flight in {TIMEOUT_S} s")
+        problems.append(
+            f"node {pending[ref]}: did not answer the pre-flight in {TIMEOUT_S} s; check that "
+            "its raylet runs and that it can start a Python worker (ray status)"
+        )
     for ref in ready:
         try:
             report = ray.get(ref)
         except ray.exceptions.RayError as exc:
-            problems.append(f"node {pending[ref]}: the pre-flight task failed ({exc})")
+            problems.append(
+                f"node {pending[ref]}: the pre-flight task failed ({str(exc).splitlines()[0]}); "
+                "install segtune there as on the driver (pip install -c constraints.txt -e .)"
+            )
             continue
         problems.extend(_problems(report, expected, data, storage, tracking_uri))
     with contextlib.suppress(OSError):  # markers left behind are harmless
@@ -163,9 +177,7 @@ def _problems(
             "names and sizes differ); copy the same dataset to every node"
         )
     if "storage_error" in report:
-        found.append(
-            f"{node}: tune.storage_path {storage}: cannot write ({report['storage_error']})"
-        )
+        found.append(f"{node}: {report['storage_error']}")  # names the key and the fix
     elif not report["marker_seen"]:
         found.append(
             f"{node}: tune.storage_path {storage} is not the driver's storage (a file the driver "
@@ -173,7 +185,10 @@ def _problems(
             "or an s3://bucket/prefix URI (tune.storage_endpoint for MinIO/Ceph)"
         )
     if report["tracking_error"]:
-        found.append(f"{node}: --tracking-uri {uri}: {report['tracking_error']}")
+        found.append(
+            f"{node}: --tracking-uri {uri}: {report['tracking_error']}; start the server on an "
+            "address this node reaches (mlflow server --host HEAD_PRIVATE_IP)"
+        )
     for package, version in report["versions"].items():
         if version != expected[package]:
             found.append(
@@ -184,5 +199,7 @@ def _problems(
 
 
 def runtime_env_vars() -> dict[str, str]:
-    """Environment every trial process gets: no network call when albumentations is imported."""
-    return {"NO_ALBUMENTATIONS_UPDATE": os.environ.get("NO_ALBUMENTATIONS_UPDATE", "1")}
+    """Environment every trial process gets: no network call when albumentations is imported,
+    and no cloud metadata service asked when the driver's storage is a server of one's own."""
+    names = ("NO_ALBUMENTATIONS_UPDATE", "AWS_EC2_METADATA_DISABLED")
+    return {name: os.environ[name] for name in names if name in os.environ}

@@ -8,8 +8,11 @@ A URI is never resolved as a local path: Ray gets it as a pyarrow filesystem and
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import posixpath
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -47,25 +50,18 @@ class RunStorage:
     def is_local(self) -> bool:
         return not is_uri(self.location)
 
+    @functools.cached_property
     def filesystem(self) -> tuple[pafs.FileSystem, str]:
-        """The pyarrow filesystem and the path of the storage root in it, as Ray takes them."""
+        """The pyarrow filesystem and the path of the storage root in it, as Ray takes them.
+
+        Built once, on the driver: the node checks and the trials get this very object
+        (pickled with its endpoint and region), not one of their own making.
+        """
         if self.is_local:
             return pafs.LocalFileSystem(), self.location
         parts = urlsplit(self.location)
         if parts.scheme == "s3":
-            endpoint = self.endpoint or os.environ.get("AWS_ENDPOINT_URL")
-            options: dict[str, object] = {"allow_bucket_creation": True}
-            if endpoint:
-                # an S3-compatible server: never ask the cloud's metadata service for a region
-                options["endpoint_override"] = endpoint
-                options["region"] = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
-                if urlsplit(endpoint).scheme == "http":
-                    options["scheme"] = "http"
-            try:
-                fs = pafs.S3FileSystem(**options)
-            except (ValueError, OSError) as exc:
-                raise ConfigError(f"tune.storage_path {self.location}: {exc}") from None
-            return fs, f"{parts.netloc}{parts.path}".rstrip("/")
+            return self._s3(parts.netloc), f"{parts.netloc}{parts.path}".rstrip("/")
         if self.endpoint:
             raise ConfigError(
                 f"tune.storage_endpoint applies to s3:// storage, not {parts.scheme}://"
@@ -75,31 +71,61 @@ class RunStorage:
         except (ValueError, OSError) as exc:
             raise ConfigError(f"tune.storage_path {self.location}: {exc}") from None
 
+    def _s3(self, bucket: str) -> pafs.S3FileSystem:
+        """S3, or an S3-compatible server at the endpoint. Never the cloud's metadata service
+        for a server of one's own; a bucket is created there when missing, never on AWS."""
+        endpoint = self.endpoint or os.environ.get("AWS_ENDPOINT_URL")
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        options: dict[str, object] = {}
+        try:
+            if endpoint:
+                os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+                options.update(endpoint_override=endpoint, allow_bucket_creation=True)
+                options["region"] = region or "us-east-1"
+                if urlsplit(endpoint).scheme == "http":
+                    options["scheme"] = "http"
+            else:
+                options["region"] = region or pafs.resolve_s3_region(bucket)
+            return pafs.S3FileSystem(**options)
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"tune.storage_path {self.location}: {exc}") from None
+
     def path(self, *parts: str) -> str:
         """A path under the storage root, in the filesystem's own terms."""
-        return posixpath.join(self.filesystem()[1], *parts)
+        return posixpath.join(self.filesystem[1], *parts)
 
     def read_text(self, *parts: str) -> str | None:
         """A small file's text, or None when it does not exist."""
-        fs, _ = self.filesystem()
-        path = self.path(*parts)
-        if fs.get_file_info(path).type != pafs.FileType.File:
-            return None
-        with fs.open_input_stream(path) as stream:
-            return stream.read().decode()
+        fs, path = self.filesystem[0], self.path(*parts)
+        with self._errors("read"):
+            if fs.get_file_info(path).type != pafs.FileType.File:
+                return None
+            with fs.open_input_stream(path) as stream:
+                return stream.read().decode()
 
     def write_text(self, text: str, *parts: str) -> None:
-        fs, _ = self.filesystem()
-        path = self.path(*parts)
-        fs.create_dir(posixpath.dirname(path), recursive=True)
-        with fs.open_output_stream(path) as stream:
-            stream.write(text.encode())
+        fs, path = self.filesystem[0], self.path(*parts)
+        with self._errors("write"):
+            fs.create_dir(posixpath.dirname(path), recursive=True)
+            with fs.open_output_stream(path) as stream:
+                stream.write(text.encode())
 
     def delete(self, *parts: str) -> None:
-        fs, _ = self.filesystem()
-        path = self.path(*parts)
-        if fs.get_file_info(path).type == pafs.FileType.File:
-            fs.delete_file(path)
+        fs, path = self.filesystem[0], self.path(*parts)
+        with self._errors("delete"):
+            if fs.get_file_info(path).type == pafs.FileType.File:
+                fs.delete_file(path)
+
+    @contextlib.contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        """A storage that cannot be reached is the user's key to fix, not a traceback."""
+        try:
+            yield
+        except OSError as exc:
+            raise ConfigError(
+                f"tune.storage_path {self.location}: cannot {action} there ({exc}); check the "
+                "path or bucket, tune.storage_endpoint and the AWS credentials of this machine"
+            ) from None
 
     def __str__(self) -> str:
         return self.location

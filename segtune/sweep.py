@@ -162,9 +162,15 @@ def run_sweep(
 ) -> tuple[str, int]:
     """Run the sweep; returns its parent run id and the number of failed trials."""
     storage = RunStorage.of(sweep.tune.storage_path, sweep.tune.storage_endpoint)
-    filesystem, root = storage.filesystem()
+    filesystem, root = storage.filesystem
     experiment_dir = storage.path(sweep.name)
-    if resume and not tune.Tuner.can_restore(experiment_dir, storage_filesystem=filesystem):
+    try:
+        restorable = resume and tune.Tuner.can_restore(
+            experiment_dir, storage_filesystem=filesystem
+        )
+    except OSError as exc:
+        raise ConfigError(f"tune.storage_path {storage}: cannot read it ({exc})") from None
+    if resume and not restorable:
         raise ConfigError(
             f"--resume: no interrupted sweep at {storage}/{sweep.name}; run without --resume"
         )
@@ -178,7 +184,7 @@ def run_sweep(
     )
     try:
         check_cluster(sweep)
-        check_nodes(sweep.data, storage, tracking_uri)
+        check_nodes(sweep.data, storage, tracking_uri, joined=address is not None)
         parent = _parent_run(sweep, storage, tracking_uri, sweep_yaml, resume)
         resources = sweep.tune.resources_per_trial
         trainable = tune.with_resources(

@@ -81,11 +81,14 @@ def _generate(root: Path, spec: SyntheticSpec, progress: bool) -> None:
             )
         # every file of the spec is there (an older segtune wrote no marker): the dataset
         # check before training still reads every header and mask
-        (root / SYNTHETIC_MARKER).write_text(spec.model_dump_json())
+        stamp = root / f"{SYNTHETIC_MARKER}.{os.getpid()}"
+        stamp.write_text(spec.model_dump_json())
+        os.replace(stamp, root / SYNTHETIC_MARKER)  # readers outside the lock see all or nothing
         return
     root.parent.mkdir(parents=True, exist_ok=True)
+    for stale in root.parent.glob(f".{root.name}.partial-*"):  # left by a killed generator
+        shutil.rmtree(stale, ignore_errors=True)
     partial = root.parent / f".{root.name}.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
     log.info("generating the synthetic set at %s (%s)", root, spec)
     try:
         generate(
