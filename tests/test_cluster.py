@@ -9,6 +9,7 @@ Token authentication is on for nodes and driver. An S3 API (moto's server mode) 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shlex
@@ -38,20 +39,11 @@ from segtune.tracking.names import (
     ROLE_TAG,
 )
 from tests.servers import BIN, free_port, mlflow_server, port_open, process, s3_server, stop
+from tests.test_sweep import BENCH, TINY_TRAIN
 
 HEAD, WORKER = "127.0.0.2", "127.0.0.3"
-TRAIN = {
-    "arch": "unet",
-    "backbone": "none",
-    "batch_size": 4,
-    "image_size": 64,
-    "unet_min_channels": 4,
-    "unet_max_channels": 16,
-    "unet_depth": 2,
-    "lr": 0.003,
-}
+TRAIN = {"arch": "unet", "backbone": "none", **TINY_TRAIN}
 SYNTHETIC = {"train": 12, "test": 4, "size": "96x64", "seed": 0}
-BENCH = {"input": "96x64", "threads": 1, "repeats": 2, "warmup": 1}
 
 
 def namespaces_missing() -> str | None:
@@ -123,14 +115,45 @@ class Cluster:
                 "--tracking-uri", self.tracking_uri, "--no-report", *args]  # fmt: skip
 
     def run(self, sweep: Path, *args: str, timeout: int = 420) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
+        """The sweep's driver to its end; one that hangs shows where (faulthandler) and fails."""
+        proc = subprocess.Popen(
             self.command(sweep, *args),
             cwd=self.root,
-            env=self.env,
-            capture_output=True,
+            env={**self.env, "PYTHONFAULTHANDLER": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=timeout,
+            start_new_session=True,
         )
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack
+            out, err = proc.communicate()
+            raise AssertionError(f"the driver hung for {timeout} s:\n{err[-8000:]}") from None
+        finally:
+            stop(proc)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    @contextlib.contextmanager
+    def driver(self, sweep: Path) -> Iterator[subprocess.Popen[bytes]]:
+        """The sweep's driver in the background, output in `<sweep>.log`; killed at the end."""
+        with (self.root / f"{sweep.stem}.log").open("wb") as log:
+            proc = subprocess.Popen(
+                self.command(sweep),
+                cwd=self.root,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            try:
+                yield proc
+            finally:
+                stop(proc)
+
+    def output(self, sweep: Path) -> str:
+        return (self.root / f"{sweep.stem}.log").read_text()
 
     def trials(self, experiment: str) -> list[Run]:
         client = MlflowClient(self.tracking_uri)
@@ -234,24 +257,13 @@ def test_s3_sweep_places_a_trial_on_each_node(cluster: Cluster) -> None:
 
 def test_killed_driver_resumes_from_s3(cluster: Cluster) -> None:
     sweep = cluster.sweep("resume", tune={"max_concurrent_trials": 1})
-    with (cluster.root / "driver.log").open("wb") as log:
-        driver = subprocess.Popen(
-            cluster.command(sweep),
-            cwd=cluster.root,
-            env=cluster.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            deadline = time.monotonic() + 300
-            # the second trial has trained an epoch: Tune has saved the first one's end to S3
-            while not any(len(cluster.epochs(r.info.run_id)) for r in _second(cluster)):
-                assert driver.poll() is None, (cluster.root / "driver.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "the second trial never started"
-                time.sleep(0.3)
-        finally:
-            stop(driver)
+    with cluster.driver(sweep) as driver:
+        deadline = time.monotonic() + 300
+        # the second trial has trained an epoch: Tune has saved the first one's end to S3
+        while not any(len(cluster.epochs(r.info.run_id)) for r in _second(cluster)):
+            assert driver.poll() is None, cluster.output(sweep)[-3000:]
+            assert time.monotonic() < deadline, "the second trial never started"
+            time.sleep(0.3)
     first = next(r for r in cluster.trials("resume") if r.info.status == "FINISHED")
     cluster.wait_idle()  # the killed driver's trials are gone from the cluster
     done = cluster.run(sweep, "--resume")
@@ -270,33 +282,20 @@ def test_a_lost_node_hands_its_trial_to_the_head(cluster: Cluster) -> None:
     head from that checkpoint, in the same MLflow run, each epoch logged once."""
     epochs = 6
     sweep = cluster.sweep("lost", train={"epochs": epochs})
-    with (cluster.root / "lost.log").open("wb") as log:
-        driver = subprocess.Popen(
-            cluster.command(sweep),
-            cwd=cluster.root,
-            env=cluster.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            deadline = time.monotonic() + 300
-            while True:
-                on_worker = [
-                    r for r in _trials(cluster, "lost") if r.data.tags[NODE_TAG].startswith(WORKER)
-                ]
-                if on_worker and len(cluster.epochs(on_worker[0].info.run_id)) >= 2:
-                    break
-                assert driver.poll() is None, (cluster.root / "lost.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "no trial reached epoch 2 on the worker"
-                time.sleep(0.3)
-            raylet = _raylet_of(cluster.worker.pid)
-            os.kill(raylet, signal.SIGKILL)
-            driver.wait(timeout=400)
-        finally:
-            stop(driver)
-    output = (cluster.root / "lost.log").read_text()
-    assert driver.returncode == 0, output[-4000:]
+    with cluster.driver(sweep) as driver:
+        deadline = time.monotonic() + 300
+        while True:
+            on_worker = [
+                r for r in _trials(cluster, "lost") if r.data.tags[NODE_TAG].startswith(WORKER)
+            ]
+            if on_worker and len(cluster.epochs(on_worker[0].info.run_id)) >= 2:
+                break
+            assert driver.poll() is None, cluster.output(sweep)[-3000:]
+            assert time.monotonic() < deadline, "no trial reached epoch 2 on the worker"
+            time.sleep(0.3)
+        os.kill(_raylet_of(cluster.worker.pid), signal.SIGKILL)
+        driver.wait(timeout=400)
+    assert driver.returncode == 0, cluster.output(sweep)[-4000:]
     runs = cluster.trials("lost")
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
     moved = next(r for r in runs if r.info.run_id == on_worker[0].info.run_id)
