@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -23,7 +24,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import pyarrow.fs as pafs
 import pytest
 import yaml
 from mlflow.entities import Run
@@ -155,6 +158,34 @@ class Cluster:
     def output(self, sweep: Path) -> str:
         return (self.root / f"{sweep.stem}.log").read_text()
 
+    def in_saved_state(self, sweep: str, trial_id: str) -> bool:
+        """Whether the experiment state Tune saved to S3 names the trial, and every checkpoint
+        of it that state names still exists (Ray prunes old checkpoints while a newer state is
+        still being uploaded: a driver killed then leaves a state naming a deleted one)."""
+        endpoint = urlsplit(self.s3)
+        s3 = pafs.S3FileSystem(
+            access_key="testing",
+            secret_key="testing",
+            region="us-east-1",
+            endpoint_override=endpoint.netloc,
+            scheme=endpoint.scheme,
+        )
+        found = s3.get_file_info(pafs.FileSelector(f"segtune/runs/{sweep}", allow_not_found=True))
+        for info in found:
+            if info.base_name.startswith("experiment_state") and info.base_name.endswith(".json"):
+                with s3.open_input_stream(info.path) as stream:
+                    state = stream.read().decode()
+                named = set(
+                    re.findall(
+                        rf"segtune/runs/{sweep}/[^\"\\]*{trial_id}[^\"\\]*/checkpoint_\d+", state
+                    )
+                )
+                if trial_id in state and all(
+                    s3.get_file_info(path).type != pafs.FileType.NotFound for path in named
+                ):
+                    return True
+        return False
+
     def trials(self, experiment: str) -> list[Run]:
         client = MlflowClient(self.tracking_uri)
         exp = client.get_experiment_by_name(experiment)
@@ -259,8 +290,13 @@ def test_killed_driver_resumes_from_s3(cluster: Cluster) -> None:
     sweep = cluster.sweep("resume", tune={"max_concurrent_trials": 1})
     with cluster.driver(sweep) as driver:
         deadline = time.monotonic() + 300
-        # the second trial has trained an epoch: Tune has saved the first one's end to S3
-        while not any(len(cluster.epochs(r.info.run_id)) for r in _second(cluster)):
+        # the second trial has trained an epoch, and Tune's experiment state on S3 (uploaded in
+        # the background) knows it: a state from before it began would leave Ray's grid search
+        # waiting ten minutes on resume for a trial it cannot generate again
+        while not (
+            (second := [r for r in _second(cluster) if cluster.epochs(r.info.run_id)])
+            and cluster.in_saved_state("resume", second[0].data.tags["ray.trial_id"])
+        ):
             assert driver.poll() is None, cluster.output(sweep)[-3000:]
             assert time.monotonic() < deadline, "the second trial never started"
             time.sleep(0.3)
