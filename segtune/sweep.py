@@ -203,7 +203,10 @@ def run_sweep(
             storage_filesystem=None if storage.is_local else filesystem,
             failure_config=tune.FailureConfig(max_failures=sweep.tune.max_failures),
             checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=1,  # the best by the metric; Ray always keeps the latest as well
+                # the best two by the metric (Ray always keeps the latest as well): the
+                # checkpoint before the latest survives while Tune uploads the experiment state
+                # that names the latest, so a driver killed meanwhile can still resume
+                num_to_keep=2,
                 checkpoint_score_attribute=objectives[0][0] if not multi else "val_miou",
                 checkpoint_score_order=objectives[0][1] if not multi else "max",
             ),
