@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import secrets
 import shlex
 import shutil
@@ -159,9 +158,7 @@ class Cluster:
         return (self.root / f"{sweep.stem}.log").read_text()
 
     def in_saved_state(self, sweep: str, trial_id: str) -> bool:
-        """Whether the experiment state Tune saved to S3 names the trial, and every checkpoint
-        of it that state names still exists (Ray prunes old checkpoints while a newer state is
-        still being uploaded: a driver killed then leaves a state naming a deleted one)."""
+        """Whether the experiment state Tune saved to S3 (in the background) names the trial."""
         endpoint = urlsplit(self.s3)
         s3 = pafs.S3FileSystem(
             access_key="testing",
@@ -175,14 +172,7 @@ class Cluster:
             if info.base_name.startswith("experiment_state") and info.base_name.endswith(".json"):
                 with s3.open_input_stream(info.path) as stream:
                     state = stream.read().decode()
-                named = set(
-                    re.findall(
-                        rf"segtune/runs/{sweep}/[^\"\\]*{trial_id}[^\"\\]*/checkpoint_\d+", state
-                    )
-                )
-                if trial_id in state and all(
-                    s3.get_file_info(path).type != pafs.FileType.NotFound for path in named
-                ):
+                if trial_id in state:
                     return True
         return False
 
@@ -287,7 +277,8 @@ def test_s3_sweep_places_a_trial_on_each_node(cluster: Cluster) -> None:
 
 
 def test_killed_driver_resumes_from_s3(cluster: Cluster) -> None:
-    sweep = cluster.sweep("resume", tune={"max_concurrent_trials": 1})
+    epochs = 6  # room for Tune's background upload of its state before the second trial ends
+    sweep = cluster.sweep("resume", train={"epochs": epochs}, tune={"max_concurrent_trials": 1})
     with cluster.driver(sweep) as driver:
         deadline = time.monotonic() + 300
         # the second trial has trained an epoch, and Tune's experiment state on S3 (uploaded in
@@ -310,7 +301,7 @@ def test_killed_driver_resumes_from_s3(cluster: Cluster) -> None:
     again = next(r for r in runs if r.info.run_id == first.info.run_id)
     assert again.info.end_time == first.info.end_time, "a finished trial was trained again"
     for r in runs:
-        assert cluster.epochs(r.info.run_id) == [0, 1]
+        assert cluster.epochs(r.info.run_id) == list(range(epochs))
 
 
 def test_a_lost_node_hands_its_trial_to_the_head(cluster: Cluster) -> None:
