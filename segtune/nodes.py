@@ -97,8 +97,8 @@ def _inspect(data: DataConfig, storage: RunStorage, marker: str, token: str, uri
 
 def check_nodes(
     data: DataConfig, storage: RunStorage, tracking_uri: str, joined: bool = True
-) -> list[str]:
-    """Check every alive node; returns their addresses. Raises one ConfigError with every
+) -> None:
+    """Check every alive node. Raises one ConfigError with every
     problem found, before any MLflow run exists.
 
     `joined`: the driver joined a cluster (--address); nodes may join it later, so even a
@@ -108,7 +108,7 @@ def check_nodes(
     nodes = [n for n in ray.nodes() if n["Alive"]]
     names = [n["NodeManagerAddress"] for n in nodes]
     if not joined and len(nodes) == 1:
-        return names
+        return
     started = time.perf_counter()
     problems: list[str] = []
     multi = len(nodes) > 1 or joined
@@ -159,7 +159,6 @@ def check_nodes(
         raise ConfigError(
             f"the cluster cannot run this sweep ({len(nodes)} nodes):\n  " + "\n  ".join(problems)
         )
-    return names
 
 
 def _problems(

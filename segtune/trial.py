@@ -73,13 +73,7 @@ def run_trial(
             if done.is_file():  # finished before the driver died: report it again, run nothing
                 tune.report(json.loads(done.read_text()))
                 return
-            state = Path(folder) / TRAINING_STATE_FILE
-            if state.is_file():
-                resume = load_dict(state, "Ray checkpoint")
-            else:  # pruned after the experiment state that names it was saved: start over
-                log.warning(
-                    "checkpoint %s holds no %s; training from the start", checkpoint, state.name
-                )
+            resume = load_dict(Path(folder) / TRAINING_STATE_FILE, "Ray checkpoint")
     client = MlflowClient(tracking_uri)
     run_id = (resume or {}).get("mlflow_run_id")
     if run_id is None:  # a previous attempt may have died before its first checkpoint
