@@ -152,7 +152,7 @@ def check_nodes(
             )
             continue
         problems.extend(_problems(report, expected, data, storage, tracking_uri))
-    with contextlib.suppress(OSError):  # markers left behind are harmless
+    with contextlib.suppress(SegtuneError):  # markers left behind are harmless
         storage.delete(MARKER_DIR, marker)
     log.info("pre-flight of %d nodes took %.1f s", len(nodes), time.perf_counter() - started)
     if problems:
