@@ -7,14 +7,14 @@ PY := $(VENV)/bin/python
 DEPS_HASH := $(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(DEPS_HASH)
 
-.PHONY: install test lint demo clean
+.PHONY: install test test-cluster lint demo clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,export]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,export,cluster]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -24,6 +24,10 @@ lint: install
 
 test: lint
 	$(VENV)/bin/pytest -q
+
+# `ray up cluster.yaml` on two hosts built from Linux namespaces (root; about 3 minutes)
+test-cluster: install
+	$(VENV)/bin/pytest -q -m launch tests/test_cluster_launch.py
 
 demo: install
 	$(PY) -m segtune.run sweeps/quickstart.yaml

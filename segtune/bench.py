@@ -1,17 +1,26 @@
-"""`python -m segtune.bench`: cost tables of the models, and the training engine's overhead.
+"""`python -m segtune.bench`: cost tables of the models, the training engine's overhead, and a
+load test of the tracking server.
 
 `models` measures every registered architecture x backbone x ASPP variant (untrained weights)
 with the cost library (`segtune.cost`), without training; `engine` times one `fit()` epoch
-against a bare PyTorch loop on the same tensors.
+against a bare PyTorch loop on the same tensors; `tracking` has many trials log epochs to one
+`mlflow server` at once and reads every value back (`segtune.tracking.load`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
+import os
+import platform
+import signal
 import statistics
+import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -22,6 +31,7 @@ from segtune.cost import (
     DEFAULT_INPUT_HW,
     check_count,
     conditions_line,
+    cpu_name,
     measure_cost,
     warn_if_busy,
 )
@@ -211,10 +221,93 @@ def _cmd_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """A SIGTERM unwinds like Ctrl-C does, so that the server started here is stopped too."""
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _table(rows: Sequence[Sequence[object]]) -> str:
+    """Right-aligned columns, the first row being the header."""
+    text = [[str(cell) for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in text) for i in range(len(text[0]))]
+    return "\n".join(
+        "  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in text
+    )
+
+
+def _cmd_tracking(args: argparse.Namespace) -> int:
+    """The load test; 1 when a single value is not read back as sent: a sweep's report and its
+    scheduler's decisions rest on every epoch's metrics."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from segtune.tracking import load, server
+
+    loggers = check_count("--loggers", args.loggers, 1)
+    epochs = check_count("--epochs", args.epochs, 1)
+    if args.tracking_uri and args.workers is not None:
+        raise ConfigError("--workers sets the server this command starts; not with --tracking-uri")
+    workers = check_count("--workers", 4 if args.workers is None else args.workers, 1)
+    with (
+        tempfile.TemporaryDirectory(prefix="segtune-load-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
+        if args.tracking_uri:
+            uri = server.check_tracking_uri(args.tracking_uri)
+            backend = "server"
+            target = f"running server {uri} (backend, workers: not known here)"
+        else:
+            store = args.backend_store_uri or f"sqlite:///{Path(tmp) / 'mlflow.db'}"
+            backend = server.backend_kind(store)
+            stack.enter_context(_sigterm_as_exit())
+            uri = stack.enter_context(server.tracking_server(store, Path(tmp), workers)).url
+            target = f"mlflow server, workers {workers}, backend {server.public_uri(store)}"
+            # the server's settings that decide what it sustains (its connection pool...)
+            settings = sorted(k for k in os.environ if k.startswith(server.SERVER_SETTINGS))
+            target += "".join(f", {k}={os.environ[k]}" for k in settings)
+        # MLflow prints each finished run's link; the runs are closed as trials close them
+        # (the same requests), and stdout keeps the table alone
+        load_before = os.getloadavg()[0]
+        with contextlib.redirect_stdout(io.StringIO()):
+            result = load.run_load(uri, loggers, epochs, args.experiment, args.seed)
+        started = time.perf_counter()
+        check = load.verify(MlflowClient(uri), result.expected, result.failed)
+        read_s = time.perf_counter() - started
+    if result.errors:
+        log.warning("%d call(s) failed; first: %s", len(result.errors), result.errors[0])
+    ms = [1000 * t for t in result.latencies_s]
+    print(
+        f"# {os.cpu_count()} CPUs ({cpu_name()}), load {load_before:.1f} before, "
+        f"{os.getloadavg()[0]:.1f} after | "
+        f"mlflow {mlflow.__version__}, Python {platform.python_version()} | {target} | "
+        f"loggers: threads of one process, client CPU {statistics.fmean(result.client_cpu_s) * 1000:.2f} "
+        f"ms a call | runs opened in {result.open_s:.1f} s, read back in {read_s:.1f} s"
+    )
+    header = ("backend", "loggers", "epochs", "values logged", "values read back")
+    header += ("p50 ms", "p95 ms", "max ms", "total s", "values/s")
+    row = (backend, loggers, epochs, result.values, check.matched)
+    row += tuple(f"{load.percentile(ms, q):.1f}" for q in (50, 95, 100))
+    row += (f"{result.wall_s:.1f}", f"{result.values / result.wall_s:.0f}")
+    print(_table([header, row]))
+    if not check.ok:
+        print(f"error: {check.summary()}", file=sys.stderr)
+        for examples in check.examples.values():
+            for example in examples:
+                print(f"  {example}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = command_parser(
         "python -m segtune.bench",
-        "Cost of segmentation models: parameters, size, FLOPs, CPU and GPU latency.",
+        "Cost of segmentation models (parameters, size, FLOPs, CPU and GPU latency), the "
+        "training engine's overhead, the tracking server under load.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     models = sub.add_parser(
@@ -252,6 +345,29 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--repeats", type=int, default=3, help="alternating runs (default 3)")
     engine.add_argument("--device", default="auto", help="auto | cpu | cuda")
     engine.set_defaults(func=_cmd_engine)
+    tracking = sub.add_parser(
+        "tracking",
+        help="load test of an MLflow tracking server: concurrent trial loggers, all read back",
+        description="Start an mlflow server on 127.0.0.1 (or use --tracking-uri), have LOGGERS "
+        "trials log EPOCHS epochs of the per-epoch metrics at once, time each epoch's logging, "
+        "read every value back; exit 1 if any is lost.",
+    )
+    target = tracking.add_mutually_exclusive_group()
+    target.add_argument(
+        "--backend-store-uri",
+        metavar="URI",
+        help="the server's store: sqlite:///FILE, postgresql://..., mysql://... "
+        "(default: a sqlite file in a temporary folder)",
+    )
+    target.add_argument(
+        "--tracking-uri", metavar="URL", help="use this running server instead of starting one"
+    )
+    tracking.add_argument("--loggers", type=int, default=64, help="concurrent trials (default 64)")
+    tracking.add_argument("--epochs", type=int, default=50, help="epochs a trial (default 50)")
+    tracking.add_argument("--workers", type=int, help="server worker processes (default 4)")
+    tracking.add_argument("--experiment", default="segtune-load", help="(default %(default)s)")
+    tracking.add_argument("--seed", type=int, default=0, help="of the random metric values")
+    tracking.set_defaults(func=_cmd_tracking)
     return parser
 
 

@@ -179,7 +179,10 @@ def print_summary(sweep: SweepConfig, tracking_uri: str, parent: str) -> None:
     failed = table[table["status"] == "FAILED"]
     for _, row in failed.iterrows():
         print(f"FAILED {row['label']}: {row['error']}")
-    print(f"\nopen the MLflow UI: mlflow ui --backend-store-uri {tracking_uri}")
+    if tracking_uri.startswith(("http://", "https://")):  # a server is its own UI
+        print(f"\nthe MLflow UI: {tracking_uri}")
+    else:
+        print(f"\nopen the MLflow UI: mlflow ui --backend-store-uri {tracking_uri}")
 
 
 def build_report(experiment: str, tracking_uri: str, parent: str) -> None:

@@ -1,5 +1,6 @@
 """The MLflow side of segtune: the contract's names (`names`), writing sweep and trial runs
-(`runs`), reading them back into tables (`query`) and choosing among them (`select`).
+(`runs`), reading them back into tables (`query`) and choosing among them (`select`); a local
+`mlflow server` to measure (`server`) and the load test that measures it (`load`).
 
 Import the submodules: `names` is free of MLflow, so configuration checks can use it.
 """
