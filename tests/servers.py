@@ -209,8 +209,9 @@ def postgres_server(
                 conn.close()
                 yield f"postgresql+psycopg2://postgres@/{database}?host={sockets}"
             finally:
-                # a fast shutdown, so that no shared memory outlives the test; the group is
-                # killed after in any case
+                # a fast shutdown by the postmaster: its children each have their own process
+                # group, so only it stops them all (and frees the shared memory); the group is
+                # killed after in any case, and children left alone exit when it is gone
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGINT)
                 with contextlib.suppress(subprocess.TimeoutExpired):
