@@ -31,9 +31,10 @@ log = logging.getLogger(__name__)
 BACKEND_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "file")
 # environment variables of MLflow that change how the started server behaves under load
 SERVER_SETTINGS = ("MLFLOW_SQLALCHEMYSTORE_", "MLFLOW_SERVER_")
-# A database connection per request. With SQLAlchemy's default pool (5 + 10 overflow in each
-# server worker), 64 trials logging at once left mlflow 3.17's server waiting on its pool for
-# good, with sqlite and PostgreSQL alike: no request finished, nothing raised.
+# A database connection per session. mlflow 3.17's log_batch holds one session while it opens
+# a second (sqlalchemy_store.py, log_batch): with SQLAlchemy's default pool (5 + 10 overflow in
+# each server worker), ~15 concurrent requests hold every connection and wait for another until
+# the 30 s pool timeout, and the epoch's values are lost (HTTP 400), on sqlite and PostgreSQL.
 SERVER_POOL = {"MLFLOW_SQLALCHEMYSTORE_POOLCLASS": "NullPool"}
 HUEY_STORAGE_ENV = "_MLFLOW_HUEY_STORAGE_PATH"  # mlflow.server.constants.HUEY_STORAGE_PATH_ENV_VAR
 
