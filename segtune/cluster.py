@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import logging
 import os
 import re
@@ -94,10 +95,12 @@ def _ray_validate(config: dict[str, Any], where: str) -> None:
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     try:
-        validate_config(prepare_config(config))
-    except (ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{where}: Ray rejects the config: {first}") from exc
+        with contextlib.redirect_stderr(io.StringIO()):  # Ray's logger says it once more
+            validate_config(prepare_config(config))
+    except Exception as exc:  # jsonschema's ValidationError, click's abort, ...: Ray's own words
+        message = str(getattr(exc, "message", None) or exc).strip()
+        first = message.splitlines()[0] if message else type(exc).__name__
+        raise ConfigError(f"{where}: Ray rejects the config: {first}") from None
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

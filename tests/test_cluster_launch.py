@@ -120,6 +120,26 @@ def test_the_template_asks_to_be_filled_in() -> None:
     assert "auth.ssh_user: SSH_USER" in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        ({"foo": 1}, "Additional properties are not allowed ('foo' was unexpected)"),
+        ({"available_node_types": {"gpu": {"node_config": {}, "resources": {"GPU": 1}}}},
+         "The field available_node_types is not supported for on-premise clusters"),
+    ],
+)  # fmt: skip
+def test_check_gives_rays_own_refusal_in_one_line(tmp_path: Path, change: dict, said: str) -> None:
+    config = yaml.safe_load((CHECKOUT / "cluster.yaml").read_text())
+    config["provider"].update(head_ip="10.0.0.10", worker_ips=["10.0.0.11"])
+    config["provider"]["segtune_run_storage"] = "/mnt/nfs/runs"
+    config["auth"]["ssh_user"] = "ubuntu"
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump({**config, **change}))
+    done = _cluster("check", str(tmp_path / "cluster.yaml"))
+    assert done.returncode == 2
+    assert said in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
 def test_env_turns_the_fill_in_block_into_exports(tmp_path: Path) -> None:
     config = yaml.safe_load((CHECKOUT / "cluster.yaml").read_text())
     config["provider"].update(head_ip="10.0.0.10", segtune_run_storage="s3://sweeps/seg tune")
