@@ -91,7 +91,8 @@ def run_trial(
         node=node_name(),
     )
     try:
-        final = _train_evaluate_bench(sweep, cfg, run, device, resume)
+        with run.system_metrics(resumed=resume is not None):
+            final = _train_evaluate_bench(sweep, cfg, run, device, resume)
     except SystemExit:  # Ray stopping the trial (a scheduler's decision): the driver closes the run
         raise
     except BaseException as exc:

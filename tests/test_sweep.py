@@ -140,6 +140,10 @@ def test_sweep_contract_failure_and_retry(synthetic_root: Path, tmp_path: Path) 
         for key in EPOCH_METRICS:
             assert steps(tmp_path, r.info.run_id, key) == [0, 1], key  # each epoch exactly once
         m = r.data.metrics
+        # MLflow's system metrics, sampled while the trial ran; no GPU here, so no GPU figure
+        assert m["system/cpu_utilization_percentage"] >= 0
+        assert m["system/system_memory_usage_megabytes"] > 0
+        assert not any(key.startswith("system/gpu") for key in m)
         assert 0.0 <= m["best_val_miou"] <= 1.0 and m["best_epoch"] in (0, 1)
         for key in (
             "train_time_min",

@@ -6,12 +6,13 @@ trial on any Ray node writes to its own run, and a retried trial writes to the s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,9 @@ def find_trial_run(
     return runs[0] if runs else None
 
 
+SYSTEM_METRICS_INTERVAL_S = 5.0
+
+
 class TrialRun:
     """The nested MLflow run of one trial; reopening it by id continues the same run."""
 
@@ -157,6 +161,32 @@ class TrialRun:
             params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())],
         )
         return cls(client, run.info.run_id)
+
+    @contextlib.contextmanager
+    def system_metrics(self, resumed: bool = False) -> Iterator[None]:
+        """MLflow's own system-metrics monitor on this run while the block runs: CPU %, memory,
+        and GPU utilisation and memory where NVML finds a GPU, every SYSTEM_METRICS_INTERVAL_S
+        (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides), so the UI shows whether a trial
+        starved. A resumed attempt continues the steps; a block shorter than the interval
+        still logs the sample the monitor took."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(
+            self.run_id,
+            sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+            resume_logging=resumed,
+            tracking_uri=self.client.tracking_uri,
+        )
+        first_step = monitor._logging_step
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()  # before the run is closed: its loop stops on a closed run
+            if monitor._logging_step == first_step:  # it had no full interval to log
+                monitor.collect_metrics()
+                monitor.publish_metrics(monitor.aggregate_metrics())
+                monitor.mlflow_logger.flush()
 
     def log_epoch(self, epoch: int, metrics: Mapping[str, Any]) -> None:
         """Per-epoch metrics with `step` = epoch, once per epoch."""
