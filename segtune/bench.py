@@ -42,6 +42,7 @@ from segtune.tracking.names import MODEL_COSTS
 log = logging.getLogger(__name__)
 
 TABLE_COLUMNS = ("model", *MODEL_COSTS)
+PERCENTILES = (("p50", 50), ("p95", 95), ("max", 100))
 
 
 def _select_variants(
@@ -231,15 +232,6 @@ def _sigterm_as_exit() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _table(rows: Sequence[Sequence[object]]) -> str:
-    """Right-aligned columns, the first row being the header."""
-    text = [[str(cell) for cell in row] for row in rows]
-    widths = [max(len(row[i]) for row in text) for i in range(len(text[0]))]
-    return "\n".join(
-        "  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in text
-    )
-
-
 def _cmd_tracking(args: argparse.Namespace) -> int:
     """The load test; 1 when a single value is not read back as sent: a sweep's report and its
     scheduler's decisions rest on every epoch's metrics."""
@@ -288,12 +280,13 @@ def _cmd_tracking(args: argparse.Namespace) -> int:
         f"loggers: threads of one process, client CPU {statistics.fmean(result.client_cpu_s) * 1000:.2f} "
         f"ms a call | runs opened in {result.open_s:.1f} s, read back in {read_s:.1f} s"
     )
-    header = ("backend", "loggers", "epochs", "values logged", "values read back")
-    header += ("p50 ms", "p95 ms", "max ms", "total s", "values/s")
-    row = (backend, loggers, epochs, result.values, check.matched)
-    row += tuple(f"{load.percentile(ms, q):.1f}" for q in (50, 95, 100))
-    row += (f"{result.wall_s:.1f}", f"{result.values / result.wall_s:.0f}")
-    print(_table([header, row]))
+    import pandas as pd  # only the table needs pandas
+
+    row = {"backend": backend, "loggers": loggers, "epochs": epochs,
+           "values logged": result.values, "values read back": check.matched}  # fmt: skip
+    row |= {f"{name} ms": f"{load.percentile(ms, q):.1f}" for name, q in PERCENTILES}
+    row |= {"total s": f"{result.wall_s:.1f}", "values/s": f"{result.values / result.wall_s:.0f}"}
+    print(pd.DataFrame([row]).to_string(index=False))
     if not check.ok:
         print(f"error: {check.summary()}", file=sys.stderr)
         for examples in check.examples.values():

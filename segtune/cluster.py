@@ -38,7 +38,12 @@ import yaml
 
 from segtune.cli import command_parser, run_cli, setup_logging
 from segtune.errors import ConfigError
-from segtune.tracking.server import SERVER_POOL, server_health, stop_process_group
+from segtune.tracking.server import (
+    SERVER_POOL,
+    server_command,
+    server_health,
+    stop_process_group,
+)
 
 log = logging.getLogger(__name__)
 
@@ -207,11 +212,7 @@ def _port_open(host: str, port: int) -> bool:
 def _server_command(host: str, port: int, store: str, workers: int) -> list[str]:
     state = STATE_DIR.expanduser()
     backend = POSTGRES_URI if store == "postgresql" else f"sqlite:///{state}/mlflow.db"
-    allowed = f"{host}:{port},localhost:{port},127.0.0.1:{port}"
-    return [sys.executable, "-m", "mlflow", "server", "--host", host,
-            "--port", str(port), "--backend-store-uri", backend,
-            "--artifacts-destination", str(state / "mlartifacts"), "--serve-artifacts",
-            "--workers", str(workers), "--allowed-hosts", allowed]  # fmt: skip
+    return server_command(host, port, backend, state / "mlartifacts", workers)
 
 
 def _stop_previous(pid_file: Path) -> None:

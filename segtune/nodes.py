@@ -16,8 +16,6 @@ import os
 import secrets
 import socket
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -29,6 +27,7 @@ from segtune.data.dataset import fingerprint
 from segtune.data.pipeline import ensure_dataset
 from segtune.errors import ConfigError, SegtuneError
 from segtune.storage import RunStorage
+from segtune.tracking.server import server_health
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +63,9 @@ def _is_loopback(host: str | None) -> bool:
 
 def tracking_reachable(uri: str, timeout: float = 5.0) -> str | None:
     """None when the tracking server answers its health check, else why not."""
-    parts = urlsplit(uri)
-    if parts.scheme not in ("http", "https"):
+    if urlsplit(uri).scheme not in ("http", "https"):
         return None  # a file or database store: nothing to reach
-    url = f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}"  # no credentials in messages
-    try:
-        with urllib.request.urlopen(f"{url}{parts.path.rstrip('/')}/health", timeout=timeout):
-            return None
-    except urllib.error.HTTPError as exc:
-        return None if exc.code in (401, 403) else f"HTTP {exc.code} from {url}"
-    except (urllib.error.URLError, OSError) as exc:
-        return f"{url} does not answer ({getattr(exc, 'reason', exc)})"
+    return server_health(uri, timeout)
 
 
 def _inspect(data: DataConfig, storage: RunStorage, marker: str, token: str, uri: str) -> dict:

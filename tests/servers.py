@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from segtune.tracking.server import tracking_server
+
 BIN = Path(sys.executable).parent
 
 
@@ -84,16 +86,12 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def mlflow_server(folder: Path, host: str = "127.0.0.1") -> Iterator[str]:
-    """An `mlflow server` with a sqlite store, serving artifacts itself; yields its URL."""
-    port = free_port(host)
-    url = f"http://{host}:{port}"
-    command = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", port,
-               "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
-               "--artifacts-destination", folder / "artifacts", "--serve-artifacts",
-               "--workers", "1", "--allowed-hosts", f"{host}:{port},localhost:{port}"]  # fmt: skip
-    with process(command, folder / "mlflow-server.log", lambda: answers(f"{url}/health")):
-        yield url
+def mlflow_server(folder: Path) -> Iterator[str]:
+    """segtune's own `mlflow server` on 127.0.0.1 (sqlite store, artifacts served, one worker,
+    its pool setting); yields its URL."""
+    store = f"sqlite:///{folder}/mlflow.db"
+    with tracking_server(store, folder, workers=1, settle=False) as started:
+        yield started.url
 
 
 @contextlib.contextmanager

@@ -118,12 +118,16 @@ def test_verify_counts_what_the_server_does_not_have(sqlite_server: str) -> None
     assert load.verify(client, expected, failed).after_error == 2 * len(EPOCH_METRICS)
 
 
+COLUMNS = ("backend", "loggers", "epochs", "values logged", "values read back",
+           "p50 ms", "p95 ms", "max ms", "total s", "values/s")  # fmt: skip
+
+
 def table(stdout: str) -> dict[str, str]:
-    """The command's one-row table as {column: value} (column names have single spaces)."""
+    """The command's one-row table as {column: value} (its values have no spaces)."""
     lines = stdout.strip().splitlines()
     assert lines[0].startswith("# ") and "mlflow " in lines[0], stdout
-    header, row = (re.split(r"\s{2,}", line.strip()) for line in lines[1:3])
-    return dict(zip(header, row, strict=True))
+    assert re.fullmatch(r"\s*" + r"\s+".join(map(re.escape, COLUMNS)), lines[1]), stdout
+    return dict(zip(COLUMNS, lines[2].split(), strict=True))
 
 
 def live_members(pgid: int) -> list[int]:

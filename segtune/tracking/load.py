@@ -24,6 +24,7 @@ from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 from mlflow.tracking import MlflowClient
 
 from segtune.tracking.names import EPOCH_METRICS
@@ -254,11 +255,5 @@ def verify(
 
 
 def percentile(values: Sequence[float], q: float) -> float:
-    """The `q`-th percentile (0-100), linear between the nearest ranks; NaN for no values."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+    """The `q`-th percentile (0-100, linear between ranks); NaN for no values."""
+    return float(np.percentile(values, q)) if len(values) else float("nan")

@@ -59,15 +59,28 @@ def public_uri(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{netloc}"))
 
 
+def server_command(
+    host: str, port: int, backend_uri: str, artifacts: Path, workers: int
+) -> list[str]:
+    """`mlflow server` on `host:port` serving artifacts itself; run it with SERVER_POOL set."""
+    allowed = f"{host}:{port},localhost:{port},127.0.0.1:{port}"
+    return [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port),
+            "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts),
+            "--serve-artifacts", "--workers", str(workers), "--allowed-hosts", allowed]  # fmt: skip
+
+
 def server_health(url: str, timeout: float = 5.0) -> str | None:
-    """None when the tracking server at `url` answers /health, else why not."""
+    """None when the tracking server at `url` answers /health (a 401 or 403 is an answer: it
+    asks for credentials), else why not, naming the server without its credentials."""
+    parts = urlsplit(url)
+    base = f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}{parts.path.rstrip('/')}"
     try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout) as response:
-            return None if response.status == 200 else f"HTTP {response.status}"
+        with urllib.request.urlopen(f"{base}/health", timeout=timeout):
+            return None
     except urllib.error.HTTPError as exc:
-        return f"HTTP {exc.code}"
+        return None if exc.code in (401, 403) else f"HTTP {exc.code} from {base}"
     except (OSError, ValueError) as exc:
-        return str(getattr(exc, "reason", None) or exc)
+        return f"{base} does not answer ({getattr(exc, 'reason', None) or exc})"
 
 
 def check_tracking_uri(url: str) -> str:
@@ -173,10 +186,7 @@ def tracking_server(
     backend_kind(backend_uri)
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-               "--backend-store-uri", backend_uri, "--artifacts-destination", str(folder / "artifacts"),
-               "--serve-artifacts", "--workers", str(workers),
-               "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}"]  # fmt: skip
+    command = server_command("127.0.0.1", port, backend_uri, folder / "artifacts", workers)
     server_log = folder / "mlflow-server.log"
     with server_log.open("wb") as out:
         proc = subprocess.Popen(
