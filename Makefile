@@ -25,9 +25,10 @@ lint: install
 test: lint
 	$(VENV)/bin/pytest -q
 
-# `ray up cluster.yaml` on two hosts built from Linux namespaces (root; about 3 minutes)
+# the tests of several nodes (root; about 7 minutes): sweeps over a head and a worker with their
+# own filesystems, and `ray up cluster.yaml` on two hosts built from Linux namespaces
 test-cluster: install
-	$(VENV)/bin/pytest -q -m launch tests/test_cluster_launch.py
+	$(VENV)/bin/pytest -q -m launch tests/test_cluster.py tests/test_cluster_launch.py
 
 demo: install
 	$(PY) -m segtune.run sweeps/quickstart.yaml

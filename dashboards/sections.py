@@ -102,6 +102,11 @@ def _pareto(report: Report, trials: pd.DataFrame, colors: dict) -> None:
             report.fronts[cost] = front
             names = ", ".join(trials.loc[front, "label"])
             report.summary.append(f"Pareto front of {OBJECTIVE} vs {cost}: {names}.")
+    for _, row in trials[trials.get("cost_noisy", pd.Series("", trials.index)) != ""].iterrows():
+        report.notes.append(
+            f"noisy cost {row['label']}: {row['cost_noisy']}; its latency was timed while "
+            "other work ran and may be too high (segtune.cost_stage retried it)"
+        )
     drawn = figures.size_bars(trials, colors, report.out / "size_mb.png")
     report.figure("pareto", "size_mb.png", "Model size per configuration (Picture 8).", drawn)
 

@@ -4,7 +4,8 @@ load test of the tracking server.
 `models` measures every registered architecture x backbone x ASPP variant (untrained weights)
 with the cost library (`segtune.cost`), without training; `engine` times one `fit()` epoch
 against a bare PyTorch loop on the same tensors; `tracking` has many trials log epochs to one
-`mlflow server` at once and reads every value back (`segtune.tracking.load`).
+`mlflow server` at once and reads every value back (`segtune.tracking.load`); `sweep` runs a
+sweep and prints where its time went (`segtune.sweep_bench`).
 """
 
 from __future__ import annotations
@@ -207,6 +208,15 @@ def engine_overhead(
     }
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from segtune.sweep_bench import bench_sweep, print_bench
+
+    repeats = check_count("--repeats", args.repeats, 1)
+    table = bench_sweep(args.sweep, args.set, repeats, args.cold)
+    print_bench(table, args.sweep, args.set, args.cold)
+    return 0
+
+
 def _cmd_engine(args: argparse.Namespace) -> int:
     result = engine_overhead(
         args.arch, args.backbone, args.size, args.batch, args.images, args.repeats, args.device
@@ -300,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = command_parser(
         "python -m segtune.bench",
         "Cost of segmentation models (parameters, size, FLOPs, CPU and GPU latency), the "
-        "training engine's overhead, the tracking server under load.",
+        "training engine's overhead, the tracking server under load, a sweep's time account.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     models = sub.add_parser(
@@ -361,6 +371,19 @@ def build_parser() -> argparse.ArgumentParser:
     tracking.add_argument("--experiment", default="segtune-load", help="(default %(default)s)")
     tracking.add_argument("--seed", type=int, default=0, help="of the random metric values")
     tracking.set_defaults(func=_cmd_tracking)
+    sweep = sub.add_parser(
+        "sweep",
+        help="run a sweep as a user would and print where its time went, median of --repeats",
+        description="Run python -m segtune.run SWEEP (in a temporary tracking store) --repeats "
+        "times and print each run's time account: efficiency, driver and trial stages.",
+    )
+    sweep.add_argument("sweep", type=Path, help="sweep YAML file, e.g. sweeps/quickstart.yaml")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
+    sweep.add_argument("--repeats", type=int, default=3, help="timed runs (default 3)")
+    sweep.add_argument(
+        "--cold", action="store_true", help="an empty cost table each run (a first sweep)"
+    )
+    sweep.set_defaults(func=_cmd_sweep)
     return parser
 
 

@@ -73,6 +73,16 @@ class Cost(TypedDict, total=False):
     gpu_name: str
     gpu_skip_reason: str
     torch_version: str
+    # how steady the CPU was (segtune.cost_stage): spread of the timed runs, cores that other
+    # processes used meanwhile, load averages, tries, and why the figure is noisy if it is
+    cpu_cv: float
+    other_cores: float
+    load_before: float
+    load_after: float
+    cpu_attempts: int
+    noisy: str
+    signature: str  # the architecture signature the cost table keeps it under
+    source: str  # "measured" by the cost stage, the cost run it reused, or "trial"
 
 
 def check_count(name: str, value: int, minimum: int) -> int:
@@ -196,6 +206,17 @@ def cpu_latency_ms(
 
     The previous thread count is restored afterwards, so a trial's own threading is untouched.
     """
+    return statistics.median(cpu_latency_runs(model, input_hw, threads, warmup, repeats))
+
+
+def cpu_latency_runs(
+    model: nn.Module,
+    input_hw: Sequence[int] = DEFAULT_INPUT_HW,
+    threads: int = 2,
+    warmup: int = 2,
+    repeats: int = 5,
+) -> list[float]:
+    """The ms of each timed run of `cpu_latency_ms`: their spread says how steady the CPU was."""
     input_hw = check_hw(input_hw)
     threads = check_count("threads", threads, 1)
     warmup = check_count("warmup", warmup, 0)
@@ -210,7 +231,7 @@ def cpu_latency_ms(
             start = time.perf_counter()
             clone(x)
             times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return times
 
 
 def gpu_latency_ms(
@@ -266,6 +287,38 @@ def gpu_precision(amp: str) -> str:
     return str(dtype or torch.float32).removeprefix("torch.")
 
 
+def static_cost(model: nn.Module, input_hw: Sequence[int] = DEFAULT_INPUT_HW) -> Cost:
+    """The costs that no clock decides (parameters, size, FLOPs) and the machine they hold for."""
+    input_hw = check_hw(input_hw)
+    return Cost(
+        params_m=count_params(model),
+        size_mb=state_dict_mb(model),
+        gflops=gflops(model, input_hw),
+        bench_input=format_hw(input_hw),
+        cpu_name=cpu_name(),
+        torch_version=torch.__version__,
+    )
+
+
+def gpu_cost(
+    model: nn.Module,
+    input_hw: Sequence[int] = DEFAULT_INPUT_HW,
+    warmup: int = GPU_WARMUP,
+    repeats: int = GPU_REPEATS,
+    amp: str = "off",
+) -> Cost:
+    """`infer_ms_gpu` with the GPU's name and precision, or `gpu_skip_reason` alone."""
+    ms, reason = gpu_latency_ms(model, input_hw, warmup, repeats, amp)
+    if ms is None:
+        return Cost(gpu_skip_reason=reason or "unknown")
+    return Cost(
+        infer_ms_gpu=ms,
+        gpu_name=torch.cuda.get_device_name(torch.cuda.current_device()),
+        bench_gpu_repeats=repeats,
+        bench_gpu_precision=gpu_precision(amp),
+    )
+
+
 def measure_cost(
     model: nn.Module,
     input_hw: Sequence[int] = DEFAULT_INPUT_HW,
@@ -281,30 +334,17 @@ def measure_cost(
 
     `gpu=False` skips the GPU (its reason says so). The caller's model is left as it was.
     """
-    input_hw = check_hw(input_hw)
-    cost = Cost(
-        params_m=count_params(model),
-        size_mb=state_dict_mb(model),
-        gflops=gflops(model, input_hw),
+    cost = static_cost(model, input_hw)
+    cost.update(
         infer_ms_cpu=cpu_latency_ms(model, input_hw, threads, warmup, repeats),
-        bench_input=format_hw(input_hw),
         bench_threads=threads,
         bench_warmup=warmup,
         bench_repeats=repeats,
-        cpu_name=cpu_name(),
-        torch_version=torch.__version__,
     )
     if not gpu:
         cost["gpu_skip_reason"] = "GPU measurement disabled (gpu=False / --no-gpu)"
         return cost
-    ms, reason = gpu_latency_ms(model, input_hw, gpu_warmup, gpu_repeats, amp)
-    if ms is None:
-        cost["gpu_skip_reason"] = reason or "unknown"
-    else:
-        cost["infer_ms_gpu"] = ms
-        cost["gpu_name"] = torch.cuda.get_device_name(torch.cuda.current_device())
-        cost["bench_gpu_repeats"] = gpu_repeats
-        cost["bench_gpu_precision"] = gpu_precision(amp)
+    cost.update(gpu_cost(model, input_hw, gpu_warmup, gpu_repeats, amp))
     return cost
 
 

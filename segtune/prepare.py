@@ -5,18 +5,19 @@ from __future__ import annotations
 from torch import nn
 
 from segtune.config import DataConfig, TrialConfig
-from segtune.data.pipeline import DataBundle, build_data
+from segtune.data.pipeline import DataBundle, Scan, build_data
 from segtune.engine import seed_everything
 from segtune.losses import build_loss, class_weights
 from segtune.models import build_model
 
 
 def prepare(
-    data_cfg: DataConfig, cfg: TrialConfig, progress: bool = True
+    data_cfg: DataConfig, cfg: TrialConfig, progress: bool = True, scan: Scan | None = None
 ) -> tuple[DataBundle, nn.Module, nn.Module]:
-    """One trial's inputs: its data, its loss (class weights from the training masks) and its
-    model, built after seeding so that the initial weights depend on `cfg.seed` alone."""
-    data = build_data(data_cfg, cfg, progress)
+    """One trial's inputs: its data (from the driver's `scan` when it has one), its loss (class
+    weights from the training masks) and its model, built after seeding so that the initial
+    weights depend on `cfg.seed` alone."""
+    data = build_data(data_cfg, cfg, progress, scan)
     loss_fn = build_loss(
         cfg.loss, class_weights=class_weights(data.class_pixels, cfg.class_weights)
     )

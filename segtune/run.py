@@ -13,14 +13,16 @@ import logging
 import math
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import yaml
 
 from segtune.cli import command_parser, run_cli, setup_logging
-from segtune.data.pipeline import split_samples
+from segtune.data.pipeline import Scan, scan_dataset
 from segtune.errors import ConfigError, ModelError
 from segtune.models import pretrained_weights_file
 from segtune.space import check_combinations, describe, discrete_trials
@@ -78,8 +80,9 @@ def dry_run(sweep: SweepConfig) -> None:
         print(f"num_samples: {sweep.tune.num_samples}")
 
 
-def preflight(sweep: SweepConfig, local: bool) -> None:
-    """Fail before any trial on what would fail every trial."""
+def preflight(sweep: SweepConfig, local: bool) -> Scan:
+    """Fail before any trial on what would fail every trial; returns the checked dataset, which
+    every trial then reads instead of checking it again."""
     check_combinations(sweep)
     missing: dict[str, None] = {}
     for cfg in discrete_trials(sweep):
@@ -104,7 +107,7 @@ def preflight(sweep: SweepConfig, local: bool) -> None:
                 "set it to 0 (--set tune.resources_per_trial.gpu=0) or join a GPU cluster "
                 "with --address"
             )
-    split_samples(sweep.data, progress=True)  # generates a synthetic set, checks every pair
+    return scan_dataset(sweep.data, progress=True)  # generates a synthetic set, checks every pair
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -121,20 +124,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     sweep, tracking_uri = absolute_paths(
         sweep, resolve_tracking_uri(args.tracking_uri or sweep.mlflow.tracking_uri)
     )
-    preflight(sweep, local=args.address is None)
+    scan = preflight(sweep, local=args.address is None)
     from segtune.sweep import run_sweep
 
-    parent, failed = run_sweep(
+    phases = {"checks_s": time.time() - psutil.Process().create_time()}
+    outcome = run_sweep(
         sweep,
         tracking_uri,
         address=args.address,
         resume=args.resume,
         sweep_yaml=yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False),
+        scan=scan,
     )
-    print_summary(sweep, tracking_uri, parent)
+    phases.update(outcome.phases)
+    started = time.perf_counter()
+    print_summary(sweep, tracking_uri, outcome.parent)
+    phases["summary_s"] = time.perf_counter() - started
+    report = None
     if not args.no_report:
-        build_report(sweep.experiment, tracking_uri, parent)
-    return 1 if failed else 0
+        started = time.perf_counter()
+        report = build_report(sweep.experiment, tracking_uri, outcome.parent)
+        phases["report_s"] = time.perf_counter() - started
+    print_time_account(sweep, tracking_uri, outcome.parent, outcome.slots, phases)
+    if report is not None:
+        print(f"report: {report}")  # the last line: scripts read the report's path there
+    return 1 if outcome.failed else 0
 
 
 # the summary's columns, and the costs of its Pareto column
@@ -165,7 +179,10 @@ def print_summary(sweep: SweepConfig, tracking_uri: str, parent: str) -> None:
     costs = [c for c in SUMMARY_COSTS if c in ok and ok[c].notna().any()]
     ok["pareto"] = pareto_front(ok, OBJECTIVE, costs) if len(ok) else []
     ok = ok.sort_values(OBJECTIVE, ascending=False)
-    ok["note"] = ok["early_stopped"].map(lambda v: f"stopped {v}" if v else "")
+    ok["note"] = [
+        ", ".join(filter(None, [f"stopped {stop}" if stop else "", "noisy cost" if noisy else ""]))
+        for stop, noisy in zip(ok["early_stopped"], ok["cost_noisy"], strict=True)
+    ]
     titles = {key: COLUMNS[key][0] for key in SUMMARY_COLUMNS}
     where = ["node"] if table["node"].nunique() > 1 else []  # a sweep over several machines
     shown = ok[["label", *where, *SUMMARY_COLUMNS, "pareto", "note"]].rename(columns=titles)
@@ -176,6 +193,8 @@ def print_summary(sweep: SweepConfig, tracking_uri: str, parent: str) -> None:
         print("\nmIoU over seeds (mean ± std):")
         for name, row in spread.sort_values("mean", ascending=False).iterrows():
             print(f"  {name}: {row['mean']:.4f} ± {row['std']:.4f} (n={int(row['count'])})")
+    for _, row in ok[ok["cost_noisy"] != ""].iterrows():
+        print(f"noisy cost {row['label']}: {row['cost_noisy']} (timed with the other work)")
     failed = table[table["status"] == "FAILED"]
     for _, row in failed.iterrows():
         print(f"FAILED {row['label']}: {row['error']}")
@@ -185,17 +204,33 @@ def print_summary(sweep: SweepConfig, tracking_uri: str, parent: str) -> None:
         print(f"\nopen the MLflow UI: mlflow ui --backend-store-uri {tracking_uri}")
 
 
-def build_report(experiment: str, tracking_uri: str, parent: str) -> None:
-    """The dashboards' report of this sweep, by their own command: a report problem is a
-    warning, never a failed sweep."""
+def print_time_account(
+    sweep: SweepConfig, tracking_uri: str, parent: str, slots: int, phases: dict[str, float]
+) -> None:
+    """Where the sweep's wall time went (segtune.tracking.timing), printed and kept on its run."""
+    from mlflow.tracking import MlflowClient
+
+    from segtune.tracking.query import load_sweep_table
+    from segtune.tracking.timing import account, account_lines, log_account
+
+    trials = load_sweep_table(sweep.experiment, tracking_uri, sweep_run_id=parent)
+    wall = time.time() - psutil.Process().create_time()
+    figures = account(trials, phases, slots, wall)
+    log_account(MlflowClient(tracking_uri), parent, figures)
+    print("\n".join(account_lines(figures)))
+
+
+def build_report(experiment: str, tracking_uri: str, parent: str) -> Path | None:
+    """The dashboards' report of this sweep, by their own command, and its index file: a report
+    problem is a warning, never a failed sweep."""
     command = [sys.executable, "-m", "dashboards.report", "--experiment", experiment]
     command += ["--tracking-uri", tracking_uri, "--run-id", parent]
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
     index = done.stdout.strip().splitlines()[-1:] if done.returncode == 0 else []
     if index:
-        print(f"report: {Path(index[0]).resolve()}")
-    else:
-        log.warning("report not built (python -m dashboards.report exited %d)", done.returncode)
+        return Path(index[0]).resolve()
+    log.warning("report not built (python -m dashboards.report exited %d)", done.returncode)
+    return None
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ Impossible combinations (e.g. deeplabv3 without a backbone) are rejected before 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from ray import tune
@@ -22,6 +22,7 @@ from segtune.models import check_model_config
 from segtune.sweepfile import SweepConfig, is_group, search_form
 
 MAX_CHECKED_COMBINATIONS = 5000
+GRID_KEY = "trial"  # a grid sweep's param_space: its combinations, in the order they start
 
 
 def _discrete(sweep: SweepConfig) -> dict[str, list[Any]]:
@@ -44,8 +45,11 @@ def seeds(sweep: SweepConfig) -> list[int]:
 def resolve_trial(sweep: SweepConfig, sampled: Mapping[str, Any]) -> TrialConfig:
     """A sampled Ray config to the trial configuration: defaults, then values, groups merged.
 
-    Optuna samples a group as the index of its mapping (its categories must be scalars).
+    Optuna samples a group as the index of its mapping (its categories must be scalars); a grid
+    sweep's combination comes whole, under GRID_KEY.
     """
+    if GRID_KEY in sampled:
+        sampled = {**sampled[GRID_KEY], **{k: v for k, v in sampled.items() if k != GRID_KEY}}
     values: dict[str, Any] = dict(sweep.train)
     for key, value in sampled.items():
         if key not in sweep.search_space and not (key == "seed" and sweep.tune.repeats > 1):
@@ -98,8 +102,20 @@ def combo_label(combo: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in flat.items())
 
 
-def param_space(sweep: SweepConfig) -> dict[str, Any]:
-    """The Ray Tune param_space of a sweep (trial defaults are applied in `resolve_trial`)."""
+def param_space(
+    sweep: SweepConfig, duration: Callable[[TrialConfig], float] | None = None
+) -> dict[str, Any]:
+    """The Ray Tune param_space of a sweep (trial defaults are applied in `resolve_trial`).
+
+    A grid sweep is one grid dimension over its combinations, so that the order in which its
+    trials start is ours: longest first by `duration` (an estimate), which keeps the slots
+    busy to the end instead of leaving the longest trial to run alone.
+    """
+    if sweep.tune.search == "grid":
+        combos = list(_combinations(sweep))
+        if duration is not None:
+            combos.sort(key=lambda combo: -duration(resolve_trial(sweep, combo)))
+        return {GRID_KEY: tune.grid_search(combos)}
     optuna = sweep.tune.search == "optuna"
     space: dict[str, Any] = {}
     for key, spec in sweep.search_space.items():

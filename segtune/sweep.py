@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +19,16 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.experiment import Trial
 
-from segtune.config import TrialConfig
+from segtune.config import TrialConfig, parse_hw
+from segtune.cost import Cost
+from segtune.cost_stage import model_key, run_cost_stage
+from segtune.data.pipeline import Scan
 from segtune.errors import ConfigError
+from segtune.models import MODEL_KEYS
 from segtune.nodes import check_nodes, node_name, runtime_env_vars
-from segtune.space import param_space
+from segtune.space import discrete_trials, param_space
 from segtune.storage import RunStorage
-from segtune.sweepfile import SweepConfig
+from segtune.sweepfile import SweepConfig, search_form
 from segtune.tracking.names import EARLY_STOP_TAG, ERROR_TAG, QUALITY_METRICS, TRAIN_COSTS
 from segtune.tracking.runs import TrialRun, find_trial_run, start_sweep_run
 from segtune.trial import run_trial
@@ -152,6 +159,52 @@ def _parent_run(
     return parent
 
 
+def _cost_stage_configs(sweep: SweepConfig) -> list[TrialConfig]:
+    """The networks a sweep's trials can build, when they can be known before it starts: every
+    one of a grid, or of the discrete choices of a sampled space. None when a model key is
+    sampled from a range (each trial then times its own network)."""
+    sampled = {key for key, spec in sweep.search_space.items()
+               if search_form(spec)[0] in ("uniform", "loguniform", "randint")}  # fmt: skip
+    if sampled & set(MODEL_KEYS):
+        return []
+    return discrete_trials(sweep)
+
+
+def _duration(sweep: SweepConfig, costs: dict[tuple[Any, ...], Cost]) -> Any:
+    """An estimate of a trial's training time for ordering: its network's measured latency
+    (GPU on GPU trials), scaled from the benchmark input to the crop, times the epochs."""
+    on_gpu = sweep.tune.resources_per_trial.gpu > 0
+    height, width = parse_hw(sweep.bench.input)
+
+    def estimate(cfg: TrialConfig) -> float:
+        cost = costs.get(model_key(cfg), {})
+        ms = (cost.get("infer_ms_gpu") if on_gpu else None) or cost.get("infer_ms_cpu", 0.0)
+        return ms * cfg.image_size**2 / (height * width) * cfg.epochs
+
+    return estimate
+
+
+def _slots(sweep: SweepConfig, trials: int) -> int:
+    """How many trials can run at once: the concurrency limit, the cluster's resources and the
+    number of trials, whichever is least."""
+    wanted, available = sweep.tune.resources_per_trial, ray.cluster_resources()
+    limits = [trials, sweep.tune.max_concurrent_trials or trials]
+    limits.append(math.floor(available.get("CPU", 0) / wanted.cpu) if wanted.cpu else trials)
+    if wanted.gpu:
+        limits.append(math.floor(available.get("GPU", 0) / wanted.gpu))
+    return max(1, min(limits))
+
+
+@dataclass
+class SweepOutcome:
+    """What `run_sweep` tells the command: the parent run, failures, and the time account."""
+
+    parent: str
+    failed: int
+    slots: int
+    phases: dict[str, float] = field(default_factory=dict)  # seconds of each driver stage
+
+
 def run_sweep(
     sweep: SweepConfig,
     tracking_uri: str,
@@ -159,8 +212,10 @@ def run_sweep(
     address: str | None,
     resume: bool,
     sweep_yaml: str,
-) -> tuple[str, int]:
-    """Run the sweep; returns its parent run id and the number of failed trials."""
+    scan: Scan | None = None,
+) -> SweepOutcome:
+    """Run the sweep: checks, cost stage, Tuner. `scan` is the driver's check of the dataset,
+    handed to every trial (on every node the dataset has the same paths, checked first)."""
     storage = RunStorage.of(sweep.tune.storage_path, sweep.tune.storage_endpoint)
     filesystem, root = storage.filesystem
     experiment_dir = storage.path(sweep.name)
@@ -174,6 +229,13 @@ def run_sweep(
         raise ConfigError(
             f"--resume: no interrupted sweep at {storage}/{sweep.name}; run without --resume"
         )
+    joined, configs = address is not None, _cost_stage_configs(sweep)
+    phases: dict[str, float] = {}
+    if not joined:  # this machine alone, before Ray's own processes start and compete
+        started = time.perf_counter()
+        costs, measured = run_cost_stage(configs, sweep.bench, tracking_uri, joined=False)
+        phases["cost_stage_s"] = time.perf_counter() - started
+    started = time.perf_counter()
     env = {"MLFLOW_TRACKING_URI": tracking_uri, **runtime_env_vars()}
     ray.init(
         address=address,
@@ -184,12 +246,25 @@ def run_sweep(
     )
     try:
         check_cluster(sweep)
-        check_nodes(sweep.data, storage, tracking_uri, joined=address is not None)
+        check_nodes(sweep.data, storage, tracking_uri, joined=joined)
         parent = _parent_run(sweep, storage, tracking_uri, sweep_yaml, resume)
+        phases["start_s"] = time.perf_counter() - started
+        if joined:  # one task per node kind, each holding its node while nothing else runs
+            started = time.perf_counter()
+            costs, measured = run_cost_stage(configs, sweep.bench, tracking_uri, joined=True)
+            phases["cost_stage_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        grid = len(configs) if sweep.tune.search == "grid" else 1
+        slots = _slots(sweep, grid * sweep.tune.num_samples)
         resources = sweep.tune.resources_per_trial
         trainable = tune.with_resources(
             tune.with_parameters(
-                run_trial, sweep=sweep, parent_run_id=parent, tracking_uri=tracking_uri
+                run_trial,
+                sweep=sweep,
+                parent_run_id=parent,
+                tracking_uri=tracking_uri,
+                scan=scan,
+                measured=measured,
             ),
             {"cpu": resources.cpu, "gpu": resources.gpu},
         )
@@ -223,7 +298,7 @@ def run_sweep(
         else:
             tuner = tune.Tuner(
                 trainable,
-                param_space=param_space(sweep),
+                param_space=param_space(sweep, _duration(sweep, costs)),
                 tune_config=tune.TuneConfig(
                     metric=None if multi else objectives[0][0],
                     mode=None if multi else objectives[0][1],
@@ -235,8 +310,11 @@ def run_sweep(
                 run_config=run_config,
             )
         results = tuner.fit()
+        phases["tuner_s"] = time.perf_counter() - started
     finally:
+        started = time.perf_counter()
         ray.shutdown()
+    phases["stop_s"] = time.perf_counter() - started
     failed = sum(1 for r in results if r.error is not None)
     MlflowClient(tracking_uri).set_terminated(parent, "FAILED" if failed else "FINISHED")
-    return parent, failed
+    return SweepOutcome(parent, failed, slots, phases)

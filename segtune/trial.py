@@ -22,8 +22,9 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from segtune.checkpoint import atomic_save, best_checkpoint, load_dict
-from segtune.config import TrialConfig, parse_hw
-from segtune.cost import measure_cost
+from segtune.config import TrialConfig
+from segtune.cost_stage import trial_cost
+from segtune.data.pipeline import Scan
 from segtune.device import amp_dtype, resolve_device
 from segtune.engine import EpochEnd, fit
 from segtune.evaluation import evaluate_best
@@ -55,9 +56,17 @@ def _maybe_fail(epoch: int) -> None:
 
 
 def run_trial(
-    config: dict[str, Any], *, sweep: SweepConfig, parent_run_id: str, tracking_uri: str
+    config: dict[str, Any],
+    *,
+    sweep: SweepConfig,
+    parent_run_id: str,
+    tracking_uri: str,
+    scan: Scan | None = None,
+    measured: dict[str, str] | None = None,
 ) -> None:
-    """Ray Tune function trainable for one trial of `sweep`."""
+    """Ray Tune function trainable for one trial of `sweep`: `scan` is the driver's check of the
+    dataset, `measured` the signatures its cost stage timed (segtune.cost_stage)."""
+    started = time.perf_counter()
     cfg = resolve_trial(sweep, config)
     context = tune.get_context()
     trial_id = context.get_trial_id()
@@ -92,7 +101,17 @@ def run_trial(
     )
     try:
         with run.system_metrics(resumed=resume is not None):
-            final = _train_evaluate_bench(sweep, cfg, run, device, resume)
+            final = _train_evaluate_bench(
+                sweep,
+                cfg,
+                run,
+                device,
+                resume,
+                scan,
+                measured or {},
+                started,
+                resources.get("GPU", 0),
+            )
     except SystemExit:  # Ray stopping the trial (a scheduler's decision): the driver closes the run
         raise
     except BaseException as exc:
@@ -112,9 +131,15 @@ def _train_evaluate_bench(
     run: TrialRun,
     device: torch.device,
     resume: dict[str, Any] | None,
+    scan: Scan | None,
+    measured: dict[str, str],
+    started: float,
+    gpu: float,
 ) -> dict[str, Any]:
-    """Train, evaluate, benchmark and log; returns the final result for Ray."""
-    data, model, loss_fn = prepare(sweep.data, cfg, progress=False)
+    """Train, evaluate, take the cost and log; returns the final result for Ray. The time of
+    each stage goes to the run as well (TRIAL_TIMES), for the sweep's time account."""
+    data, model, loss_fn = prepare(sweep.data, cfg, progress=False, scan=scan)
+    times = {"setup_s": time.perf_counter() - started}
 
     def report(event: EpochEnd) -> None:
         run.log_epoch(event.epoch, event.metrics)
@@ -155,15 +180,11 @@ def _train_evaluate_bench(
             amp_dtype(cfg.amp, device),
             cfg.batch_size,
         )
-        cost = measure_cost(
-            model,
-            parse_hw(sweep.bench.input),
-            threads=sweep.bench.threads,
-            repeats=sweep.bench.repeats,
-            warmup=sweep.bench.warmup,
-            # on a CPU trial of a GPU node the GPU belongs to other trials: not measured here
-            gpu=sweep.bench.gpu and (device.type == "cuda" or not torch.cuda.is_available()),
+        cost_started = time.perf_counter()
+        cost = trial_cost(
+            model, sweep.bench, device, run.client.tracking_uri, measured, gpu_shared=gpu < 1
         )
+        times["cost_s"] = time.perf_counter() - cost_started
         final.update({k: v for k, v in cost.items() if k in MODEL_COSTS})
         atomic_save(
             best_checkpoint(result.best_state_dict, cfg, {**best, **final}),
@@ -173,6 +194,8 @@ def _train_evaluate_bench(
         run.log_artifact(folder_path / checkpoints, checkpoints)
         run.log_artifact(folder_path / EVAL_DIR, EVAL_DIR)
     tags = {f"{COST_TAG_PREFIX}{k}": v for k, v in cost.items() if k not in MODEL_COSTS}
-    run.log_final(final, tags)
-    log.info("%s: evaluation and benchmark took %.1fs", cfg.label(), time.perf_counter() - started)
+    times["eval_s"] = time.perf_counter() - started - times["cost_s"]
+    run.log_final({**final, **times}, tags)
+    log.info("%s: evaluation took %.1f s, cost %.1f s (%s)", cfg.label(), times["eval_s"],
+             times["cost_s"], cost.get("source"))  # fmt: skip
     return {**history[-1], **final}

@@ -94,3 +94,20 @@ def test_engine_overhead_compares_fit_with_a_bare_loop() -> None:
     assert result["bare_img_s"] > 0 and result["engine_img_s"] > 0
     # the same work: a fit() several times slower or faster than the bare loop is a broken one
     assert 0.2 < result["ratio"] < 5
+
+
+def test_cli_sweep_prints_the_time_account(synthetic_root: Path, tmp_path: Path) -> None:
+    """`bench sweep` runs the sweep as `python -m segtune.run` does, in a store of its own, and
+    prints each run's time account read back from its sweep run, with the median."""
+    from tests.test_sweep import write_sweep
+
+    sweep = write_sweep(tmp_path / "timed.yaml", synthetic_root, train={"epochs": 1})
+    result = run_bench("sweep", str(sweep), "--repeats", "1", "--cold", "--set", "train.lr=0.01")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert "cost table empty each run" in lines[0] and "train.lr=0.01" in lines[0]
+    header, first, median = lines[1].split(), lines[2].split(), lines[3].split()
+    assert header[:4] == ["run", "load", "outside", "s"] and "efficiency" in header
+    assert first[0] == "1" and median[0] == "median" and first[1:] == median[1:]
+    assert sum(v.endswith("%") for v in first) == 1  # the efficiency
+    assert not list(tmp_path.glob("mlflow.db")), "the benchmark keeps to its own store"

@@ -44,6 +44,9 @@ from tests.servers import BIN, free_port, mlflow_server, port_open, process, s3_
 from tests.test_sweep import BENCH, TINY_TRAIN
 
 HEAD, WORKER = "127.0.0.2", "127.0.0.3"
+# several nodes: run by `make test-cluster` (CI runs it too), outside `make test`'s budget
+pytestmark = pytest.mark.launch
+
 TRAIN = {"arch": "unet", "backbone": "none", **TINY_TRAIN}
 SYNTHETIC = {"train": 12, "test": 4, "size": "96x64", "seed": 0}
 

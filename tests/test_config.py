@@ -8,7 +8,7 @@ import pytest
 
 from segtune.config import apply_overrides, format_hw, parse_hw, trial_config
 from segtune.errors import ConfigError
-from segtune.space import discrete_trials, param_space
+from segtune.space import GRID_KEY, discrete_trials, param_space, resolve_trial
 from segtune.sweepfile import load_sweep
 
 
@@ -47,7 +47,15 @@ def test_groups_repeats_and_labels(tmp_path: Path) -> None:
     assert "unet-none-none-lr=0.001-s3" in labels
     configs = {sweep.config_label(t) for t in trials}  # the seeds of one configuration share it
     assert configs == {label.rsplit("-s", 1)[0] for label in labels} and len(configs) == 4
-    assert param_space(sweep)["seed"] == {"grid_search": [3, 4]}
+    # one grid dimension of whole combinations, in file order or longest first by an estimate
+    grid = param_space(sweep)[GRID_KEY]["grid_search"]
+    assert [resolve_trial(sweep, {GRID_KEY: c}) for c in grid] == trials
+    ordered = param_space(sweep, duration=lambda cfg: cfg.lr * (1 + cfg.seed))
+    estimates = [
+        (cfg.lr * (1 + cfg.seed))
+        for cfg in (resolve_trial(sweep, {GRID_KEY: c}) for c in ordered[GRID_KEY]["grid_search"])
+    ]
+    assert estimates == sorted(estimates, reverse=True) and len(estimates) == 8
 
 
 def test_randint_is_inclusive(tmp_path: Path) -> None:

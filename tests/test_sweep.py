@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -21,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from segtune.run import main as run_main
 from segtune.tracking.names import (
     CONFIG_LABEL_TAG,
+    COST_EXPERIMENT,
     COST_TAG_PREFIX,
     EPOCH_METRICS,
     ERROR_TAG,
@@ -349,3 +351,58 @@ def test_dry_run_lists_the_grid(synthetic_root: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "8 trials" in proc.stdout and "deeplabv3-resnet18-aspp-none" in proc.stdout
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_cost_is_timed_once_per_architecture_and_alone(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    """Two architectures x 3 seeds, two trials at once on 2 cores: the cost stage times each
+    architecture once, before the trials (counted from the cost runs); every trial run carries
+    that cost; each figure is within 20% of `python -m segtune.bench models` run alone here."""
+    bench = {"input": "320x240", "threads": 1, "repeats": 5, "warmup": 2}
+    models = [
+        {"arch": "deeplabv3", "backbone": backbone, "aspp": True}
+        for backbone in ("mobilenet_v3_small", "resnet18")
+    ]
+    sweep = write_sweep(
+        tmp_path / "costs.yaml",
+        synthetic_root,
+        train={"epochs": 1},
+        search_space={"model": {"grid_search": models}},
+        tune={"repeats": 3, "max_concurrent_trials": 2},
+        bench=bench,
+    )
+    proc = run(sweep)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    costs = client.get_experiment_by_name(COST_EXPERIMENT)
+    timed = {r.info.run_id: r for r in client.search_runs([costs.experiment_id])}
+    assert len(timed) == 2, "one timing per architecture, not per trial"
+    runs = trial_runs(tmp_path, "costs")
+    assert len(runs) == 6
+    for r in runs:
+        tags = r.data.tags
+        assert tags[f"{COST_TAG_PREFIX}source"] == "measured"  # by this sweep's cost stage
+        source = timed[tags[f"{COST_TAG_PREFIX}run_id"]]
+        for key in ("params_m", "size_mb", "gflops", "infer_ms_cpu"):
+            assert r.data.metrics[key] == pytest.approx(source.data.metrics[key]), key
+        assert tags[f"{COST_TAG_PREFIX}bench_threads"] == "1"
+        assert float(tags[f"{COST_TAG_PREFIX}other_cores"]) >= 0
+    done = subprocess.run(
+        [sys.executable, "-m", "segtune.bench", "models", "--arch", "deeplabv3", "--backbone",
+         "mobilenet_v3_small", "resnet18", "--input", "320x240", "--threads", "1", "--repeats",
+         "5", "--warmup", "2", "--no-gpu", "--csv", str(tmp_path / "alone.csv")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    alone = pd.read_csv(tmp_path / "alone.csv").set_index("model")["infer_ms_cpu"]
+    for r in runs:
+        label = f"deeplabv3-{r.data.params['backbone']}-aspp"
+        assert r.data.metrics["infer_ms_cpu"] == pytest.approx(alone[label], rel=0.2), label
+    # the time account, printed and kept on the sweep's run
+    parent = client.get_run(runs[0].data.tags["mlflow.parentRunId"]).data.metrics
+    assert parent["time/slots"] == 2 and 0 < parent["time/efficiency"] <= 1
+    assert parent["time/train_s"] == pytest.approx(
+        sum(r.data.metrics["train_time_min"] * 60 for r in runs)
+    )
+    assert "of the slot time" in proc.stdout

@@ -109,16 +109,18 @@ def _generate(root: Path, spec: SyntheticSpec, progress: bool) -> None:
         shutil.rmtree(partial, ignore_errors=True)
 
 
-def split_samples(
-    data: DataConfig, seed: int = 0, progress: bool = True
-) -> tuple[list[Sample], list[Sample], str]:
-    """Checked (train, validation) samples and the name of the validation source."""
+Scan = dict[str, list[Sample]]  # checked pairs by split: train and the validation split
+
+
+def scan_dataset(data: DataConfig, progress: bool = True) -> Scan:
+    """Every pair a trial reads, checked once (headers, mask values, class pixel counts): the
+    training split and, unless validation is a fraction of it, the validation split. The
+    sweep's driver scans once and hands the result to every trial."""
     root = ensure_dataset(data, progress)
     check = {"rgb_masks": data.rgb_masks, "progress": progress}
-    train = scan_split(root, "train", **check)
+    scan = {"train": scan_split(root, "train", **check)}
     if isinstance(data.val_split, float):
-        train, val = holdout(train, data.val_split, seed)
-        return train, val, f"{data.val_split:.0%} of train"
+        return scan
     name = data.val_split
     if name == "auto":
         name = "val" if "val" in available_splits(root) else "test"
@@ -127,12 +129,28 @@ def split_samples(
             f"{root / name}: validation split '{name}' is missing; add it, or set "
             "data.val_split to a fraction of train such as 0.15"
         )
-    return train, scan_split(root, name, **check), name
+    scan[name] = scan_split(root, name, **check)
+    return scan
 
 
-def build_data(data: DataConfig, trial: TrialConfig, progress: bool = True) -> DataBundle:
+def split_samples(
+    data: DataConfig, seed: int = 0, progress: bool = True, scan: Scan | None = None
+) -> tuple[list[Sample], list[Sample], str]:
+    """Checked (train, validation) samples and the name of the validation source, from `scan`
+    when the caller has one."""
+    scan = scan or scan_dataset(data, progress)
+    if isinstance(data.val_split, float):
+        train, val = holdout(scan["train"], data.val_split, seed)
+        return train, val, f"{data.val_split:.0%} of train"
+    name = next(split for split in scan if split != "train")
+    return scan["train"], scan[name], name
+
+
+def build_data(
+    data: DataConfig, trial: TrialConfig, progress: bool = True, scan: Scan | None = None
+) -> DataBundle:
     """Datasets with the trial's augmentation preset, and seeded loaders."""
-    train_samples, val_samples, val_name = split_samples(data, trial.seed, progress)
+    train_samples, val_samples, val_name = split_samples(data, trial.seed, progress, scan)
     kwargs = {"cache": data.cache, "rgb_masks": data.rgb_masks, "progress": progress}
     train = SegmentationDataset(
         train_samples, train_transform(trial.augment, trial.image_size, seed=trial.seed), **kwargs

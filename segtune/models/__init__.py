@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from segtune.models.builder import (
     ARCHS,
+    MODEL_KEYS,
     backbone_names,
     build_model,
     check_model_config,
@@ -23,6 +24,7 @@ from segtune.models.unet import EncoderUNet, UNet
 
 __all__ = [
     "ARCHS",
+    "MODEL_KEYS",
     "DeepLabV3",
     "DeepLabV3Plus",
     "Encoder",

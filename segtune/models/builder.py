@@ -99,6 +99,21 @@ def _pretrained_states(
     return (state, None) if cfg.backbone == "none" else (None, state)
 
 
+# the trial keys `build_model` reads besides `pretrained`: configurations equal on these build
+# the same network (the same structure; weights aside), so they share one measured cost
+MODEL_KEYS = (
+    "arch",
+    "backbone",
+    "aspp",
+    "aspp_rates",
+    "output_stride",
+    "unet_min_channels",
+    "unet_max_channels",
+    "unet_depth",
+    "dropout",
+)
+
+
 def build_model(cfg: TrialConfig | Mapping[str, Any]) -> nn.Module:
     """The network of a trial: `(N, 3, H, W)` images to `(N, NUM_CLASSES, H, W)` logits."""
     cfg = trial_config(cfg)

@@ -12,7 +12,7 @@ from segtune.classes import CLASS_NAMES
 
 # --- tags ------------------------------------------------------------------------------------
 ROLE_TAG = "segtune.role"
-ROLE_SWEEP, ROLE_TRIAL, ROLE_EXPORT = "sweep", "trial", "export"
+ROLE_SWEEP, ROLE_TRIAL, ROLE_EXPORT, ROLE_COST = "sweep", "trial", "export", "cost"
 TRIAL_ID_TAG = "ray.trial_id"
 NODE_TAG = "segtune.node"  # where the run ran: `IP (hostname)`
 ATTEMPTS_TAG = "segtune.attempts"  # 1, then one more each time a retry or resume reopens it
@@ -24,6 +24,8 @@ EARLY_STOP_TAG = "segtune.early_stopped"  # the scheduler stopped the trial; val
 SOURCE_RUN_TAG = "segtune.source_run_id"  # on an export run: the trial it exported
 # the conditions a trial's cost was measured under (threads, CPU, input size...), one tag each
 COST_TAG_PREFIX = "segtune.cost."
+# the cost table (segtune.tracking.costs): one run per measured architecture signature
+COST_EXPERIMENT = "segtune-costs"
 
 # --- metrics ---------------------------------------------------------------------------------
 # the per-epoch scores of the model: what a scheduler such as ASHA may compare trials on
@@ -43,6 +45,9 @@ QUALITY_METRICS = (OBJECTIVE, "best_epoch")
 MODEL_COSTS = ("params_m", "size_mb", "gflops", "infer_ms_cpu", "infer_ms_gpu")
 TRAIN_COSTS = ("train_time_min", "train_img_s")  # the cost of training, from the epochs
 COST_KEYS = (*MODEL_COSTS, *TRAIN_COSTS)
+# where a trial's own wall time went besides training: data and model, the cost (a look-up in
+# the cost table, or a timing), and the evaluation of the best weights with its artifacts
+TRIAL_TIMES = ("setup_s", "cost_s", "eval_s")
 FINAL_METRICS = (*QUALITY_METRICS, *COST_KEYS)
 # the study's quality-against-cost pictures (its Pictures 5, 6 and 7), one cost each
 PARETO_COSTS = ("train_time_min", "infer_ms_gpu", "infer_ms_cpu")

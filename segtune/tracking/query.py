@@ -23,6 +23,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from segtune.errors import SegtuneError
 from segtune.tracking.names import (
     CONFIG_LABEL_TAG,
+    COST_TAG_PREFIX,
     EARLY_STOP_TAG,
     ERROR_TAG,
     LABEL_TAG,
@@ -55,6 +56,8 @@ INFO_COLUMNS = (
     "end_time",
     "config",
     "config_label",
+    "cost_source",
+    "cost_noisy",
 )
 
 
@@ -165,6 +168,9 @@ def _trial_row(run: Run, sweep: Run) -> dict[str, object]:
         "start_time": _time(run.info.start_time),
         "end_time": _time(run.info.end_time),
         "config_label": tags.get(CONFIG_LABEL_TAG) or run.info.run_name,
+        # where its cost came from (segtune.cost_stage), and why it is noisy if it is
+        "cost_source": tags.get(f"{COST_TAG_PREFIX}source", ""),
+        "cost_noisy": tags.get(f"{COST_TAG_PREFIX}noisy", ""),
     }
     row.update({PARAM_PREFIX + k: v for k, v in run.data.params.items()})
     row.update(run.data.metrics)
