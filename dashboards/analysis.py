@@ -6,6 +6,7 @@ Pareto fronts and budgets, which export uses too, live in `segtune.tracking.sele
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,20 +17,33 @@ from segtune.errors import ConfigError
 from segtune.tracking.names import OBJECTIVE
 
 
-def ema(values: Sequence[float] | np.ndarray, weight: float) -> np.ndarray:
+def ema(values: Sequence[float] | np.ndarray, weight: float, log: bool = False) -> np.ndarray:
     """TensorBoard's smoothing (debiased EMA), as the study drew its loss curves.
 
     s_t = sum_k w^(t-k) (1-w) x_k / sum_k w^(t-k) (1-w): the first point is not dragged
-    towards zero; a missing value keeps the previous smoothed value.
+    towards zero; a missing value keeps the previous smoothed value. With `log`, the average
+    is taken of the logarithms (for a log axis): a first loss of 10^4 then no longer holds the
+    line hundreds of times above the values that follow.
     """
-    out = np.empty(len(values))
+    x = np.asarray(values, dtype=float)
+    if log:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            x = np.where(x > 0, np.log(x), np.nan)
+    out = np.empty(len(x))
     num = den = 0.0
-    for i, value in enumerate(np.asarray(values, dtype=float)):
+    for i, value in enumerate(x):
         if np.isfinite(value):
             num = weight * num + (1 - weight) * value
             den = weight * den + (1 - weight)
         out[i] = num / den if den > 0 else np.nan
-    return out
+    return np.exp(out) if log else out
+
+
+def smoothing_points(weight: float) -> int:
+    """The fewest points for which an EMA of `weight` means anything: three of its time
+    constants (1 / (1 - weight) points each), and never fewer than 5. Shorter series are drawn
+    raw."""
+    return max(5, math.ceil(round(3 / (1 - weight), 6))) if weight > 0 else 0
 
 
 def check_ema(weight: float) -> float:

@@ -22,7 +22,7 @@ from matplotlib.text import Annotation, Text
 from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import Bbox
 
-from dashboards.analysis import ema
+from dashboards.analysis import ema, smoothing_points
 from segtune.tracking.names import OBJECTIVE
 from segtune.tracking.query import SweepData
 from segtune.tracking.select import pareto_front
@@ -108,23 +108,36 @@ def curves(
         return Drawn(note=f"no trial logged `{key}`: no curve drawn")
     fig = Figure(figsize=(9, 5), layout="constrained")
     ax = fig.add_subplot()
-    for label, s in series:
-        ax.plot(s.index, s.to_numpy(), color=colors[label], alpha=0.25, lw=1)
-        ax.plot(s.index, ema(s.to_numpy(), weight), color=colors[label], lw=2.2, label=label)
-    smooth = f"EMA {weight:g} bold, raw faint" if weight > 0 else "raw values"
-    ax.set_title(f"{TITLES.get(key, key)} by epoch ({smooth})")
     if key.endswith("loss"):  # an early validation loss of thousands would flatten the rest
         _log_if_wide(ax, np.concatenate([s.to_numpy() for _, s in series]), axis="y")
+    log = ax.get_yscale() == "log"  # the smoothing is done in the scale the eye reads
+    shortest = min(len(s) for _, s in series)
+    smoothed = weight > 0 and shortest >= smoothing_points(weight)
+    for label, s in series:
+        if smoothed:
+            ax.plot(s.index, s.to_numpy(), color=colors[label], alpha=0.25, lw=1)
+            line = ema(s.to_numpy(), weight, log=log)
+            ax.plot(s.index, line, color=colors[label], lw=2.2, label=label)
+        else:
+            ax.plot(s.index, s.to_numpy(), color=colors[label], lw=1.8, marker="o", ms=3,
+                    label=label)  # fmt: skip
+    how = f"EMA {weight:g}{' of the logarithm' if log else ''} bold, raw faint"
+    ax.set_title(f"{TITLES.get(key, key)} by epoch ({how if smoothed else 'raw values'})")
     ax.set_xlabel("epoch")
     ax.set_ylabel(key + (" (log scale)" if ax.get_yscale() == "log" else ""))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     _legend(fig)
     save(fig, path)
-    note = None
+    notes = []
     if len(trials) > len(drawn):
-        note = f"`{key}`: the {len(drawn)} best of {len(trials)} trials are drawn"
-    return Drawn([label for label, _ in series], note)
+        notes.append(f"`{key}`: the {len(drawn)} best of {len(trials)} trials are drawn")
+    if weight > 0 and not smoothed:
+        notes.append(
+            f"`{key}`: {shortest} epochs are too few to smooth (EMA {weight:g} needs "
+            f"{smoothing_points(weight)}): raw values drawn"
+        )
+    return Drawn([label for label, _ in series], "; ".join(notes) or None)
 
 
 def _log_if_wide(ax: Axes, values: np.ndarray, axis: str = "x") -> None:

@@ -13,6 +13,7 @@ import pandas as pd
 from dashboards.sections import FAILED, Picture, Report
 from segtune.tracking.names import COLUMNS, OBJECTIVE, format_metric
 from segtune.tracking.query import PARAM_PREFIX
+from segtune.tracking.runs import runs_page
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1200px;padding:0 1em;color:#222}
@@ -145,11 +146,13 @@ def render(report: Report, src: Callable[[str], str]) -> str:
         f"<p>Sweep{'s' if len(data.sweeps) > 1 else ''}: {html.escape(sweeps)}. "
         f"{len(trials)} trials: {html.escape(status)}. Tracking URI: <code>{html.escape(data.tracking_uri)}</code>.</p>",
     ]
-    if not data.tracking_uri.startswith(("http://", "https://")):
+    page = runs_page(data.tracking_uri, data.experiment_id)
+    if data.tracking_uri.startswith(("http://", "https://")):
         header.append(
-            "<p>Browse the runs with <code>mlflow ui --backend-store-uri "
-            f"{html.escape(data.tracking_uri)}</code> and look them up by run id.</p>"
+            f'<p>The runs in MLflow: <a href="{html.escape(page)}">{html.escape(page)}</a></p>'
         )
+    else:
+        header.append(f"<p>The runs in MLflow: <code>{html.escape(page)}</code>.</p>")
     body = header + ["<h2>Summary</h2><ul>"]
     body += [f"<li>{html.escape(s)}</li>" for s in report.summary] + ["</ul>"]
     body.append(_summary_table(report))

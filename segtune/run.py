@@ -165,7 +165,10 @@ SUMMARY_COSTS = (*PARETO_COSTS, "size_mb")
 
 def print_summary(sweep: SweepConfig, tracking_uri: str, parent: str) -> None:
     """The trials of the sweep run `parent`, best first, with their Pareto membership."""
+    from mlflow.tracking import MlflowClient
+
     from segtune.tracking.query import load_sweep_table
+    from segtune.tracking.runs import runs_page
     from segtune.tracking.select import pareto_front
 
     table = load_sweep_table(sweep.experiment, tracking_uri, sweep_run_id=parent)
@@ -198,10 +201,11 @@ def print_summary(sweep: SweepConfig, tracking_uri: str, parent: str) -> None:
     failed = table[table["status"] == "FAILED"]
     for _, row in failed.iterrows():
         print(f"FAILED {row['label']}: {row['error']}")
-    if tracking_uri.startswith(("http://", "https://")):  # a server is its own UI
-        print(f"\nthe MLflow UI: {tracking_uri}")
-    else:
-        print(f"\nopen the MLflow UI: mlflow ui --backend-store-uri {tracking_uri}")
+    experiment = MlflowClient(tracking_uri).get_experiment_by_name(sweep.experiment)
+    if experiment is not None:
+        print(
+            f"\nthe sweep's runs in the MLflow UI: {runs_page(tracking_uri, experiment.experiment_id)}"
+        )
 
 
 def print_time_account(

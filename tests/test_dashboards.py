@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from dashboards.analysis import compare_configs, ema, seed_groups
+from dashboards.analysis import compare_configs, ema, seed_groups, smoothing_points
 from dashboards.report import build_report, main
 from segtune.classes import CLASS_NAMES
 from segtune.cli import run_cli
@@ -394,5 +394,18 @@ def test_report_against_a_tracking_server(server: str, tmp_path: Path) -> None:
     for run_id in store.runs:
         assert f'href="{server}/#/experiments/{experiment_id}/runs/{run_id}"' in page
     assert "mlflow ui --backend-store-uri" not in page
+    assert f'href="{server}/#/experiments/{experiment_id}/runs"' in page  # the experiment's runs
     logged = {Path(f.path).name for f in client.list_artifacts(store.parent, "report")}
     assert {"index.html", "pareto_train_time_min.png"} <= logged
+
+
+def test_smoothing_follows_the_axis_and_needs_enough_points() -> None:
+    """A validation loss falling from 10^4 to 1.5: in log space the smoothed line comes down
+    with it (in linear space it would stay hundreds of times higher); a short series is not
+    smoothed at all."""
+    raw = [1e4, 30.0, 3.0, 1.6, 1.5, 1.5, 1.5, 1.5, 1.5]
+    linear, logs = ema(raw, 0.6), ema(raw, 0.6, log=True)
+    assert linear[-1] > 10 and logs[-1] < 2.0
+    assert np.allclose(ema([10.0, 1000.0], 0.5, log=True), [10.0, 10 ** (7 / 3)])
+    assert smoothing_points(0.6) == 8 and smoothing_points(0.9) == 30
+    assert smoothing_points(0.0) == 0 and smoothing_points(0.1) == 5

@@ -120,6 +120,9 @@ def test_sweep_contract_failure_and_retry(synthetic_root: Path, tmp_path: Path) 
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("contract")
+    # the MLflow UI opens it on its runs, and the summary says where they are
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert f"then http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs" in proc.stdout
     parents = client.search_runs([exp.experiment_id], f"tags.`{ROLE_TAG}` = 'sweep'")
     assert len(parents) == 1
     assert [a.path for a in client.list_artifacts(parents[0].info.run_id)] == ["sweep.yaml"]

@@ -20,6 +20,9 @@ ERROR_TAG = "segtune.error"
 LABEL_TAG = "segtune.label"  # the trial's run name, seed included
 CONFIG_LABEL_TAG = "segtune.config_label"  # the same without the seed: one name per configuration
 SWEEP_TAG = "segtune.sweep"
+# the experiment tag MLflow's UI (3.x) reads to open an experiment on its runs ("Model training")
+# instead of its GenAI overview of traces
+EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
 EARLY_STOP_TAG = "segtune.early_stopped"  # the scheduler stopped the trial; value says when
 SOURCE_RUN_TAG = "segtune.source_run_id"  # on an export run: the trial it exported
 # the conditions a trial's cost was measured under (threads, CPU, input size...), one tag each

@@ -25,7 +25,9 @@ from segtune.tracking.names import (
     ATTEMPTS_TAG,
     CONFIG_LABEL_TAG,
     ERROR_TAG,
+    EXPERIMENT_KIND_TAG,
     LABEL_TAG,
+    MODEL_DEVELOPMENT,
     NODE_TAG,
     ROLE_SWEEP,
     ROLE_TAG,
@@ -46,11 +48,21 @@ def resolve_tracking_uri(cli_value: str | None = None) -> str:
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
-    """The id of experiment `name`, created when missing."""
+    """The id of experiment `name`, created when missing (as a model-development experiment,
+    so that the MLflow UI opens on its runs)."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    return client.create_experiment(name)
+    return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT})
+
+
+def runs_page(tracking_uri: str, experiment_key: str) -> str:
+    """Where a user sees the runs of experiment id `experiment_key`: its page on the tracking
+    server, or for a file or database store the `mlflow ui` command and the page it serves."""
+    view = f"#/experiments/{experiment_key}/runs"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/{view}"
+    return f"mlflow ui --backend-store-uri {tracking_uri}, then http://127.0.0.1:5000/{view}"
 
 
 def start_sweep_run(
@@ -62,8 +74,11 @@ def start_sweep_run(
     node: str | None = None,
 ) -> str:
     """The parent run of one sweep invocation, with the resolved sweep as `sweep.yaml`."""
+    experiment_key = experiment_id(client, experiment)
+    # an experiment made before segtune tagged its kind opens on MLflow's GenAI overview
+    client.set_experiment_tag(experiment_key, EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT)
     run = client.create_run(
-        experiment_id(client, experiment),
+        experiment_key,
         run_name=f"{sweep_name}-{time.strftime('%Y%m%d-%H%M%S')}",
         tags={
             ROLE_TAG: ROLE_SWEEP,
