@@ -15,14 +15,13 @@ import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg, RendererAgg
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.text import Annotation, Text
 from matplotlib.ticker import MaxNLocator
-from matplotlib.transforms import Bbox
 
 from dashboards.analysis import ema, smoothing_points
+from dashboards.labels import place_labels
 from segtune.tracking.names import OBJECTIVE
 from segtune.tracking.query import SweepData
 from segtune.tracking.select import pareto_front
@@ -125,6 +124,8 @@ def curves(
     ax.set_title(f"{TITLES.get(key, key)} by epoch ({how if smoothed else 'raw values'})")
     ax.set_xlabel("epoch")
     ax.set_ylabel(key + (" (log scale)" if ax.get_yscale() == "log" else ""))
+    if key == "val_miou":
+        _floor_line(ax, drawn)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     _legend(fig)
@@ -140,64 +141,33 @@ def curves(
     return Drawn([label for label, _ in series], "; ".join(notes) or None)
 
 
+def _floor_line(ax: Axes, trials: pd.DataFrame, axis: str = "y") -> None:
+    """The sweep's colour-only floor (`floor_miou`) as a labelled line on an mIoU axis: a point
+    below it learned no more than colour."""
+    if "floor_miou" not in trials:
+        return
+    for floor in sorted(pd.to_numeric(trials["floor_miou"], errors="coerce").dropna().unique()):
+        text = f"colour-only floor {floor:.3f}"
+        style = {"color": "0.35", "ls": ":", "lw": 1.4, "zorder": 1}
+        if axis == "y":
+            ax.axhline(floor, **style)
+            lo, hi = ax.get_ylim()
+            ax.set_ylim(min(lo, floor - 0.02), max(hi, floor + 0.02))
+            ax.annotate(text, (0.005, floor), xycoords=("axes fraction", "data"), ha="left",
+                        va="top", fontsize=8, color="0.3", xytext=(0, -2),
+                        textcoords="offset points")  # fmt: skip
+        else:
+            ax.axvline(floor, **style)
+            lo, hi = ax.get_xlim()
+            ax.set_xlim(min(lo, floor - 0.02), max(hi, floor + 0.02))
+            ax.annotate(text, (floor, 0.995), xycoords=("data", "axes fraction"), ha="left",
+                        va="top", fontsize=8, color="0.3", rotation=90)  # fmt: skip
+
+
 def _log_if_wide(ax: Axes, values: np.ndarray, axis: str = "x") -> None:
     positive = values[values > 0]
     if len(positive) == len(values) and positive.max() / positive.min() > LOG_RANGE:
         (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
-
-
-def _spots(radius: float) -> list[tuple[float, float, str]]:
-    """Label offsets (points) around a marker, nearest first: right, left, above, below."""
-    spots = []
-    for step in range(5):
-        d = radius + 3 + 14 * step
-        spots += [(d, 2, "left"), (d, -12, "left"), (-d, 2, "right"), (-d, -12, "right")]
-        spots += [(0, d, "center"), (0, -d - 10, "center")]
-    return spots
-
-
-def _text_box(ann: Annotation, renderer: RendererAgg) -> Bbox:
-    """The label's own box: an Annotation's extent also spans its leader line to the point."""
-    return Text.get_window_extent(ann, renderer)
-
-
-def _place_labels(
-    fig: Figure, ax: Axes, annotations: list[Annotation], radii: Sequence[float]
-) -> None:
-    """Greedy staggering: each label takes the nearest spot that covers no label and no point.
-
-    Runs after the layout is final (labels are kept out of it), so the display positions
-    measured here are the ones saved.
-    """
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    renderer = canvas.get_renderer()
-    frame = ax.get_window_extent(renderer)
-    points = ax.transData.transform([ann.xy for ann in annotations])
-    placed = [Bbox.from_extents(px - 4, py - 4, px + 4, py + 4) for px, py in points]
-
-    def cost(box: Bbox, rank: int) -> float:
-        overlap = sum(
-            max(0.0, min(box.x1, b.x1) - max(box.x0, b.x0))
-            * max(0.0, min(box.y1, b.y1) - max(box.y0, b.y0))
-            for b in placed
-        )
-        outside = box.x0 < frame.x0 or box.x1 > frame.x1 or box.y0 < frame.y0 or box.y1 > frame.y1
-        return overlap + (1e6 if outside else 0.0) + rank * 1e-3
-
-    for i in sorted(range(len(annotations)), key=lambda k: -points[k][1]):
-        ann = annotations[i]
-        scored = []
-        for rank, (dx, dy, ha) in enumerate(_spots(radii[i])):
-            ann.xyann = (dx, dy)
-            ann.set_horizontalalignment(ha)
-            scored.append((cost(_text_box(ann, renderer), rank), dx, dy, ha))
-            if scored[-1][0] < 1:
-                break
-        _, dx, dy, ha = min(scored)
-        ann.xyann = (dx, dy)
-        ann.set_horizontalalignment(ha)
-        placed.append(_text_box(ann, renderer))
 
 
 def pareto(
@@ -239,6 +209,8 @@ def pareto(
     ax.step(x[front][order], y[front][order], where="post", color="black", lw=1, ls="--")
     _log_if_wide(ax, x)
     ax.margins(x=0.12, y=0.15)
+    if objective == OBJECTIVE:
+        _floor_line(ax, usable)
     ax.grid(alpha=0.3)
     ax.set_xlabel(TITLES.get(cost, cost) + (" (log scale)" if ax.get_xscale() == "log" else ""))
     ax.set_ylabel(TITLES.get(objective, objective))
@@ -302,7 +274,7 @@ def pareto(
             handlelength=0,
             handletextpad=0,
         )
-    _place_labels(fig, ax, annotations, np.sqrt(areas) / 2)
+    place_labels(fig, ax, annotations, np.sqrt(areas) / 2)
     save(fig, path)
     return Drawn(list(usable["label"]), note)
 
@@ -357,6 +329,7 @@ def seed_spread(groups: pd.DataFrame, trials: pd.DataFrame, path: Path) -> Drawn
         [f"{lab}  (n={n})" for lab, n in zip(ordered["label"], ordered["n"], strict=True)],
     )
     ax.set_xlabel(TITLES[OBJECTIVE])
+    _floor_line(ax, trials, axis="x")
     ax.set_title("Seed-to-seed spread: each seed (dots), mean ± std (blue)")
     ax.grid(axis="x", alpha=0.3)
     save(fig, path)
@@ -393,6 +366,8 @@ def seed_bands(
     ax.set_title(f"{TITLES.get(key, key)} by epoch: mean ± std over seeds")
     ax.set_xlabel("epoch")
     ax.set_ylabel(key)
+    if key == "val_miou":
+        _floor_line(ax, trials)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     _legend(fig)

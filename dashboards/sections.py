@@ -73,6 +73,21 @@ def _short(row: pd.Series) -> str:
 # --- the sections ---------------------------------------------------------------------------
 
 
+def _floor(report: Report, trials: pd.DataFrame) -> None:
+    """The first line: the colour-only floor and the trials that do not beat it."""
+    floors = pd.to_numeric(trials.get("floor_miou", pd.Series(dtype=float)), errors="coerce")
+    if floors.dropna().empty:
+        return
+    floor = floors.max()
+    below = trials[pd.to_numeric(trials[OBJECTIVE], errors="coerce") <= floors]
+    names = ", ".join(below["label"]) or "none"
+    report.summary.append(
+        f"Colour-only floor of the validation split (each pixel the class of the nearest mean "
+        f"training colour): {OBJECTIVE} {floor:.3f}. Trials that do not beat it ({len(below)} of "
+        f"{len(trials)}): {names}."
+    )
+
+
 def _curves(report: Report, trials: pd.DataFrame, colors: dict) -> None:
     for key, caption in (
         ("train_loss", "Training loss, one line per trial (the study's Pictures 1 and 3)."),
@@ -278,6 +293,7 @@ def compose(data: SweepData, out: Path, weight: float, budget: list[Constraint])
         report.in_budget = within_budget(trials, budget, data.metric_columns)
     out.mkdir(parents=True, exist_ok=True)
     colors = figures.trial_colors(list(trials["label"]))
+    _floor(report, trials)
     _best_trial(report, trials)
     _budget(report, trials)
     _curves(report, trials, colors)

@@ -22,7 +22,7 @@ import psutil
 import yaml
 
 from segtune.cli import command_parser, run_cli, setup_logging
-from segtune.data.pipeline import Scan, scan_dataset
+from segtune.data.pipeline import Scan, scan_dataset, split_samples
 from segtune.errors import ConfigError, ModelError
 from segtune.models import pretrained_weights_file
 from segtune.space import check_combinations, describe, discrete_trials
@@ -125,7 +125,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         sweep, resolve_tracking_uri(args.tracking_uri or sweep.mlflow.tracking_uri)
     )
     scan = preflight(sweep, local=args.address is None)
+    from segtune.data.baseline import colour_floor
     from segtune.sweep import run_sweep
+
+    train, val, _ = split_samples(sweep.data, int(sweep.train.get("seed", 0)), scan=scan)
+    floor = colour_floor(train, val, sweep.data.rgb_masks)["miou"]
 
     phases = {"checks_s": time.time() - psutil.Process().create_time()}
     outcome = run_sweep(
@@ -135,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         resume=args.resume,
         sweep_yaml=yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False),
         scan=scan,
+        floor_miou=floor,
     )
     phases.update(outcome.phases)
     started = time.perf_counter()
@@ -182,14 +187,30 @@ def print_summary(sweep: SweepConfig, tracking_uri: str, parent: str) -> None:
     costs = [c for c in SUMMARY_COSTS if c in ok and ok[c].notna().any()]
     ok["pareto"] = pareto_front(ok, OBJECTIVE, costs) if len(ok) else []
     ok = ok.sort_values(OBJECTIVE, ascending=False)
+    floor = table["floor_miou"].dropna().max() if "floor_miou" in table else math.nan
+    below = ok[OBJECTIVE] <= floor  # False where the floor is unknown (NaN)
     ok["note"] = [
-        ", ".join(filter(None, [f"stopped {stop}" if stop else "", "noisy cost" if noisy else ""]))
-        for stop, noisy in zip(ok["early_stopped"], ok["cost_noisy"], strict=True)
+        ", ".join(
+            filter(
+                None,
+                [
+                    f"stopped {stop}" if stop else "",
+                    "noisy cost" if noisy else "",
+                    "not above the colour floor" if low else "",
+                ],
+            )  # fmt: skip
+        )
+        for stop, noisy, low in zip(ok["early_stopped"], ok["cost_noisy"], below, strict=True)
     ]
     titles = {key: COLUMNS[key][0] for key in SUMMARY_COLUMNS}
     where = ["node"] if table["node"].nunique() > 1 else []  # a sweep over several machines
     shown = ok[["label", *where, *SUMMARY_COLUMNS, "pareto", "note"]].rename(columns=titles)
     print(f"\nsweep {sweep.name}: {len(table)} trials")
+    if not math.isnan(floor):
+        print(
+            f"colour-only floor of the validation split (nearest mean training colour): mIoU "
+            f"{floor:.3f}; {int(below.sum())} of {len(ok)} finished trials do not beat it"
+        )
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-"))
     if sweep.tune.repeats > 1 and len(ok):
         spread = ok.groupby("config_label")[OBJECTIVE].agg(["mean", "std", "count"])

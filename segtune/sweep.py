@@ -29,7 +29,13 @@ from segtune.nodes import check_nodes, node_name, runtime_env_vars
 from segtune.space import discrete_trials, param_space
 from segtune.storage import RunStorage
 from segtune.sweepfile import SweepConfig, search_form
-from segtune.tracking.names import EARLY_STOP_TAG, ERROR_TAG, QUALITY_METRICS, TRAIN_COSTS
+from segtune.tracking.names import (
+    EARLY_STOP_TAG,
+    ERROR_TAG,
+    FLOOR_METRIC,
+    QUALITY_METRICS,
+    TRAIN_COSTS,
+)
 from segtune.tracking.runs import TrialRun, find_trial_run, start_sweep_run
 from segtune.trial import run_trial
 
@@ -213,9 +219,11 @@ def run_sweep(
     resume: bool,
     sweep_yaml: str,
     scan: Scan | None = None,
+    floor_miou: float | None = None,
 ) -> SweepOutcome:
     """Run the sweep: checks, cost stage, Tuner. `scan` is the driver's check of the dataset,
-    handed to every trial (on every node the dataset has the same paths, checked first)."""
+    handed to every trial (on every node the dataset has the same paths, checked first);
+    `floor_miou` the colour-only floor of its validation split, kept on the sweep run."""
     storage = RunStorage.of(sweep.tune.storage_path, sweep.tune.storage_endpoint)
     filesystem, root = storage.filesystem
     experiment_dir = storage.path(sweep.name)
@@ -248,6 +256,8 @@ def run_sweep(
         check_cluster(sweep)
         check_nodes(sweep.data, storage, tracking_uri, joined=joined)
         parent = _parent_run(sweep, storage, tracking_uri, sweep_yaml, resume)
+        if floor_miou is not None:
+            MlflowClient(tracking_uri).log_metric(parent, FLOOR_METRIC, floor_miou)
         phases["start_s"] = time.perf_counter() - started
         if joined:  # one task per node kind, each holding its node while nothing else runs
             started = time.perf_counter()

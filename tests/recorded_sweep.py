@@ -137,12 +137,16 @@ def write_eval(tmp: Path, rng: np.random.Generator) -> Path:
     return root
 
 
+FLOOR = 0.2  # the colour-only floor the recorded sweeps carry
+
+
 def log_sweep(
     client: MlflowClient, experiment: str, name: str, specs: list[Spec], tmp: Path, seed: int = 0
 ) -> tuple[str, list[str]]:
     """A parent run and one trial run per spec; returns the parent id and the trial run ids."""
     rng = np.random.default_rng(seed)
     parent = start_sweep_run(client, experiment, name, f"name: {name}\n", "a test sweep")
+    client.log_metric(parent, "floor_miou", FLOOR)  # as segtune.run keeps it
     run_ids = []
     for i, spec in enumerate(specs):
         config = spec.config

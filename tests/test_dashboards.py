@@ -229,6 +229,10 @@ def test_report_tables_notes_and_verdicts(report: Path, store: Store) -> None:
     assert "Best within the budget infer_ms_cpu&lt;=50: deeplabv3-mobilenet_v3_small" in page
     assert re.search(r"unet-none-basic vs unet-none-none \(differ in augment\).*larger than", page)
     assert f"mlflow ui --backend-store-uri {store.uri}" in page
+    # the floor first, with the trials that do not beat it (the diverged trial is not plotted)
+    floor_line = page.split("<h2>Summary</h2><ul>")[1].split("</li>")[0]
+    assert "Colour-only floor" in floor_line and "best_val_miou 0.200" in floor_line
+    assert "(1 of 6): unet-none-none seed=0." in floor_line, floor_line  # 0.20 is not above it
     # a failed trial is in the table, not in the plots; a trial without CPU latency not in that plot
     shown = _figure_trials(page)
     assert set(shown) >= {"train_loss.png", "pareto_infer_ms_cpu.png", "size_mb.png"}

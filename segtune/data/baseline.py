@@ -14,7 +14,7 @@ import torch
 
 from segtune.classes import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
 from segtune.cli import command_parser, run_cli, setup_logging
-from segtune.data.dataset import SegmentationDataset, scan_split
+from segtune.data.dataset import Sample, SegmentationDataset, scan_split
 from segtune.metrics import ConfusionMatrix
 
 
@@ -34,12 +34,14 @@ def class_mean_colours(dataset: SegmentationDataset) -> np.ndarray:
         return sums / counts[:, None]
 
 
-def colour_baseline(root: Path | str, eval_split: str = "test") -> dict[str, float]:
-    """Metrics of the nearest-class-mean-colour classifier fitted on train, scored on `eval_split`."""
-    train = SegmentationDataset(scan_split(root, "train", progress=False), progress=False)
-    means = class_mean_colours(train)
+def colour_floor(
+    train: Sequence[Sample], val: Sequence[Sample], rgb_masks: bool = False
+) -> dict[str, float]:
+    """Metrics of the nearest-class-mean-colour classifier fitted on `train`, scored on `val`:
+    the floor a sweep computes once for its own validation split (`floor_miou`)."""
+    means = class_mean_colours(SegmentationDataset(train, rgb_masks=rgb_masks, progress=False))
     present = ~np.isnan(means).any(1)
-    test = SegmentationDataset(scan_split(root, eval_split, progress=False), progress=False)
+    test = SegmentationDataset(val, rgb_masks=rgb_masks, progress=False)
     matrix = ConfusionMatrix()
     for i in range(len(test)):
         image, mask = test.load(i)
@@ -51,6 +53,13 @@ def colour_baseline(root: Path | str, eval_split: str = "test") -> dict[str, flo
             torch.from_numpy(prediction)[None], torch.from_numpy(mask.astype(np.int64))[None]
         )
     return matrix.compute()
+
+
+def colour_baseline(root: Path | str, eval_split: str = "test") -> dict[str, float]:
+    """The colour floor of a dataset on disk: fitted on its train split, scored on `eval_split`."""
+    return colour_floor(
+        scan_split(root, "train", progress=False), scan_split(root, eval_split, progress=False)
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

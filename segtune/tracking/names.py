@@ -42,6 +42,9 @@ EPOCH_SCORES = (
 )
 EPOCH_METRICS = (*EPOCH_SCORES, "lr", "epoch_time_s")
 OBJECTIVE = "best_val_miou"  # what "best trial" means unless a command is told otherwise
+# on the sweep run: the mIoU of the colour-only classifier on the sweep's validation split, the
+# floor a model must beat to have learned more than colour (segtune.data.baseline)
+FLOOR_METRIC = "floor_miou"
 QUALITY_METRICS = (OBJECTIVE, "best_epoch")
 # the cost of the architecture, measured on the trained weights by segtune.cost; `infer_ms_gpu`
 # is absent where no GPU measured it, never invented

@@ -9,6 +9,7 @@ histories come in a long table (run_id, key, step, value).
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from segtune.tracking.names import (
     COST_TAG_PREFIX,
     EARLY_STOP_TAG,
     ERROR_TAG,
+    FLOOR_METRIC,
     LABEL_TAG,
     NODE_TAG,
     ROLE_SWEEP,
@@ -58,6 +60,7 @@ INFO_COLUMNS = (
     "config_label",
     "cost_source",
     "cost_noisy",
+    "floor_miou",
 )
 
 
@@ -171,6 +174,8 @@ def _trial_row(run: Run, sweep: Run) -> dict[str, object]:
         # where its cost came from (segtune.cost_stage), and why it is noisy if it is
         "cost_source": tags.get(f"{COST_TAG_PREFIX}source", ""),
         "cost_noisy": tags.get(f"{COST_TAG_PREFIX}noisy", ""),
+        # the colour-only floor of the trial's sweep (absent from sweeps before segtune kept it)
+        "floor_miou": sweep.data.metrics.get(FLOOR_METRIC, math.nan),
     }
     row.update({PARAM_PREFIX + k: v for k, v in run.data.params.items()})
     row.update(run.data.metrics)
