@@ -143,14 +143,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     phases.update(outcome.phases)
     started = time.perf_counter()
-    print_summary(sweep, tracking_uri, outcome.parent)
+    trials = print_summary(sweep, tracking_uri, outcome.parent)
     phases["summary_s"] = time.perf_counter() - started
     report = None
     if not args.no_report:
         started = time.perf_counter()
         report = build_report(sweep.experiment, tracking_uri, outcome.parent)
         phases["report_s"] = time.perf_counter() - started
-    print_time_account(sweep, tracking_uri, outcome.parent, outcome.slots, phases)
+    print_time_account(trials, tracking_uri, outcome.parent, outcome.slots, phases)
     if report is not None:
         print(f"report: {report}")  # the last line: scripts read the report's path there
     return 1 if outcome.failed else 0
@@ -168,8 +168,9 @@ SUMMARY_COLUMNS = (
 SUMMARY_COSTS = (*PARETO_COSTS, "size_mb")
 
 
-def print_summary(sweep: SweepConfig, tracking_uri: str, parent: str) -> None:
-    """The trials of the sweep run `parent`, best first, with their Pareto membership."""
+def print_summary(sweep: SweepConfig, tracking_uri: str, parent: str) -> pd.DataFrame:
+    """The trials of the sweep run `parent`, best first, with their Pareto membership; returns
+    the trial table it read."""
     from mlflow.tracking import MlflowClient
 
     from segtune.tracking.query import load_sweep_table
@@ -179,7 +180,7 @@ def print_summary(sweep: SweepConfig, tracking_uri: str, parent: str) -> None:
     table = load_sweep_table(sweep.experiment, tracking_uri, sweep_run_id=parent)
     if table.empty:
         print("no trial ran")
-        return
+        return table
     ok = table[table["status"] == "FINISHED"].copy()
     for key in SUMMARY_COLUMNS:
         if key not in ok:
@@ -227,18 +228,18 @@ def print_summary(sweep: SweepConfig, tracking_uri: str, parent: str) -> None:
         print(
             f"\nthe sweep's runs in the MLflow UI: {runs_page(tracking_uri, experiment.experiment_id)}"
         )
+    return table
 
 
 def print_time_account(
-    sweep: SweepConfig, tracking_uri: str, parent: str, slots: int, phases: dict[str, float]
+    trials: pd.DataFrame, tracking_uri: str, parent: str, slots: int, phases: dict[str, float]
 ) -> None:
-    """Where the sweep's wall time went (segtune.tracking.timing), printed and kept on its run."""
+    """Where the sweep's wall time went (segtune.tracking.timing), from the summary's trial
+    table, printed and kept on its run."""
     from mlflow.tracking import MlflowClient
 
-    from segtune.tracking.query import load_sweep_table
     from segtune.tracking.timing import account, account_lines, log_account
 
-    trials = load_sweep_table(sweep.experiment, tracking_uri, sweep_run_id=parent)
     wall = time.time() - psutil.Process().create_time()
     figures = account(trials, phases, slots, wall)
     log_account(MlflowClient(tracking_uri), parent, figures)

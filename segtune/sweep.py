@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,7 +177,9 @@ def _cost_stage_configs(sweep: SweepConfig) -> list[TrialConfig]:
     return discrete_trials(sweep)
 
 
-def _duration(sweep: SweepConfig, costs: dict[tuple[Any, ...], Cost]) -> Any:
+def _duration(
+    sweep: SweepConfig, costs: dict[tuple[Any, ...], Cost]
+) -> Callable[[TrialConfig], float]:
     """An estimate of a trial's training time for ordering: its network's measured latency
     (GPU on GPU trials), scaled from the benchmark input to the crop, times the epochs."""
     on_gpu = sweep.tune.resources_per_trial.gpu > 0

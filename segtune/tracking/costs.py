@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from mlflow.entities import Metric, RunTag
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from segtune.tracking.names import (
@@ -35,15 +35,9 @@ def record_cost(client: MlflowClient, signature: str, label: str, cost: Mapping[
     """A finished cost run for `signature`; returns its run id."""
     tags = {ROLE_TAG: ROLE_COST, LABEL_TAG: label, SIGNATURE_TAG: signature}
     tags.update({f"{COST_TAG_PREFIX}{k}": str(v) for k, v in cost.items() if k not in MODEL_COSTS})
-    run = client.create_run(
-        experiment_id(client, COST_EXPERIMENT), run_name=label, tags={ROLE_TAG: ROLE_COST}
-    )
+    run = client.create_run(experiment_id(client, COST_EXPERIMENT), run_name=label, tags=tags)
     metrics = finite_metrics({k: v for k, v in cost.items() if k in MODEL_COSTS})
-    client.log_batch(
-        run.info.run_id,
-        metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()],
-        tags=[RunTag(k, v) for k, v in tags.items()],
-    )
+    client.log_batch(run.info.run_id, metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()])
     client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
 
