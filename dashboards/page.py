@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from dashboards.interactive import configuration, write_plotly_js
 from dashboards.sections import FAILED, Picture, Report
 from segtune.tracking.names import COLUMNS, OBJECTIVE, format_metric
 from segtune.tracking.query import PARAM_PREFIX
-from segtune.tracking.runs import runs_page
+from segtune.tracking.runs import run_page, runs_page
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1200px;padding:0 1em;color:#222}
@@ -31,9 +32,8 @@ figcaption{font-size:.85em;color:#555}
 
 
 def _run_link(report: Report, run_id: str) -> str:
-    uri = report.data.tracking_uri
-    if uri.startswith(("http://", "https://")):
-        url = f"{uri.rstrip('/')}/#/experiments/{report.data.experiment_id}/runs/{run_id}"
+    url = run_page(report.data.tracking_uri, report.data.experiment_id, run_id)
+    if url is not None:
         return f'<a href="{html.escape(url)}">{run_id[:8]}</a>'
     return f"<code>{run_id}</code>"
 
@@ -72,7 +72,10 @@ def _summary_table(report: Report) -> str:
         tail.append(_run_link(report, row["run_id"]))
         tds = [f"<td>{c}</td>" for c in cells] + [f'<td class="num">{c}</td>' for c in num]
         tds += [f"<td>{c}</td>" for c in tail]
-        lines.append(f'<tr class="{css}" data-run-id="{row["run_id"]}">{"".join(tds)}</tr>')
+        title = html.escape("\n".join(configuration(row, data.param_columns)))
+        lines.append(
+            f'<tr class="{css}" data-run-id="{row["run_id"]}" title="{title}">{"".join(tds)}</tr>'
+        )
         if failed and row["error"]:
             lines.append(
                 f'<tr class="failed detail"><td class="error" colspan="{len(head)}">'
@@ -83,12 +86,17 @@ def _summary_table(report: Report) -> str:
 
 
 def _figures_html(items: Sequence[Picture], src: Callable[[str], str]) -> str:
-    return "\n".join(
-        f'<figure data-trials="{html.escape("|".join(f.trials))}">'
-        f'<img src="{src(f.path)}" alt="{html.escape(f.path)}">'
-        f"<figcaption>{html.escape(f.caption)}</figcaption></figure>"
-        for f in items
-    )
+    """Each figure: its interactive view with the PNG folded under it, or the PNG alone."""
+    parts = []
+    for f in items:
+        img = f'<img src="{src(f.path)}" alt="{html.escape(f.path)}">'
+        if f.plot:
+            img = f"{f.plot}<details><summary>the same as a picture ({f.path})</summary>{img}</details>"
+        parts.append(
+            f'<figure data-trials="{html.escape("|".join(f.trials))}">{img}'
+            f"<figcaption>{html.escape(f.caption)}</figcaption></figure>"
+        )
+    return "\n".join(parts)
 
 
 def _best_html(report: Report, src: Callable[[str], str]) -> str:
@@ -163,19 +171,30 @@ def render(report: Report, src: Callable[[str], str]) -> str:
         ("curves", "Training curves"),
         ("pareto", "Quality against cost"),
         ("seeds", "Seed-to-seed spread"),
+        ("importance", "What mattered"),
     ):
         if report.figures.get(section):
             body.append(f"<h2>{title}</h2>" + _figures_html(report.figures[section], src))
     body.append(_best_html(report, src))
+    pictures = [p for section in report.figures.values() for p in section]
+    script = (
+        f'<script src="{src(write_plotly_js(report.out))}"></script>'
+        if any(p.plot for p in pictures)
+        else ""
+    )
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-        f"<title>segtune report: {html.escape(data.experiment)}</title><style>{CSS}</style></head>"
+        f"<title>segtune report: {html.escape(data.experiment)}</title><style>{CSS}</style>"
+        f"{script}</head>"
         f"<body>{''.join(body)}</body></html>\n"
     )
 
 
 def inline(out: Path) -> Callable[[str], str]:
+    """Sources as data URIs: the page alone holds its pictures and Plotly's script."""
+
     def src(path: str) -> str:
-        return "data:image/png;base64," + base64.b64encode((out / path).read_bytes()).decode()
+        kind = "text/javascript" if path.endswith(".js") else "image/png"
+        return f"data:{kind};base64," + base64.b64encode((out / path).read_bytes()).decode()
 
     return src

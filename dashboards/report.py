@@ -64,7 +64,8 @@ def build_report(
     shown: list[str] = []  # every image the page links to, to log beside it
 
     def relative(path: str) -> str:
-        shown.append(path)
+        if path.endswith(".png"):  # Plotly's script is not logged: the logged page holds it
+            shown.append(path)
         return html.escape(path)
 
     index = out / "index.html"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dashboards import class_figures, figures
+from dashboards import class_figures, figures, importance, interactive
 from dashboards.analysis import compare_configs, seed_groups
 from segtune.metrics import iou_per_class
 from segtune.tracking.names import (
@@ -21,7 +21,8 @@ from segtune.tracking.names import (
     PER_IMAGE_ARTIFACT,
     format_metric,
 )
-from segtune.tracking.query import SweepData, download_eval, metrics_at_step
+from segtune.tracking.query import SEED_PARAM, SweepData, download_eval, metrics_at_step
+from segtune.tracking.runs import run_page
 from segtune.tracking.select import Constraint, pareto_front, within_budget
 
 FAILED = "FAILED"
@@ -34,6 +35,7 @@ class Picture:
     path: str  # relative to the report directory
     caption: str
     trials: list[str] = field(default_factory=list)  # the trials it shows
+    plot: str = ""  # the same view as an interactive Plotly <div> (dashboards.interactive)
 
 
 @dataclass
@@ -57,12 +59,19 @@ class Report:
     in_budget: pd.Series | None = None
     best: BestTrial | None = None
 
-    def figure(self, section: str, name: str, caption: str, drawn: figures.Drawn) -> None:
+    def figure(
+        self, section: str, name: str, caption: str, drawn: figures.Drawn, plot: str = ""
+    ) -> None:
         """Record a figure its drawing function wrote, or the note saying why it could not."""
         if drawn.note:
             self.notes.append(drawn.note)
         if drawn.labels:
-            self.figures.setdefault(section, []).append(Picture(name, caption, drawn.labels))
+            self.figures.setdefault(section, []).append(Picture(name, caption, drawn.labels, plot))
+
+    def link(self, run_id: str) -> str:
+        """Where a trial's point leads: its run page on a tracking server, else its run id."""
+        data = self.data
+        return run_page(data.tracking_uri, data.experiment_id, run_id) or run_id
 
 
 def _short(row: pd.Series) -> str:
@@ -102,15 +111,20 @@ def _curves(report: Report, trials: pd.DataFrame, colors: dict) -> None:
 
 def _pareto(report: Report, trials: pd.DataFrame, colors: dict) -> None:
     pictures = {"train_time_min": 5, "infer_ms_gpu": 6, "infer_ms_cpu": 7}
+    links = {run_id: report.link(run_id) for run_id in trials["run_id"]}
+    params = report.data.varying_params()
     for cost in PARETO_COSTS:
         name = f"pareto_{cost}.png"
         drawn = figures.pareto(trials, cost, colors, report.out / name)
+        plot = interactive.pareto(trials, cost, colors, links, params)
         report.figure(
             "pareto",
             name,
             f"{OBJECTIVE} against {cost}; bubble area proportional to size_mb; black rings and "
-            f"the dashed line: the Pareto front (the study's Picture {pictures[cost]}).",
+            f"the dashed line: the Pareto front (the study's Picture {pictures[cost]}). "
+            "Hover a point for its trial, click it for its MLflow run.",
             drawn,
+            interactive.div(plot, f"plot-{name[:-4]}") if plot is not None else "",
         )
         front = pareto_front(trials, OBJECTIVE, [cost])
         if front.any():
@@ -158,6 +172,36 @@ def _seeds(report: Report, trials: pd.DataFrame, colors: dict) -> None:
         report.summary.append(
             f"{c.a} vs {c.b} (differ in {c.differs_in or 'nothing but the seed'}): "
             f"Δ{OBJECTIVE} = {c.diff:+.3f}, seed std {c.std_a:.3f} / {c.std_b:.3f}: {verdict}."
+        )
+
+
+def _importance(report: Report, trials: pd.DataFrame) -> None:
+    """What mattered: the importance of the searched keys, and parallel coordinates."""
+    params = report.data.varying_params(exclude=[SEED_PARAM])
+    study = importance.searched_study(trials, params, OBJECTIVE)
+    if study is None:
+        return
+    ranked = importance.importances(study)
+    report.summary.append(
+        f"What mattered for {OBJECTIVE} (Optuna's PED-ANOVA importance over "
+        f"{len(study.trials)} finished trials): "
+        + ", ".join(f"{key} {share:.2f}" for key, share in ranked.items())
+        + "."
+    )
+    names, plots = importance.importance_figures(study, list(ranked), report.out)
+    captions = (
+        f"Importance of each searched key for {OBJECTIVE} (Optuna's PED-ANOVA: how much the "
+        "key's values differ between the best trials and all of them).",
+        f"Every trial as one line across the searched keys, coloured by {OBJECTIVE}.",
+    )
+    labels = list(trials["label"])
+    for name, caption, plot in zip(names, captions, plots, strict=True):
+        report.figure(
+            "importance",
+            name,
+            caption,
+            figures.Drawn(labels),
+            interactive.div(plot, f"plot-{name[:-4]}"),
         )
 
 
@@ -299,6 +343,7 @@ def compose(data: SweepData, out: Path, weight: float, budget: list[Constraint])
     _curves(report, trials, colors)
     _pareto(report, trials, colors)
     _seeds(report, trials, colors)
+    _importance(report, trials)
     for _, row in data.table[data.table["status"] == FAILED].iterrows():
         report.notes.append(
             f"failed trial {row['label']} (not plotted): {row['error'] or 'no error recorded'}"

@@ -211,5 +211,12 @@ def apply_overrides(raw: dict[str, Any], assignments: Sequence[str]) -> dict[str
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {item!r}: {key} is not a section")
             node = child
-        node[keys[-1]] = parse_yaml(value)
+        try:
+            node[keys[-1]] = parse_yaml(value)
+        except yaml.YAMLError as exc:
+            problem = str(getattr(exc, "problem", "") or exc).split("\n")[0]
+            raise ConfigError(
+                f"--set {item!r}: the value is not valid YAML ({problem}); quote it as a string "
+                "or complete it, e.g. --set train.lr=0.001"
+            ) from None
     return result

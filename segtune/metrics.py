@@ -60,7 +60,9 @@ def _invalid_ids(num_classes: int, ignore_index: int, pixels: int) -> ValueError
 
 def iou_per_class(matrix: torch.Tensor | np.ndarray) -> np.ndarray:
     """IoU of each class from confusion matrices (..., C, C), rows = truth; NaN where undefined."""
-    m = torch.as_tensor(matrix).detach().cpu().to(torch.float64).numpy()
+    if isinstance(matrix, torch.Tensor):
+        matrix = matrix.detach().cpu().to(torch.float64).numpy()
+    m = np.asarray(matrix, dtype=np.float64)  # read only, so pandas' read-only arrays do too
     tp = np.diagonal(m, axis1=-2, axis2=-1)
     union = m.sum(-1) + m.sum(-2) - tp
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -96,7 +96,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     preprocess = Preprocess.from_card(model.card)
     _check_tiles(args.tile, args.overlap, preprocess.multiple)
     images = collect_images(args.inputs)
-    args.out.mkdir(parents=True, exist_ok=True)
     written, skipped = 0, 0
     for path in tqdm(images, desc="predict", unit="img", disable=None):
         try:
@@ -106,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             skipped += 1
             continue
         mask = predict_mask(model.forward, image, preprocess, args.tile, args.overlap)
+        args.out.mkdir(parents=True, exist_ok=True)  # only once a mask exists to write
         Image.fromarray(mask).save(args.out / f"{path.stem}.png")
         if args.overlay:
             Image.fromarray(overlay(image, mask, args.alpha)).save(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import shlex
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ import yaml
 from segtune.cli import command_parser, run_cli, setup_logging
 from segtune.data.pipeline import Scan, scan_dataset, split_samples
 from segtune.errors import ConfigError, ModelError
+from segtune.interrupt import SweepInterrupted
 from segtune.models import pretrained_weights_file
 from segtune.space import check_combinations, describe, discrete_trials
 from segtune.storage import RunStorage
@@ -48,6 +50,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the trials or space and exit")
     p.add_argument("--no-report", action="store_true", help="skip the dashboard report")
     return p
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command that continues this sweep: the same file, overrides, store and cluster."""
+    words = [sys.executable.rsplit("/", 1)[-1], "-m", "segtune.run", args.sweep, "--resume"]
+    for item in args.set:
+        words += ["--set", item]
+    if args.tracking_uri:
+        words += ["--tracking-uri", args.tracking_uri]
+    if args.address:
+        words += ["--address", args.address]
+    return shlex.join(words)
 
 
 def absolute_paths(sweep: SweepConfig, tracking_uri: str) -> tuple[SweepConfig, str]:
@@ -119,11 +133,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         dry_run(sweep)
         return 0
 
-    from segtune.tracking.runs import resolve_tracking_uri
+    from segtune.tracking.runs import check_tracking_uri, resolve_tracking_uri
 
     sweep, tracking_uri = absolute_paths(
         sweep, resolve_tracking_uri(args.tracking_uri or sweep.mlflow.tracking_uri)
     )
+    check_tracking_uri(tracking_uri)  # seconds, not the minutes of MLflow's retries
     scan = preflight(sweep, local=args.address is None)
     from segtune.data.baseline import colour_floor
     from segtune.sweep import run_sweep
@@ -132,15 +147,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     floor = colour_floor(train, val, sweep.data.rgb_masks)["miou"]
 
     phases = {"checks_s": time.time() - psutil.Process().create_time()}
-    outcome = run_sweep(
-        sweep,
-        tracking_uri,
-        address=args.address,
-        resume=args.resume,
-        sweep_yaml=yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False),
-        scan=scan,
-        floor_miou=floor,
-    )
+    try:
+        outcome = run_sweep(
+            sweep,
+            tracking_uri,
+            address=args.address,
+            resume=args.resume,
+            sweep_yaml=yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False),
+            scan=scan,
+            floor_miou=floor,
+        )
+    except SweepInterrupted as exc:
+        raise SweepInterrupted(
+            exc.exit_code - 128, f"{exc}; continue it with: {resume_command(args)}"
+        ) from None
     phases.update(outcome.phases)
     started = time.perf_counter()
     trials = print_summary(sweep, tracking_uri, outcome.parent)

@@ -9,6 +9,8 @@ import json
 import logging
 import math
 import os
+import re
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,10 +27,12 @@ from segtune.cost import Cost
 from segtune.cost_stage import model_key, run_cost_stage
 from segtune.data.pipeline import Scan
 from segtune.errors import ConfigError
+from segtune.interrupt import StopSignals, SweepInterrupted
 from segtune.models import MODEL_KEYS
 from segtune.nodes import check_nodes, node_name, runtime_env_vars
 from segtune.space import discrete_trials, param_space
 from segtune.storage import RunStorage
+from segtune.sweep_lock import SweepLock
 from segtune.sweepfile import SweepConfig, search_form
 from segtune.tracking.names import (
     EARLY_STOP_TAG,
@@ -37,11 +41,12 @@ from segtune.tracking.names import (
     QUALITY_METRICS,
     TRAIN_COSTS,
 )
-from segtune.tracking.runs import TrialRun, find_trial_run, start_sweep_run
+from segtune.tracking.runs import TrialRun, close_open_runs, find_trial_run, start_sweep_run
 from segtune.trial import run_trial
 
 log = logging.getLogger(__name__)
 SWEEP_STATE_FILE = "segtune_sweep.json"  # beside Ray's experiment state: the parent run id
+ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Diverged)\b:?")
 
 
 def _search_alg(sweep: SweepConfig) -> Any:
@@ -123,12 +128,18 @@ class CloseRuns(tune.Callback):
 
 
 def _error_text(trial: Trial) -> str:
-    """The end of Ray's error file (it lives in a temporary folder that does not last)."""
+    """The error's type and message (`ValueError: ...`): the last such line of Ray's error file,
+    read now, since the file lives in a temporary folder that does not last."""
     try:
-        text = Path(trial.error_file).read_text().strip() if trial.error_file else ""
+        text = Path(trial.error_file).read_text() if trial.error_file else ""
     except OSError:
         text = ""
-    return text[-4000:] or "the trial's process died"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("Failure #")]
+    for line in reversed(lines):
+        if ERROR_LINE.match(line):
+            return line[:2000]
+    return lines[-1][:2000] if lines else "the trial's process died"
 
 
 def check_cluster(sweep: SweepConfig) -> None:
@@ -226,13 +237,16 @@ def run_sweep(
 ) -> SweepOutcome:
     """Run the sweep: checks, cost stage, Tuner. `scan` is the driver's check of the dataset,
     handed to every trial (on every node the dataset has the same paths, checked first);
-    `floor_miou` the colour-only floor of its validation split, kept on the sweep run."""
+    `floor_miou` the colour-only floor of its validation split, kept on the sweep run.
+
+    One driver per sweep name holds the sweep's lock; it first closes what an earlier driver of
+    the name left RUNNING, and on SIGINT or SIGTERM closes its own runs as KILLED and raises
+    `SweepInterrupted` (exit status 130 or 143)."""
     storage = RunStorage.of(sweep.tune.storage_path, sweep.tune.storage_endpoint)
-    filesystem, root = storage.filesystem
-    experiment_dir = storage.path(sweep.name)
+    filesystem, _ = storage.filesystem
     try:
         restorable = resume and tune.Tuner.can_restore(
-            experiment_dir, storage_filesystem=filesystem
+            storage.path(sweep.name), storage_filesystem=filesystem
         )
     except OSError as exc:
         raise ConfigError(f"tune.storage_path {storage}: cannot read it ({exc})") from None
@@ -240,8 +254,54 @@ def run_sweep(
         raise ConfigError(
             f"--resume: no interrupted sweep at {storage}/{sweep.name}; run without --resume"
         )
+    client = MlflowClient(tracking_uri)
+    with SweepLock(storage, sweep.name) as lock, StopSignals() as stop:
+        left = close_open_runs(
+            client, sweep.experiment, None, sweep.name, f"its driver ended without closing it; "
+            f"closed by the next driver of this sweep at {_now()}"
+        )  # fmt: skip
+        if left:
+            log.warning("closed %d run(s) an earlier driver of this sweep left RUNNING", len(left))
+        outcome = SweepOutcome("", 0, 1)
+        try:
+            _run(sweep, tracking_uri, storage, lock, stop, outcome, address, resume, sweep_yaml,
+                 scan, floor_miou)  # fmt: skip
+        except BaseException:
+            if stop.received is None:  # (Ray may wrap the signal's exception in its own)
+                raise
+        if stop.received is not None:  # stopped gracefully by Tune (state saved), or at once
+            reason = f"stopped by {signal.Signals(stop.received).name} at {_now()}"
+            parents = [outcome.parent] if outcome.parent else []
+            closed = close_open_runs(client, sweep.experiment, parents, sweep.name, reason)
+            raise SweepInterrupted(
+                stop.received, f"sweep {sweep.name} {reason}; {len(closed)} run(s) closed as KILLED"
+            )
+    client.set_terminated(outcome.parent, "FAILED" if outcome.failed else "FINISHED")
+    return outcome
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _run(
+    sweep: SweepConfig,
+    tracking_uri: str,
+    storage: RunStorage,
+    lock: SweepLock,
+    stop: StopSignals,
+    outcome: SweepOutcome,
+    address: str | None,
+    resume: bool,
+    sweep_yaml: str,
+    scan: Scan | None,
+    floor_miou: float | None,
+) -> None:
+    """The cost stage and the Tuner, filling `outcome` as they go (the parent run first, so that
+    an interruption can close it)."""
+    filesystem, root = storage.filesystem
     joined, configs = address is not None, _cost_stage_configs(sweep)
-    phases: dict[str, float] = {}
+    phases = outcome.phases
     if not joined:  # this machine alone, before Ray's own processes start and compete
         started = time.perf_counter()
         costs, measured = run_cost_stage(configs, sweep.bench, tracking_uri, joined=False)
@@ -255,10 +315,12 @@ def run_sweep(
         configure_logging=False,
         log_to_driver=True,
     )
+    stop.install()
     try:
         check_cluster(sweep)
         check_nodes(sweep.data, storage, tracking_uri, joined=joined)
-        parent = _parent_run(sweep, storage, tracking_uri, sweep_yaml, resume)
+        parent = outcome.parent = _parent_run(sweep, storage, tracking_uri, sweep_yaml, resume)
+        lock.parent(parent)
         if floor_miou is not None:
             MlflowClient(tracking_uri).log_metric(parent, FLOOR_METRIC, floor_miou)
         phases["start_s"] = time.perf_counter() - started
@@ -268,7 +330,7 @@ def run_sweep(
             phases["cost_stage_s"] = time.perf_counter() - started
         started = time.perf_counter()
         grid = len(configs) if sweep.tune.search == "grid" else 1
-        slots = _slots(sweep, grid * sweep.tune.num_samples)
+        outcome.slots = _slots(sweep, grid * sweep.tune.num_samples)
         resources = sweep.tune.resources_per_trial
         trainable = tune.with_resources(
             tune.with_parameters(
@@ -303,7 +365,7 @@ def run_sweep(
         )
         if resume:
             tuner = tune.Tuner.restore(
-                experiment_dir,
+                storage.path(sweep.name),
                 trainable,
                 resume_unfinished=True,
                 storage_filesystem=None if storage.is_local else filesystem,
@@ -322,12 +384,11 @@ def run_sweep(
                 ),
                 run_config=run_config,
             )
-        results = tuner.fit()
+        with stop.graceful():
+            results = tuner.fit()
         phases["tuner_s"] = time.perf_counter() - started
     finally:
         started = time.perf_counter()
         ray.shutdown()
     phases["stop_s"] = time.perf_counter() - started
-    failed = sum(1 for r in results if r.error is not None)
-    MlflowClient(tracking_uri).set_terminated(parent, "FAILED" if failed else "FINISHED")
-    return SweepOutcome(parent, failed, slots, phases)
+    outcome.failed = sum(1 for r in results if r.error is not None)

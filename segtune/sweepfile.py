@@ -14,19 +14,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from segtune.config import (
     DataConfig,
     TrialConfig,
     apply_overrides,
     format_validation_error,
+    parse_hw,
     parse_yaml,
 )
 from segtune.errors import ConfigError
 from segtune.tracking.names import EPOCH_SCORES
 
 SEARCH_FORMS = ("grid_search", "choice", "uniform", "loguniform", "randint")
+MAX_DESCRIPTION = 4000  # characters: MLflow keeps tags up to 8000, and a note is read, not stored
 
 
 def search_form(spec: Any) -> tuple[str | None, Any]:
@@ -85,6 +87,16 @@ class BenchSection(BaseModel):
 
     input: str = "1000x750"
     threads: int = Field(2, ge=1)
+
+    @field_validator("input")
+    @classmethod
+    def _input(cls, value: str) -> str:
+        try:
+            parse_hw(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
     repeats: int = Field(5, ge=1)
     warmup: int = Field(2, ge=0)
     gpu: bool = True
@@ -95,8 +107,18 @@ class SweepConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
-    description: str = ""
+    # a plain name: it names a folder of the run storage, so never `.` or `..`
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
+    # the sweep run's MLflow note: free text, but not a file's worth
+    description: str = Field("", max_length=MAX_DESCRIPTION)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if value in (".", ".."):
+            raise ValueError(f"{value!r} names a folder, not a sweep; use letters, digits, -_.")
+        return value
+
     data: DataConfig = DataConfig()
     train: dict[str, Any] = Field(default_factory=dict)
     search_space: dict[str, Any] = Field(default_factory=dict)

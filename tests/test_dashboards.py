@@ -6,6 +6,8 @@ is read back from MLflow only, and a headless Chromium checks that the page real
 
 from __future__ import annotations
 
+import html
+import json
 import re
 import shutil
 import subprocess
@@ -28,7 +30,7 @@ from segtune.errors import ConfigError
 from segtune.tracking.names import OBJECTIVE
 from segtune.tracking.query import TrackingError, load_sweep_table
 from segtune.tracking.select import pareto_front, parse_budget
-from tests.recorded_sweep import log_sweep, newest_specs, older_specs
+from tests.recorded_sweep import Spec, log_sweep, newest_specs, older_specs
 from tests.servers import mlflow_server
 
 EXPERIMENT = "tiny-sweep"
@@ -77,7 +79,9 @@ def report(store: Store, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _figure_trials(page: str) -> dict[str, list[str]]:
     """Which trials each <figure> of the page shows (its data-trials attribute)."""
-    found = re.findall(r'<figure data-trials="([^"]*)"><img src="([^"]+)"', page)
+    found = re.findall(
+        r'<figure data-trials="([^"]*)">(?:(?!</figure>).)*?<img src="([^"]+)"', page, re.S
+    )
     return {src: trials.split("|") for trials, src in found}
 
 
@@ -222,6 +226,9 @@ def test_report_tables_notes_and_verdicts(report: Path, store: Store) -> None:
     page = report.read_text()
     summary = page.split('<table id="summary">')[1].split("</table>")[0]
     assert sorted(re.findall(r'data-run-id="(\w+)"', summary)) == sorted(store.runs)
+    titles = re.findall(r'data-run-id="\w+" title="([^"]*)"', summary)  # the row's hover text
+    assert len(titles) == len(store.runs)
+    assert all("arch=" in t and "seed=" in t and "lr=0.001" in t for t in titles), titles[0]
     assert "TrainingDiverged: loss became NaN" in summary
     assert "no trial has `infer_ms_gpu`" in page
     assert "left out for want of a value: deeplabv3-resnet18-aspp-basic" in page
@@ -267,6 +274,9 @@ def test_report_is_logged_to_the_sweep_run(report: Path, store: Store, tmp_path:
     page = Path(client.download_artifacts(store.parent, "report/index.html", str(tmp_path)))
     srcs = re.findall(r'<img src="([^"]+)"', page.read_text())
     assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
+    # Plotly's script travels inside the logged page, not as an artifact of its own
+    assert '<script src="data:text/javascript;base64,' in page.read_text()
+    assert "plotly.min.js" not in logged
 
 
 def test_all_sweeps_report(store: Store, tmp_path: Path) -> None:
@@ -336,6 +346,18 @@ window.addEventListener('load', () => {
   document.body.dataset.loaded = images.filter(i => i.complete && i.naturalWidth > 0).length;
   document.body.dataset.rows =
     document.querySelectorAll('#summary tbody tr[data-run-id]').length;
+  // every point Plotly drew: the plot it is in, its hover text and its link
+  const points = [];
+  for (const plot of document.querySelectorAll('.js-plotly-plot')) {
+    for (const trace of plot.data) {
+      (trace.hovertext || []).forEach((text, i) =>
+        points.push([plot.id, text, (trace.customdata || [])[i]]));
+    }
+  }
+  const out = document.createElement('pre');
+  out.id = 'points';
+  out.textContent = JSON.stringify(points);
+  document.body.appendChild(out);
 });
 </script>"""
 
@@ -372,6 +394,19 @@ def test_report_renders_in_headless_chromium(report: Path, store: Store, tmp_pat
     assert int(attrs["images"]) == n_images > len(FIGURES)
     assert attrs["loaded"] == attrs["images"]  # every image decoded: naturalWidth > 0
     assert int(attrs["rows"]) == len(store.runs)
+    # offline (Plotly's script is a file beside the page), every plotted trial is a point that
+    # names it on hover and links to its run: the run id on a sqlite store
+    points = json.loads(html.unescape(re.search(r'<pre id="points">(.*?)</pre>', dom).group(1)))
+    table = load_sweep_table(EXPERIMENT, store.uri)
+    finished = table[table["status"] != "FAILED"]
+    for plot in ("plot-pareto_train_time_min", "plot-pareto_infer_ms_cpu"):
+        found = {(text.split("<br>")[0], link) for where, text, link in points if where == plot}
+        expected = {
+            (f"<b>{row.label}</b>", row.run_id)
+            for row in finished.itertuples()
+            if plot.endswith("time_min") or pd.notna(row.infer_ms_cpu)
+        }
+        assert found == expected, plot
     shot = tmp_path / "report.png"
     _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,2400", report.as_uri())
     assert shot.stat().st_size > 10_000
@@ -387,6 +422,31 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
+def test_importance_ranks_the_key_that_matters_first(store: Store, tmp_path: Path) -> None:
+    """An Optuna-like sweep over lr and batch_size where only lr moves the result: Optuna puts
+    lr first, and the report draws the importance bars and the parallel coordinates."""
+    rng = np.random.default_rng(3)
+    specs = []
+    for i in range(12):
+        lr = float(10 ** rng.uniform(-4, -2))
+        keys = {"arch": "unet", "lr": lr, "batch_size": int(rng.choice([4, 8, 16])), "seed": 0}
+        miou = 0.45 - 0.08 * (np.log10(lr) + 3) ** 2
+        specs.append(Spec(keys, miou, {"train_time_min": 1.0 + i / 10, "size_mb": 10.0}))
+    log_sweep(MlflowClient(tracking_uri=store.uri), "hpo-like", "hpo", specs, tmp_path)
+    index = build_report("hpo-like", store.uri, out=tmp_path / "report", log_to_mlflow=False)
+    page = index.read_text()
+    line = re.search(
+        r"What mattered for best_val_miou \(.*? over 12 finished trials.*?\): (.*?)\.</li>", page
+    )
+    assert line, page[:2000]
+    ranking = [(key, float(share)) for key, share in re.findall(r"(\w+) ([\d.]+)", line.group(1))]
+    assert [key for key, _ in ranking] == ["lr", "batch_size"]
+    assert ranking[0][1] > 0.8 and abs(sum(share for _, share in ranking) - 1) < 0.02
+    for name in ("importance.png", "parallel_coordinates.png"):
+        assert (index.parent / name).stat().st_size > 5000, name
+        assert f'id="plot-{name[:-4]}"' in page
+
+
 def test_report_against_a_tracking_server(server: str, tmp_path: Path) -> None:
     store = _fill(server, tmp_path)
     index = build_report(EXPERIMENT, server, out=tmp_path / "report")
@@ -395,8 +455,12 @@ def test_report_against_a_tracking_server(server: str, tmp_path: Path) -> None:
         assert (index.parent / name).stat().st_size > 1000, name
     client = MlflowClient(tracking_uri=server)
     experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    runs = f"{server}/#/experiments/{experiment_id}/runs/"
     for run_id in store.runs:
-        assert f'href="{server}/#/experiments/{experiment_id}/runs/{run_id}"' in page
+        assert f'href="{runs}{run_id}"' in page  # the table's link
+    for run_id in store.runs[:-1]:  # the last trial failed: it has no point
+        link = f'"customdata":["{runs}{run_id}"]'.replace("/", "\\u002f")  # Plotly's JSON
+        assert link in page  # the point's link
     assert "mlflow ui --backend-store-uri" not in page
     assert f'href="{server}/#/experiments/{experiment_id}/runs"' in page  # the experiment's runs
     logged = {Path(f.path).name for f in client.list_artifacts(store.parent, "report")}

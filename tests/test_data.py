@@ -21,6 +21,8 @@ from segtune.data import (
     set_epoch,
     train_transform,
 )
+from segtune.data import dataset as dataset_module
+from segtune.data.dataset import read_image
 from segtune.errors import DatasetError
 from tests.helpers import random_pair, write_pair
 
@@ -236,10 +238,57 @@ def test_truncated_image(small_root: Path) -> None:
     _expect(small_root, r"t5\.jpg: truncated JPEG")
 
 
-def test_unreadable_image(small_root: Path) -> None:
+def test_a_text_file_named_jpg_is_called_what_it_is(small_root: Path) -> None:
     path = small_root / "train" / "image" / "t5.jpg"
     path.write_bytes(b"not an image at all" + b"\xff\xd9")
-    _expect(small_root, r"t5\.jpg: unreadable image")
+    _expect(small_root, r"t5\.jpg: not a JPEG file \(it starts with b'not an i'\)")
+
+
+def test_a_corrupt_body_behind_an_intact_header_and_end_is_found(small_root: Path) -> None:
+    """Header and end-of-image marker intact, the entropy-coded body random bytes: only a full
+    decode sees it, and the pre-flight does one, so no trial meets the file."""
+    path = small_root / "train" / "image" / "t5.jpg"
+    data = path.read_bytes()
+    body = data.index(b"\xff\xda") + 20  # past the start-of-scan header
+    noise = np.random.default_rng(0).integers(0, 256, len(data) - body - 2, dtype=np.uint8)
+    path.write_bytes(data[:body] + noise.tobytes() + b"\xff\xd9")
+    _expect(small_root, r"t5\.jpg: unreadable image \(broken data stream")
+
+
+def test_a_self_looping_symlink_is_named_as_such(small_root: Path) -> None:
+    path = small_root / "train" / "image" / "t5.jpg"
+    path.unlink()
+    path.symlink_to(path.name)  # a link to itself
+    _expect(small_root, r"t5\.jpg: a symlink that leads to no file \(broken, or a loop\)")
+
+
+def test_a_decompression_bomb_is_refused_by_name(small_root: Path) -> None:
+    """20000x20000 pixels in a 50 KB PNG: refused with the file's name, not a traceback."""
+    path = small_root / "train" / "image" / "t5.png"
+    (small_root / "train" / "image" / "t5.jpg").unlink()
+    Image.new("1", (20000, 20000)).save(path)
+    assert path.stat().st_size < 200_000
+    _expect(small_root, r"t5\.png: unreadable image \(Image size \(400000000 pixels\) exceeds")
+    with pytest.raises(DatasetError, match=r"t5\.png: unreadable image"):
+        read_image(path)
+
+
+def test_an_image_over_the_pixel_bound_is_refused(
+    small_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dataset_module, "MAX_PIXELS", 64 * 48 - 1)
+    _expect(small_root, r"t0\.jpg: 64x48 is 0 megapixels, over the limit of 0; downscale")
+
+
+def test_a_16_bit_image_is_scaled_not_clipped(tmp_path: Path) -> None:
+    """A 16-bit grey PNG reads as the 8-bit image it holds (convert("RGB") would make it white)."""
+    rng = np.random.default_rng(0)
+    grey8 = rng.integers(0, 256, (48, 64), dtype=np.uint8)
+    Image.fromarray(grey8.astype(np.uint16) * 257).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    decoded = read_image(tmp_path / "deep.png")
+    assert decoded.shape == (48, 64, 3) and decoded.dtype == np.uint8
+    assert (decoded == grey8[..., None]).all()
 
 
 def test_truncated_mask(small_root: Path) -> None:

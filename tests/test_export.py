@@ -203,6 +203,27 @@ def test_tampered_files_are_refused(
     assert "SHA256SUMS: missing" in capsys.readouterr().err
 
 
+def test_predict_refuses_a_bomb_and_writes_no_empty_folder(
+    exported: ExportResult, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A 20000x20000 PNG alone: skipped with its name, exit 2, and no output folder; a 16-bit
+    image is scaled to 8 bits, so its mask is the mask of its 8-bit twin."""
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20000, 20000)).save(bomb)
+    out = tmp_path / "masks"
+    assert run_cli(predict_main, [str(exported.out), str(bomb), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "bomb.png: unreadable image" in err and "Traceback" not in err
+    assert not out.exists()
+    rgb = np.random.default_rng(1).integers(0, 256, (64, 96), dtype=np.uint8)
+    Image.fromarray(rgb).convert("RGB").save(tmp_path / "eight.png")
+    Image.fromarray(rgb.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")
+    args = [str(exported.out), str(tmp_path / "eight.png"), str(tmp_path / "sixteen.png")]
+    assert predict_main([*args, "--out", str(out)]) == 0
+    eight, sixteen = (np.asarray(Image.open(out / f"{n}.png")) for n in ("eight", "sixteen"))
+    assert (eight == sixteen).all()
+
+
 def test_tiles_blend_like_the_whole_image(exported: ExportResult) -> None:
     starts = tile_starts(300, 96, 32)
     assert (

@@ -253,49 +253,97 @@ def test_optuna_sweeps(synthetic_root: Path, tmp_path: Path, sampler: str) -> No
     assert len(table) == 3 and any(" True" in line for line in table)
 
 
-def test_killed_driver_then_resume(synthetic_root: Path, tmp_path: Path) -> None:
+EPOCHS_KEPT_RUNNING = 25  # tiny epochs take a fraction of a second: 25 keep a trial running
+
+
+def _sweep_runs(folder: Path, name: str) -> list[Any]:
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(name)
+    return client.search_runs([exp.experiment_id], f"tags.`{ROLE_TAG}` = 'sweep'")
+
+
+def _training(folder: Path, name: str, finished: int, before: dict[str, int]) -> Any:
+    """The RUNNING trial run once `finished` trials have ended and it has logged more epochs
+    than `before` holds for it."""
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        runs = trial_runs(folder, name)
+        done = [r for r in runs if r.info.status == "FINISHED"]
+        running = [r for r in runs if r.info.status == "RUNNING"]
+        if len(done) >= finished and running:
+            run_id = running[0].info.run_id
+            if len(steps(folder, run_id)) > before.get(run_id, 0):
+                time.sleep(2)  # let Tune write its experiment state
+                return running[0]
+        time.sleep(0.5)
+    pytest.fail(f"the sweep never had {finished} finished trials and one training")
+
+
+def test_interrupted_killed_and_resumed_sweeps_leave_a_true_record(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    """SIGINT (Ctrl-C) and SIGTERM: the trial stops, its run and the sweep run become KILLED with
+    the signal, the --resume command is printed, exit 130 / 143. SIGKILL closes nothing: the
+    next --resume closes what it left RUNNING, and finishes the sweep: one run per trial, every
+    epoch logged once, the lock released."""
     sweep = write_sweep(
         tmp_path / "resume.yaml",
         synthetic_root,
-        train={"epochs": 3},
+        train={"epochs": EPOCHS_KEPT_RUNNING},
         search_space={"lr": {"grid_search": [0.003, 0.002]}},
         tune={"max_concurrent_trials": 1},
     )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
     cmd = [sys.executable, "-m", "segtune.run", str(sweep), "--tracking-uri", uri, "--no-report"]
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
-    driver = subprocess.Popen(
-        cmd,
-        cwd=tmp_path,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline:
-            runs = trial_runs(tmp_path, "resume")
-            done = [r for r in runs if r.info.status == "FINISHED"]
-            running = [r for r in runs if r.info.status == "RUNNING"]
-            if done and running and steps(tmp_path, running[0].info.run_id):
-                break
-            time.sleep(0.5)
-        else:
-            pytest.fail("the sweep never reached its second trial")
-        time.sleep(2)  # let Tune write its experiment state
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
-    first = done[0]
+
+    def stop(signum: int, *extra: str, finished: int = 0) -> tuple[int, str, Any]:
+        """Start a driver, signal it while a trial trains; exit status, output, that trial."""
+        epochs = {
+            r.info.run_id: len(steps(tmp_path, r.info.run_id))
+            for r in trial_runs(tmp_path, "resume")
+        }
+        # output to a file: an undrained pipe would block the driver's logging, and its signals
+        with open(tmp_path / "driver.log", "w") as log:
+            driver = subprocess.Popen([*cmd, *extra], cwd=tmp_path, env=env, text=True,
+                                      start_new_session=True, stdout=log, stderr=log)  # fmt: skip
+        try:
+            trial = _training(tmp_path, "resume", finished, epochs)
+            driver.send_signal(signum)  # to the driver alone, as `kill` sends it
+            driver.wait(timeout=120)
+        finally:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+                driver.wait()
+            if signum == signal.SIGKILL:  # its Ray and trial processes too
+                os.killpg(driver.pid, signal.SIGKILL)
+        return driver.returncode, (tmp_path / "driver.log").read_text(), trial
+
+    resume = f"continue it with: {Path(sys.executable).name} -m segtune.run {sweep} --resume"
+    for signum, extra in ((signal.SIGINT, ()), (signal.SIGTERM, ("--resume",))):
+        code, out, trial = stop(signum, *extra)
+        name = signal.Signals(signum).name
+        assert code == 128 + signum, out[-3000:]
+        last = out.strip().splitlines()[-1]
+        assert f"stopped by {name}" in last and "closed as KILLED" in last and resume in last
+        run_ = client.get_run(trial.info.run_id)
+        assert run_.info.status == "KILLED" and name in run_.data.tags["segtune.stopped"]
+        (parent,) = _sweep_runs(tmp_path, "resume")  # resumed, never a second sweep run
+        assert parent.info.status == "KILLED" and name in parent.data.tags["segtune.stopped"]
+
+    code, _, trial = stop(signal.SIGKILL, "--resume", finished=1)
+    assert client.get_run(trial.info.run_id).info.status == "RUNNING"  # nobody closed it
+
     proc = run(sweep, "--resume")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "closed 2 run(s) an earlier driver of this sweep left RUNNING" in proc.stderr
     runs = trial_runs(tmp_path, "resume")
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
     for r in runs:
-        assert steps(tmp_path, r.info.run_id) == [0, 1, 2]
-    again = next(r for r in runs if r.info.run_id == first.info.run_id)
-    assert again.info.end_time == first.info.end_time, "a finished trial was trained again"
+        assert steps(tmp_path, r.info.run_id) == list(range(EPOCHS_KEPT_RUNNING))
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+    assert not (tmp_path / "ray" / "resume" / "segtune.lock").exists()  # released at the end
 
 
 BAD_SWEEPS = {
@@ -308,6 +356,9 @@ BAD_SWEEPS = {
     ),
     "missing dataset": ({"data": {"root": "/nonexistent/floodnet"}}, "/nonexistent/floodnet"),
     "gpu on this machine": ({"tune": {"resources_per_trial": {"gpu": 1}}}, "no GPU"),
+    "a name that is a folder": ({"name": ".."}, "name: Value error, '..' names a folder"),
+    "a size that is not one": ({"bench": {"input": "96by64"}}, "bench.input"),
+    "a book as description": ({"description": "x" * 100_000}, "description: String should have"),
     "asha on no score": (
         {"train": {"epochs": 3}, "tune": {"scheduler": "asha", "metric": "lr", "mode": "min"}},
         "asha needs a per-epoch metric, not lr",
@@ -343,6 +394,51 @@ def test_bad_yaml_from_the_command_line(tmp_path: Path) -> None:
     assert (
         proc.returncode == 2 and "not valid YAML" in proc.stderr and "Traceback" not in proc.stderr
     )
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("http://127.0.0.1:9", "no answer within 5 s"),
+        ("foo://bar", "MLflow has no store for foo://"),
+        ("http://[::1", "not a valid address (Invalid IPv6 URL)"),
+    ],
+)
+def test_a_tracking_uri_that_cannot_work_is_refused_at_once(
+    uri: str,
+    expected: str,
+    synthetic_root: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import ray
+
+    from segtune.cli import run_cli
+
+    sweep = write_sweep(tmp_path / "uri.yaml", synthetic_root)
+    started = time.perf_counter()
+    code = run_cli(run_main, [str(sweep), "--tracking-uri", uri, "--no-report"])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+    assert time.perf_counter() - started < 10 and not ray.is_initialized()
+
+
+def test_an_unfinished_set_value_and_a_missing_resume_are_one_line(
+    synthetic_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from segtune.cli import run_cli
+
+    sweep = write_sweep(tmp_path / "setbad.yaml", synthetic_root)
+    code = run_cli(run_main, [str(sweep), "--dry-run", "--set", "train.lr=[1,"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--set 'train.lr=[1,': the value is not valid YAML" in err
+    assert len(err.strip().splitlines()) == 1
+    from segtune.train import main as train_main
+
+    args = ["--data", str(synthetic_root), "--out", str(tmp_path / "none"), "--resume"]
+    assert run_cli(train_main, args) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: --resume: no file '{tmp_path / 'none' / 'last.pt'}'"
 
 
 def test_dry_run_lists_the_grid(synthetic_root: Path, tmp_path: Path) -> None:

@@ -27,6 +27,10 @@ from segtune.errors import DatasetError
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# the first bytes of each format: a file whose suffix lies (a text file named .jpg) is named as such
+SIGNATURES = {".jpg": b"\xff\xd8\xff", ".jpeg": b"\xff\xd8\xff", ".png": b"\x89PNG\r\n\x1a\n"}
+# more pixels than this is a decompression bomb or a mistake (FloodNet's originals: 12 MP)
+MAX_PIXELS = 100_000_000
 SPLITS = ("train", "val", "test")
 _VALID_MASK_VALUES = np.zeros(256, dtype=bool)
 _VALID_MASK_VALUES[:NUM_CLASSES] = True
@@ -46,44 +50,85 @@ class Sample:
 
 
 def _files_by_id(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
-    return {
-        p.stem: p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in suffixes
-    }
+    found = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in suffixes:
+            continue
+        if path.is_symlink() and not path.exists():
+            raise DatasetError(
+                f"{path}: a symlink that leads to no file (broken, or a loop); fix or remove it"
+            )
+        if path.is_file():
+            found[path.stem] = path
+    return found
 
 
 def _check_complete(path: Path) -> None:
-    """Cheap truncation check: a JPEG ends with its EOI marker, a PNG with its IEND chunk."""
+    """Cheap format and truncation check: the file starts with its format's signature, and a
+    JPEG ends with its EOI marker, a PNG with its IEND chunk."""
     size = path.stat().st_size
     if size == 0:
         raise DatasetError(f"{path}: empty file; replace it or remove the pair")
+    suffix = path.suffix.lower()
     with path.open("rb") as f:
+        head = f.read(8)
         f.seek(max(0, size - 12))
         tail = f.read()
-    suffix = path.suffix.lower()
+    if not head.startswith(SIGNATURES[suffix]):
+        kind = "PNG" if suffix == ".png" else "JPEG"
+        raise DatasetError(
+            f"{path}: not a {kind} file (it starts with {head!r}); replace it with the real "
+            "image or remove the pair"
+        )
     if suffix in (".jpg", ".jpeg") and not tail.rstrip(b"\x00").endswith(b"\xff\xd9"):
         raise DatasetError(f"{path}: truncated JPEG (no end-of-image marker); re-copy the file")
     if suffix == ".png" and b"IEND" not in tail:
         raise DatasetError(f"{path}: truncated PNG (no IEND chunk); re-copy the file")
 
 
+def _check_pixels(path: Path, size: tuple[int, int]) -> None:
+    width, height = size
+    if width * height > MAX_PIXELS:
+        raise DatasetError(
+            f"{path}: {width}x{height} is {width * height / 1e6:.0f} megapixels, over the limit "
+            f"of {MAX_PIXELS / 1e6:.0f}; downscale or tile it first"
+        )
+
+
 def _image_size(path: Path) -> tuple[int, int]:
     """Width and height from the header alone, so a check of thousands of images stays fast."""
     try:
         with Image.open(path) as img:
+            _check_pixels(path, img.size)
             return img.size
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise DatasetError(
             f"{path}: unreadable image ({exc}); replace it or remove the pair"
         ) from None
 
 
+def _to_rgb8(path: Path, values: np.ndarray) -> np.ndarray:
+    """A 16-bit (or 32-bit integer holding 16-bit) image scaled to 8 bits, never clipped."""
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise DatasetError(
+            f"{path}: integer image with values outside 0..65535; save it as 8-bit RGB"
+        )
+    scaled = ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    return np.repeat(scaled[..., None], 3, axis=-1) if scaled.ndim == 2 else scaled
+
+
 def read_image(path: Path | str) -> np.ndarray:
-    """Decode an image as RGB uint8 (H, W, 3)."""
+    """Decode an image as RGB uint8 (H, W, 3); 16-bit images are scaled down to 8 bits."""
     path = Path(path)
     try:
         with Image.open(path) as img:
+            _check_pixels(path, img.size)
+            if img.mode.startswith("I"):  # 16- or 32-bit integers: convert("RGB") would clip
+                return _to_rgb8(path, np.asarray(img))
+            if img.mode == "F":
+                raise DatasetError(f"{path}: floating-point image; save it as 8-bit RGB")
             return np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise DatasetError(
             f"{path}: unreadable image ({exc}); replace it or remove the pair"
         ) from None
@@ -94,6 +139,7 @@ def read_mask(path: Path | str, rgb_masks: bool = False) -> np.ndarray:
     path = Path(path)
     try:
         with Image.open(path) as img:
+            _check_pixels(path, img.size)
             if img.mode in ("RGB", "RGBA"):
                 if not rgb_masks:
                     raise DatasetError(
@@ -107,7 +153,7 @@ def read_mask(path: Path | str, rgb_masks: bool = False) -> np.ndarray:
                     f"{path}: mask mode {img.mode} unsupported; save it as 8-bit 'L'"
                 )
             mask = np.asarray(img)
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise DatasetError(
             f"{path}: unreadable mask ({exc}); replace it or remove the pair"
         ) from None
@@ -120,8 +166,11 @@ def read_mask(path: Path | str, rgb_masks: bool = False) -> np.ndarray:
     return mask
 
 
-def _check_mask(sample: Sample, rgb_masks: bool) -> Sample:
-    """Check size and values; return the sample with its class pixel counts."""
+def _check_pair(sample: Sample, rgb_masks: bool) -> Sample:
+    """Decode the image fully (a corrupt body behind an intact header and end marker fails
+    here, not in a trial), check the mask's size and values; return the sample with its class
+    pixel counts."""
+    read_image(sample.image_path)
     mask = read_mask(sample.mask_path, rgb_masks)
     if mask.shape != (sample.height, sample.width):
         raise DatasetError(
@@ -149,8 +198,8 @@ def scan_split(
 ) -> list[Sample]:
     """Find and check the pairs of one split; raise `DatasetError` on the first problem found.
 
-    Image sizes come from headers; masks are decoded once, in one threaded pass, to check
-    their size and values.
+    Images and masks are decoded once, in one threaded pass: every image must decode whole, and
+    every mask match its image's size and hold class ids.
     """
     root = _existing_root(root)
     image_dir, mask_dir = root / split / "image", root / split / "mask"
@@ -182,12 +231,12 @@ def scan_split(
         samples.append(Sample(sample_id, image_path, masks[sample_id], width, height))
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        checks = pool.map(lambda s: _check_mask(s, rgb_masks), samples)
+        checks = pool.map(lambda s: _check_pair(s, rgb_masks), samples)
         samples = list(
             tqdm(
                 checks,
                 total=len(samples),
-                desc=f"checking {split} masks",
+                desc=f"checking {split} pairs",
                 disable=not progress,
                 leave=False,
             )

@@ -17,6 +17,7 @@ TRIAL_ID_TAG = "ray.trial_id"
 NODE_TAG = "segtune.node"  # where the run ran: `IP (hostname)`
 ATTEMPTS_TAG = "segtune.attempts"  # 1, then one more each time a retry or resume reopens it
 ERROR_TAG = "segtune.error"
+STOPPED_TAG = "segtune.stopped"  # on a KILLED run: why and when it was stopped, how to resume
 LABEL_TAG = "segtune.label"  # the trial's run name, seed included
 CONFIG_LABEL_TAG = "segtune.config_label"  # the same without the seed: one name per configuration
 SWEEP_TAG = "segtune.sweep"

@@ -12,6 +12,9 @@ import math
 import os
 import socket
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from segtune.errors import ConfigError
 from segtune.tracking.names import (
     ATTEMPTS_TAG,
     CONFIG_LABEL_TAG,
@@ -32,6 +36,7 @@ from segtune.tracking.names import (
     ROLE_SWEEP,
     ROLE_TAG,
     ROLE_TRIAL,
+    STOPPED_TAG,
     SWEEP_ARTIFACT,
     SWEEP_TAG,
     TRIAL_ID_TAG,
@@ -45,6 +50,39 @@ def resolve_tracking_uri(cli_value: str | None = None) -> str:
     if cli_value:
         return cli_value
     return os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+
+
+STORE_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
+
+
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
+    """Refuse a tracking URI that cannot work, before anything starts: a scheme MLflow has no
+    store for, a malformed address, a server that does not answer within `timeout` seconds
+    (MLflow's own client would retry for minutes)."""
+    try:
+        parsed = urllib.parse.urlsplit(uri)
+        parsed.port  # noqa: B018 - parses the port, and raises on a bad one
+    except ValueError as exc:
+        raise ConfigError(f"tracking URI {uri!r}: not a valid address ({exc})") from None
+    scheme = parsed.scheme.split("+")[0]
+    if scheme and scheme not in STORE_SCHEMES and len(scheme) > 1:  # C:\... is a path
+        raise ConfigError(
+            f"tracking URI {uri!r}: MLflow has no store for {parsed.scheme}://; use "
+            "http(s)://HOST:PORT, sqlite:///PATH, file:PATH or a database URI"
+        )
+    if scheme not in ("http", "https"):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError:  # it answers: a server, maybe behind a proxy without /health
+        return
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConfigError(
+            f"tracking URI {uri}: no answer within {timeout:g} s ({reason}); start the server "
+            "(mlflow server --host 127.0.0.1 --port PORT) or fix --tracking-uri"
+        ) from None
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
@@ -63,6 +101,14 @@ def runs_page(tracking_uri: str, experiment_key: str) -> str:
     if tracking_uri.startswith(("http://", "https://")):
         return f"{tracking_uri.rstrip('/')}/{view}"
     return f"mlflow ui --backend-store-uri {tracking_uri}, then http://127.0.0.1:5000/{view}"
+
+
+def run_page(tracking_uri: str, experiment_key: str, run_id: str) -> str | None:
+    """The page of one run on the tracking server; None for a file or database store, which
+    has no page until `mlflow ui` serves it."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_key}/runs/{run_id}"
 
 
 def start_sweep_run(
@@ -89,6 +135,38 @@ def start_sweep_run(
     )
     client.log_text(run.info.run_id, sweep_yaml, SWEEP_ARTIFACT)
     return run.info.run_id
+
+
+def close_open_runs(
+    client: MlflowClient, experiment: str, parents: list[str] | None, sweep_name: str, reason: str
+) -> list[str]:
+    """Mark KILLED, with `reason` as `segtune.stopped`, every run still RUNNING of the sweep runs
+    `parents` (None: every sweep run named `sweep_name`) and their trials; the ids it closed.
+
+    A driver that was interrupted calls it for its own sweep; a driver that starts, holding the
+    sweep's lock (so no other driver of the name is live), for whatever an earlier crash left.
+    """
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    ids = [found.experiment_id]
+    if parents is None:
+        sweeps = client.search_runs(
+            ids, f"tags.`{ROLE_TAG}` = '{ROLE_SWEEP}' and tags.`{SWEEP_TAG}` = '{sweep_name}'"
+        )
+        parents = [run.info.run_id for run in sweeps]
+    closed = []
+    for parent in parents:
+        trials = client.search_runs(
+            ids, f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent}' and attributes.status = 'RUNNING'"
+        )
+        for run_id in [run.info.run_id for run in trials] + [parent]:
+            if client.get_run(run_id).info.status != "RUNNING":
+                continue
+            client.set_tag(run_id, STOPPED_TAG, reason)
+            client.set_terminated(run_id, "KILLED")
+            closed.append(run_id)
+    return closed
 
 
 def finite_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
