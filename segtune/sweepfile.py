@@ -229,7 +229,10 @@ def validate_sweep(raw: Mapping[str, Any]) -> SweepConfig:
     if sweep is not None:
         problems.extend(_check_tune(sweep))
     if problems:
-        raise ConfigError("invalid sweep:\n  " + "\n  ".join(dict.fromkeys(problems)))
+        unique = list(dict.fromkeys(problems))
+        if len(unique) == 1:  # one problem, one line
+            raise ConfigError(f"invalid sweep: {unique[0]}")
+        raise ConfigError("invalid sweep:\n  " + "\n  ".join(unique))
     assert sweep is not None
     return sweep
 

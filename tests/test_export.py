@@ -204,16 +204,21 @@ def test_tampered_files_are_refused(
 
 
 def test_predict_refuses_a_bomb_and_writes_no_empty_folder(
-    exported: ExportResult, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    exported: ExportResult,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A 20000x20000 PNG alone: skipped with its name, exit 2, and no output folder; a 16-bit
     image is scaled to 8 bits, so its mask is the mask of its 8-bit twin."""
     bomb = tmp_path / "bomb.png"
     Image.new("1", (20000, 20000)).save(bomb)
     out = tmp_path / "masks"
-    assert run_cli(predict_main, [str(exported.out), str(bomb), "--out", str(out)]) == 2
+    with caplog.at_level(logging.WARNING):
+        assert run_cli(predict_main, [str(exported.out), str(bomb), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "bomb.png: unreadable image" in err and "Traceback" not in err
+    assert "no readable image among 1 file(s)" in err and "Traceback" not in err
+    assert "bomb.png: unreadable image (Image size (400000000 pixels) exceeds" in caplog.text
     assert not out.exists()
     rgb = np.random.default_rng(1).integers(0, 256, (64, 96), dtype=np.uint8)
     Image.fromarray(rgb).convert("RGB").save(tmp_path / "eight.png")

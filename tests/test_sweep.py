@@ -253,7 +253,7 @@ def test_optuna_sweeps(synthetic_root: Path, tmp_path: Path, sampler: str) -> No
     assert len(table) == 3 and any(" True" in line for line in table)
 
 
-EPOCHS_KEPT_RUNNING = 25  # tiny epochs take a fraction of a second: 25 keep a trial running
+EPOCHS_KEPT_RUNNING = 40  # tiny epochs take a fraction of a second: 40 keep a trial running
 
 
 def _sweep_runs(folder: Path, name: str) -> list[Any]:
@@ -327,8 +327,11 @@ def test_interrupted_killed_and_resumed_sweeps_leave_a_true_record(
         assert code == 128 + signum, out[-3000:]
         last = out.strip().splitlines()[-1]
         assert f"stopped by {name}" in last and "closed as KILLED" in last and resume in last
+        # the trial that trained: KILLED, unless it finished while Tune saved its state
         run_ = client.get_run(trial.info.run_id)
-        assert run_.info.status == "KILLED" and name in run_.data.tags["segtune.stopped"]
+        if signum == signal.SIGINT or run_.info.status != "FINISHED":
+            assert run_.info.status == "KILLED" and name in run_.data.tags["segtune.stopped"]
+        assert all(r.info.status in ("FINISHED", "KILLED") for r in trial_runs(tmp_path, "resume"))
         (parent,) = _sweep_runs(tmp_path, "resume")  # resumed, never a second sweep run
         assert parent.info.status == "KILLED" and name in parent.data.tags["segtune.stopped"]
 
