@@ -139,7 +139,8 @@ def _error_text(trial: Trial) -> str:
     for line in reversed(lines):
         if ERROR_LINE.match(line):
             return line[:2000]
-    return lines[-1][:2000] if lines else "the trial's process died"
+    # a process that died has no exception of its own: Ray's first line says what happened
+    return f"the trial's process died: {lines[0]}"[:2000] if lines else "the trial's process died"
 
 
 def check_cluster(sweep: SweepConfig) -> None:
@@ -254,14 +255,7 @@ def run_sweep(
         raise ConfigError(
             f"--resume: no interrupted sweep at {storage}/{sweep.name}; run without --resume"
         )
-    client = MlflowClient(tracking_uri)
     with SweepLock(storage, sweep.name) as lock, StopSignals() as stop:
-        left = close_open_runs(
-            client, sweep.experiment, None, sweep.name, f"its driver ended without closing it; "
-            f"closed by the next driver of this sweep at {_now()}"
-        )  # fmt: skip
-        if left:
-            log.warning("closed %d run(s) an earlier driver of this sweep left RUNNING", len(left))
         outcome = SweepOutcome("", 0, 1)
         try:
             _run(sweep, tracking_uri, storage, lock, stop, outcome, address, resume, sweep_yaml,
@@ -271,12 +265,18 @@ def run_sweep(
                 raise
         if stop.received is not None:  # stopped gracefully by Tune (state saved), or at once
             reason = f"stopped by {signal.Signals(stop.received).name} at {_now()}"
-            parents = [outcome.parent] if outcome.parent else []
-            closed = close_open_runs(client, sweep.experiment, parents, sweep.name, reason)
+            closed = []
+            if outcome.parent:  # else no run exists yet (nor, maybe, a store)
+                client = MlflowClient(tracking_uri)
+                closed = close_open_runs(
+                    client, sweep.experiment, [outcome.parent], sweep.name, reason
+                )
             raise SweepInterrupted(
                 stop.received, f"sweep {sweep.name} {reason}; {len(closed)} run(s) closed as KILLED"
             )
-    client.set_terminated(outcome.parent, "FAILED" if outcome.failed else "FINISHED")
+    MlflowClient(tracking_uri).set_terminated(
+        outcome.parent, "FAILED" if outcome.failed else "FINISHED"
+    )
     return outcome
 
 
@@ -319,10 +319,17 @@ def _run(
     try:
         check_cluster(sweep)
         check_nodes(sweep.data, storage, tracking_uri, joined=joined)
+        client = MlflowClient(tracking_uri)  # only now: no store is made before the checks pass
+        left = close_open_runs(
+            client, sweep.experiment, None, sweep.name, f"its driver ended without closing it; "
+            f"closed by the next driver of this sweep at {_now()}"
+        )  # fmt: skip
+        if left:
+            log.warning("closed %d run(s) an earlier driver of this sweep left RUNNING", len(left))
         parent = outcome.parent = _parent_run(sweep, storage, tracking_uri, sweep_yaml, resume)
         lock.parent(parent)
         if floor_miou is not None:
-            MlflowClient(tracking_uri).log_metric(parent, FLOOR_METRIC, floor_miou)
+            client.log_metric(parent, FLOOR_METRIC, floor_miou)
         phases["start_s"] = time.perf_counter() - started
         if joined:  # one task per node kind, each holding its node while nothing else runs
             started = time.perf_counter()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import psutil
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -347,6 +348,40 @@ def test_interrupted_killed_and_resumed_sweeps_leave_a_true_record(
         assert steps(tmp_path, r.info.run_id) == list(range(EPOCHS_KEPT_RUNNING))
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
     assert not (tmp_path / "ray" / "resume" / "segtune.lock").exists()  # released at the end
+
+
+def test_a_trial_whose_process_dies_is_failed_with_the_error_not_a_path(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    """The trial's worker process is killed outright (it cannot tag its own run) and no retry is
+    left: the driver closes the run FAILED with Ray's message, not the path of Ray's error file."""
+    sweep = write_sweep(
+        tmp_path / "dies.yaml",
+        synthetic_root,
+        train={"epochs": EPOCHS_KEPT_RUNNING},
+        tune={"max_failures": 0},
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [sys.executable, "-m", "segtune.run", str(sweep), "--tracking-uri", uri, "--no-report"]
+    with open(tmp_path / "driver.log", "w") as log:
+        driver = subprocess.Popen(cmd, cwd=tmp_path, text=True, start_new_session=True,
+                                  stdout=log, stderr=log)  # fmt: skip
+    try:
+        trial = _training(tmp_path, "dies", 0, {})
+        workers = [p for p in psutil.Process(driver.pid).children(recursive=True)
+                   if "ImplicitFunc" in " ".join(p.cmdline())]  # fmt: skip
+        assert len(workers) == 1, [p.cmdline() for p in workers]
+        workers[0].kill()  # the trial's own process, found among the driver's descendants
+        driver.wait(timeout=180)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    assert driver.returncode == 1, (tmp_path / "driver.log").read_text()[-3000:]
+    run_ = MlflowClient(uri).get_run(trial.info.run_id)
+    error = run_.data.tags[ERROR_TAG]
+    assert run_.info.status == "FAILED" and "error.txt" not in error and "/" not in error, error
+    assert "died" in error, error
 
 
 BAD_SWEEPS = {
