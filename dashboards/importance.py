@@ -77,9 +77,15 @@ def searched_study(trials: pd.DataFrame, params: list[str], objective: str) -> o
     return study
 
 
+def _evaluator(study: optuna.Study) -> PedAnovaImportanceEvaluator:
+    """PED-ANOVA compares the best trials with all of them: at least 3 of them are the best
+    (its default, the top 10%, would be a single trial in a sweep of fewer than 20)."""
+    return PedAnovaImportanceEvaluator(target_quantile=max(0.1, min(1.0, 3 / len(study.trials))))
+
+
 def importances(study: optuna.Study) -> dict[str, float]:
     """Each key's importance, largest first (they sum to 1)."""
-    found = optuna.importance.get_param_importances(study, evaluator=PedAnovaImportanceEvaluator())
+    found = optuna.importance.get_param_importances(study, evaluator=_evaluator(study))
     return {key: float(value) for key, value in found.items()}
 
 
@@ -88,7 +94,7 @@ def importance_figures(
 ) -> tuple[list[str], list[go.Figure]]:
     """Importance bars and parallel coordinates (keys in `order`, the most important first),
     as PNGs written into `out` (their names returned) and as Plotly figures of the same views."""
-    evaluator = PedAnovaImportanceEvaluator()
+    evaluator = _evaluator(study)
     target = study.study_name
     # Optuna marks its plots experimental (nothing for a reader) and sets pyplot's style
     # globally: both undone when the block ends, so the report's other figures keep theirs

@@ -8,7 +8,6 @@ The PNGs of `dashboards.figures` stay: MLflow's artifact view shows them where s
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +29,6 @@ CLICK = (
     " if (typeof link === 'string' && /^https?:/.test(link)) { window.open(link, '_blank'); }"
     " });"
 )
-
-
-@dataclass
-class Plot:
-    name: str  # the element id, and the PNG of the same view
-    caption: str
-    html: str  # a <div> and its script; Plotly itself is loaded once by the page
 
 
 def write_plotly_js(out: Path) -> str:

@@ -178,7 +178,8 @@ def _seeds(report: Report, trials: pd.DataFrame, colors: dict) -> None:
 def _importance(report: Report, trials: pd.DataFrame) -> None:
     """What mattered: the importance of the searched keys, and parallel coordinates."""
     params = report.data.varying_params(exclude=[SEED_PARAM])
-    study = importance.searched_study(trials, params, OBJECTIVE)
+    finished = trials[trials["status"] == "FINISHED"]
+    study = importance.searched_study(finished, params, OBJECTIVE)
     if study is None:
         return
     ranked = importance.importances(study)
@@ -194,7 +195,7 @@ def _importance(report: Report, trials: pd.DataFrame) -> None:
         "key's values differ between the best trials and all of them).",
         f"Every trial as one line across the searched keys, coloured by {OBJECTIVE}.",
     )
-    labels = list(trials["label"])
+    labels = [str(t.user_attrs["label"]) for t in study.trials]
     for name, caption, plot in zip(names, captions, plots, strict=True):
         report.figure(
             "importance",

@@ -22,13 +22,16 @@ from segtune.errors import SegtuneError
 log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+TUNE_STOP = signal.SIGUSR1  # Ray Tune's graceful stop (tune.run installs its handler)
 
 
 class SweepInterrupted(SegtuneError):
-    """The sweep stopped on a signal; the exit status is 128 + its number."""
+    """The sweep stopped on a signal; the exit status is 128 + its number. `resumable`: Tune
+    saved a state that `--resume` can continue."""
 
-    def __init__(self, signum: int, message: str) -> None:
+    def __init__(self, signum: int, message: str, resumable: bool = False) -> None:
         super().__init__(message)
+        self.signum, self.resumable = signum, resumable
         self.exit_code = 128 + signum
 
 
@@ -46,7 +49,10 @@ class StopSignals:
         # Tune's own SIGINT handler would hide SIGINT from us and ignore SIGTERM
         self._tune_env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-        self._previous = {signum: signal.getsignal(signum) for signum in SIGNALS}
+        self._previous = {signum: signal.getsignal(signum) for signum in (*SIGNALS, TUNE_STOP)}
+        # a handler an earlier Tune run left must not take our first signal: Tune installs its
+        # own when it starts
+        signal.signal(TUNE_STOP, signal.SIG_DFL)
         self.install()
         return self
 
@@ -59,14 +65,13 @@ class StopSignals:
         name = signal.Signals(signum).name
         if self.received is None:
             self.received = signum
-            tune_stop = signal.getsignal(signal.SIGUSR1)
-            if self._graceful and callable(tune_stop):
+            if self._graceful and callable(signal.getsignal(TUNE_STOP)):
                 log.warning(
                     "%s: stopping the trials and saving the sweep's state; send it again to "
                     "stop at once",
                     name,
                 )
-                signal.raise_signal(signal.SIGUSR1)
+                signal.raise_signal(TUNE_STOP)
                 return
         raise SweepInterrupted(self.received, f"interrupted by {name}")
 

@@ -53,14 +53,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def resume_command(args: argparse.Namespace) -> str:
-    """The command that continues this sweep: the same file, overrides, store and cluster."""
-    words = [sys.executable.rsplit("/", 1)[-1], "-m", "segtune.run", args.sweep, "--resume"]
+    """The command that continues this sweep: this interpreter, the same file, overrides, store,
+    cluster and flags."""
+    words = [sys.executable, "-m", "segtune.run", args.sweep, "--resume"]
     for item in args.set:
         words += ["--set", item]
     if args.tracking_uri:
         words += ["--tracking-uri", args.tracking_uri]
     if args.address:
         words += ["--address", args.address]
+    words += ["--no-report"] * args.no_report + ["--verbose"] * args.verbose
     return shlex.join(words)
 
 
@@ -158,9 +160,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             floor_miou=floor,
         )
     except SweepInterrupted as exc:
-        raise SweepInterrupted(
-            exc.exit_code - 128, f"{exc}; continue it with: {resume_command(args)}"
-        ) from None
+        then = (
+            f"continue it with: {resume_command(args)}"
+            if exc.resumable
+            else "it had not started its trials: run it again"
+        )
+        raise SweepInterrupted(exc.signum, f"{exc}; {then}", exc.resumable) from None
     phases.update(outcome.phases)
     started = time.perf_counter()
     trials = print_summary(sweep, tracking_uri, outcome.parent)

@@ -9,18 +9,15 @@ import json
 import logging
 import math
 import os
-import re
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
-from ray.tune.experiment import Trial
 
 from segtune.config import TrialConfig, parse_hw
 from segtune.cost import Cost
@@ -32,21 +29,15 @@ from segtune.models import MODEL_KEYS
 from segtune.nodes import check_nodes, node_name, runtime_env_vars
 from segtune.space import discrete_trials, param_space
 from segtune.storage import RunStorage
+from segtune.sweep_callbacks import CloseRuns
 from segtune.sweep_lock import SweepLock
 from segtune.sweepfile import SweepConfig, search_form
-from segtune.tracking.names import (
-    EARLY_STOP_TAG,
-    ERROR_TAG,
-    FLOOR_METRIC,
-    QUALITY_METRICS,
-    TRAIN_COSTS,
-)
-from segtune.tracking.runs import TrialRun, close_open_runs, find_trial_run, start_sweep_run
+from segtune.tracking.names import FLOOR_METRIC, STOPPED_TAG
+from segtune.tracking.runs import close_open_runs, start_sweep_run
 from segtune.trial import run_trial
 
 log = logging.getLogger(__name__)
 SWEEP_STATE_FILE = "segtune_sweep.json"  # beside Ray's experiment state: the parent run id
-ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Diverged)\b:?")
 
 
 def _search_alg(sweep: SweepConfig) -> Any:
@@ -89,60 +80,6 @@ def _scheduler(sweep: SweepConfig) -> Any:
     )
 
 
-class CloseRuns(tune.Callback):
-    """Closes the MLflow run of a trial that Ray ended without the trial closing it itself:
-    stopped early by ASHA (FINISHED, tagged, with the training summary of its last result) or
-    whose process died (FAILED with the error)."""
-
-    def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str) -> None:
-        self.tracking_uri, self.experiment, self.parent = tracking_uri, experiment, parent_run_id
-
-    def _run(self, trial: Trial) -> Any:
-        client = MlflowClient(self.tracking_uri)
-        return client, find_trial_run(client, self.experiment, self.parent, trial.trial_id)
-
-    def on_trial_complete(
-        self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
-    ) -> None:
-        client, run = self._run(trial)
-        if run is None or run.info.status != "RUNNING":
-            return
-        result = trial.last_result or {}
-        summary = {k: result[k] for k in (*QUALITY_METRICS, *TRAIN_COSTS) if k in result}
-        epochs = result.get("training_iteration", 0)
-        TrialRun(client, run.info.run_id).log_final(
-            summary, {EARLY_STOP_TAG: f"after {epochs} epochs"}
-        )
-        client.set_terminated(run.info.run_id, "FINISHED")
-
-    def on_trial_error(
-        self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
-    ) -> None:
-        client, run = self._run(trial)
-        if run is None:
-            return
-        if ERROR_TAG not in run.data.tags:
-            client.set_tag(run.info.run_id, ERROR_TAG, _error_text(trial))
-        if run.info.status != "FAILED":
-            client.set_terminated(run.info.run_id, "FAILED")
-
-
-def _error_text(trial: Trial) -> str:
-    """The error's type and message (`ValueError: ...`): the last such line of Ray's error file,
-    read now, since the file lives in a temporary folder that does not last."""
-    try:
-        text = Path(trial.error_file).read_text() if trial.error_file else ""
-    except OSError:
-        text = ""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    lines = [line for line in lines if not line.startswith("Failure #")]
-    for line in reversed(lines):
-        if ERROR_LINE.match(line):
-            return line[:2000]
-    # a process that died has no exception of its own: Ray's first line says what happened
-    return f"the trial's process died: {lines[0]}"[:2000] if lines else "the trial's process died"
-
-
 def check_cluster(sweep: SweepConfig) -> None:
     """Resources a trial asks for must exist now: pending forever is not an answer."""
     available = ray.cluster_resources()
@@ -163,7 +100,10 @@ def _parent_run(
     state = storage.read_text(sweep.name, SWEEP_STATE_FILE) if resume else None
     if state is not None:
         parent = json.loads(state)["parent_run_id"]
-        MlflowClient(tracking_uri).update_run(parent, status="RUNNING")
+        client = MlflowClient(tracking_uri)
+        client.update_run(parent, status="RUNNING")
+        if STOPPED_TAG in client.get_run(parent).data.tags:  # it goes on: no longer stopped
+            client.delete_tag(parent, STOPPED_TAG)
         return parent
     parent = start_sweep_run(
         MlflowClient(tracking_uri),
@@ -240,9 +180,10 @@ def run_sweep(
     handed to every trial (on every node the dataset has the same paths, checked first);
     `floor_miou` the colour-only floor of its validation split, kept on the sweep run.
 
-    One driver per sweep name holds the sweep's lock; it first closes what an earlier driver of
-    the name left RUNNING, and on SIGINT or SIGTERM closes its own runs as KILLED and raises
-    `SweepInterrupted` (exit status 130 or 143)."""
+    One driver per sweep name and run storage holds the sweep's lock; once the node checks pass
+    it closes what the storage's previous driver of the name left RUNNING, and on SIGINT or
+    SIGTERM it closes its own runs as KILLED and raises `SweepInterrupted` (exit status 130 or
+    143)."""
     storage = RunStorage.of(sweep.tune.storage_path, sweep.tune.storage_endpoint)
     filesystem, _ = storage.filesystem
     try:
@@ -258,33 +199,47 @@ def run_sweep(
     with SweepLock(storage, sweep.name) as lock, StopSignals() as stop:
         outcome = SweepOutcome("", 0, 1)
         try:
-            _run(sweep, tracking_uri, storage, lock, stop, outcome, address, resume, sweep_yaml,
+            _fit(sweep, tracking_uri, storage, lock, stop, outcome, address, resume, sweep_yaml,
                  scan, floor_miou)  # fmt: skip
-        except BaseException:
-            if stop.received is None:  # (Ray may wrap the signal's exception in its own)
+        except (SweepInterrupted, ray.exceptions.RayError, tune.TuneError) as exc:
+            if stop.received is None:  # else the signal's exception, maybe wrapped by Ray
                 raise
+            log.debug("stopping on %s: %s", stop.received, exc)
         if stop.received is not None:  # stopped gracefully by Tune (state saved), or at once
-            reason = f"stopped by {signal.Signals(stop.received).name} at {_now()}"
-            closed = []
-            if outcome.parent:  # else no run exists yet (nor, maybe, a store)
-                client = MlflowClient(tracking_uri)
-                closed = close_open_runs(
-                    client, sweep.experiment, [outcome.parent], sweep.name, reason
-                )
-            raise SweepInterrupted(
-                stop.received, f"sweep {sweep.name} {reason}; {len(closed)} run(s) closed as KILLED"
-            )
-    MlflowClient(tracking_uri).set_terminated(
-        outcome.parent, "FAILED" if outcome.failed else "FINISHED"
-    )
+            _close_interrupted(sweep, tracking_uri, storage, outcome, stop.received)
+        MlflowClient(tracking_uri).set_terminated(
+            outcome.parent, "FAILED" if outcome.failed else "FINISHED"
+        )
     return outcome
+
+
+def _close_interrupted(
+    sweep: SweepConfig, tracking_uri: str, storage: RunStorage, outcome: SweepOutcome, signum: int
+) -> None:
+    """Close the interrupted sweep's open runs as KILLED and raise `SweepInterrupted`, saying
+    whether `--resume` can continue it (Tune saved a state it can restore)."""
+    reason = f"stopped by {signal.Signals(signum).name} at {_now()}"
+    closed: list[str] = []
+    if outcome.parent:  # else no run exists yet (nor, maybe, a store)
+        try:
+            client = MlflowClient(tracking_uri)
+            closed = close_open_runs(client, sweep.experiment, [outcome.parent], reason)
+        except Exception as exc:  # the server is gone too: the next driver closes them
+            log.warning("could not close the sweep's runs now (%s); the next driver will", exc)
+    filesystem, _ = storage.filesystem
+    resumable = bool(outcome.parent) and tune.Tuner.can_restore(
+        storage.path(sweep.name), storage_filesystem=filesystem
+    )
+    raise SweepInterrupted(
+        signum, f"sweep {sweep.name} {reason}; {len(closed)} run(s) closed as KILLED", resumable
+    )
 
 
 def _now() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _run(
+def _fit(
     sweep: SweepConfig,
     tracking_uri: str,
     storage: RunStorage,
@@ -320,9 +275,11 @@ def _run(
         check_cluster(sweep)
         check_nodes(sweep.data, storage, tracking_uri, joined=joined)
         client = MlflowClient(tracking_uri)  # only now: no store is made before the checks pass
+        state = storage.read_text(sweep.name, SWEEP_STATE_FILE)  # the previous driver's run
+        previous = [json.loads(state)["parent_run_id"]] if state else []
         left = close_open_runs(
-            client, sweep.experiment, None, sweep.name, f"its driver ended without closing it; "
-            f"closed by the next driver of this sweep at {_now()}"
+            client, sweep.experiment, previous, f"its driver ended without closing it; closed "
+            f"by the next driver of this sweep at {_now()}"
         )  # fmt: skip
         if left:
             log.warning("closed %d run(s) an earlier driver of this sweep left RUNNING", len(left))

@@ -67,20 +67,28 @@ class SweepLock:
         self.holder = Holder(socket.gethostname(), os.getpid(), me.create_time(), now, now)
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
+        self._writing = threading.Lock()  # the heartbeat, `parent` and the release, one at a time
+        self._released = False
 
     def _read(self) -> Holder | None:
-        text = self.storage.read_text(self.name, LOCK_FILE)
-        if text is None:
-            return None
-        try:
-            return Holder(**json.loads(text))
-        except (ValueError, TypeError):
-            log.warning("unreadable lock %s: taken over", self.storage.path(self.name, LOCK_FILE))
-            return None
+        for attempt in range(2):  # a lock caught mid-write reads empty: look again
+            text = self.storage.read_text(self.name, LOCK_FILE)
+            if text is None:
+                return None
+            try:
+                return Holder(**json.loads(text))
+            except (ValueError, TypeError):
+                if attempt == 0:
+                    time.sleep(1.0)
+        log.warning("unreadable lock %s: taken over", self.storage.path(self.name, LOCK_FILE))
+        return None
 
     def _write(self) -> None:
-        self.holder.heartbeat = time.time()
-        self.storage.write_text(json.dumps(asdict(self.holder)), self.name, LOCK_FILE)
+        with self._writing:
+            if self._released:
+                return
+            self.holder.heartbeat = time.time()
+            self.storage.write_text(json.dumps(asdict(self.holder)), self.name, LOCK_FILE)
 
     def __enter__(self) -> SweepLock:
         found = self._read()
@@ -95,7 +103,9 @@ class SweepLock:
                 "taking over the lock of a sweep whose driver is gone: %s", found.describe()
             )
         self._write()
-        if self._read() != self.holder:  # two drivers started at the same moment: one wins
+        # two drivers that start within a moment of each other: the later write wins, and the
+        # other driver sees it here (a storage without an atomic create allows no more)
+        if self._read() != self.holder:
             raise ConfigError(f"sweep {self.name!r} was started by another driver just now")
         self._beat = threading.Thread(target=self._heartbeat, name="sweep-lock", daemon=True)
         self._beat.start()
@@ -119,10 +129,12 @@ class SweepLock:
         traceback: TracebackType | None,
     ) -> None:
         self._stop.set()
+        with self._writing:  # no heartbeat writes it again after this
+            self._released = True
+            try:
+                if self._read() == self.holder:
+                    self.storage.delete(self.name, LOCK_FILE)
+            except ConfigError as exc:  # left behind, it is stale at the next start
+                log.warning("could not remove the sweep's lock: %s", exc)
         if self._beat is not None:
             self._beat.join(timeout=5)
-        try:
-            if self._read() == self.holder:
-                self.storage.delete(self.name, LOCK_FILE)
-        except ConfigError as exc:  # left behind, it is stale at the next start
-            log.warning("could not remove the sweep's lock: %s", exc)

@@ -28,7 +28,7 @@ from segtune.errors import ConfigError
 from segtune.tracking.names import EPOCH_SCORES
 
 SEARCH_FORMS = ("grid_search", "choice", "uniform", "loguniform", "randint")
-MAX_DESCRIPTION = 4000  # characters: MLflow keeps tags up to 8000, and a note is read, not stored
+MAX_DESCRIPTION = 4000  # characters: it becomes the sweep run's note (an MLflow tag, 8000 at most)
 
 
 def search_form(spec: Any) -> tuple[str | None, Any]:

@@ -321,7 +321,7 @@ def test_interrupted_killed_and_resumed_sweeps_leave_a_true_record(
                 os.killpg(driver.pid, signal.SIGKILL)
         return driver.returncode, (tmp_path / "driver.log").read_text(), trial
 
-    resume = f"continue it with: {Path(sys.executable).name} -m segtune.run {sweep} --resume"
+    resume = f"continue it with: {sys.executable} -m segtune.run {sweep} --resume --tracking-uri {uri} --no-report"
     for signum, extra in ((signal.SIGINT, ()), (signal.SIGTERM, ("--resume",))):
         code, out, trial = stop(signum, *extra)
         name = signal.Signals(signum).name

@@ -50,7 +50,7 @@ class Sample:
 
 
 def _files_by_id(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
-    found = {}
+    found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         if path.suffix.lower() not in suffixes:
             continue

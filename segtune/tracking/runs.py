@@ -7,6 +7,7 @@ trial on any Ray node writes to its own run, and a retried trial writes to the s
 from __future__ import annotations
 
 import contextlib
+import http.client
 import logging
 import math
 import os
@@ -77,7 +78,7 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
             return
     except urllib.error.HTTPError:  # it answers: a server, maybe behind a proxy without /health
         return
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise ConfigError(
             f"tracking URI {uri}: no answer within {timeout:g} s ({reason}); start the server "
@@ -138,24 +139,19 @@ def start_sweep_run(
 
 
 def close_open_runs(
-    client: MlflowClient, experiment: str, parents: list[str] | None, sweep_name: str, reason: str
+    client: MlflowClient, experiment: str, parents: list[str], reason: str
 ) -> list[str]:
-    """Mark KILLED, with `reason` as `segtune.stopped`, every run still RUNNING of the sweep runs
-    `parents` (None: every sweep run named `sweep_name`) and their trials; the ids it closed.
+    """Mark KILLED, with `reason` as `segtune.stopped`, every run still RUNNING among the sweep
+    runs `parents` and their trials; the ids it closed.
 
-    A driver that was interrupted calls it for its own sweep; a driver that starts, holding the
-    sweep's lock (so no other driver of the name is live), for whatever an earlier crash left.
+    A driver that was interrupted calls it for its own sweep run; a driver that starts, holding
+    the sweep's lock, for the sweep run its run storage names last (no driver of it is live).
     """
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return []
     ids = [found.experiment_id]
-    if parents is None:
-        sweeps = client.search_runs(
-            ids, f"tags.`{ROLE_TAG}` = '{ROLE_SWEEP}' and tags.`{SWEEP_TAG}` = '{sweep_name}'"
-        )
-        parents = [run.info.run_id for run in sweeps]
-    closed = []
+    closed: list[str] = []
     for parent in parents:
         trials = client.search_runs(
             ids, f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent}' and attributes.status = 'RUNNING'"
@@ -232,6 +228,8 @@ class TrialRun:
         if run_id is not None:
             attempts = client.get_run(run_id).data.tags.get(ATTEMPTS_TAG, "1")
             client.update_run(run_id, status="RUNNING")
+            if STOPPED_TAG in client.get_run(run_id).data.tags:  # it goes on: no longer stopped
+                client.delete_tag(run_id, STOPPED_TAG)
             client.log_batch(
                 run_id,
                 tags=[RunTag(NODE_TAG, node), RunTag(ATTEMPTS_TAG, str(int(attempts) + 1))],

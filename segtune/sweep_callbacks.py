@@ -1,0 +1,71 @@
+"""The driver's Ray Tune callback: it closes the MLflow run of a trial that Ray ended without
+the trial closing it itself (stopped early by a scheduler, or its process gone)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.experiment import Trial
+
+from segtune.tracking.names import EARLY_STOP_TAG, ERROR_TAG, QUALITY_METRICS, TRAIN_COSTS
+from segtune.tracking.runs import TrialRun, find_trial_run
+
+ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Diverged)\b:?")
+
+
+class CloseRuns(tune.Callback):
+    """Closes the MLflow run of a trial that Ray ended without the trial closing it itself:
+    stopped early by ASHA (FINISHED, tagged, with the training summary of its last result) or
+    whose process died (FAILED with the error)."""
+
+    def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str) -> None:
+        self.tracking_uri, self.experiment, self.parent = tracking_uri, experiment, parent_run_id
+
+    def _run(self, trial: Trial) -> Any:
+        client = MlflowClient(self.tracking_uri)
+        return client, find_trial_run(client, self.experiment, self.parent, trial.trial_id)
+
+    def on_trial_complete(
+        self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
+    ) -> None:
+        client, run = self._run(trial)
+        if run is None or run.info.status != "RUNNING":
+            return
+        result = trial.last_result or {}
+        summary = {k: result[k] for k in (*QUALITY_METRICS, *TRAIN_COSTS) if k in result}
+        epochs = result.get("training_iteration", 0)
+        TrialRun(client, run.info.run_id).log_final(
+            summary, {EARLY_STOP_TAG: f"after {epochs} epochs"}
+        )
+        client.set_terminated(run.info.run_id, "FINISHED")
+
+    def on_trial_error(
+        self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
+    ) -> None:
+        client, run = self._run(trial)
+        if run is None:
+            return
+        if ERROR_TAG not in run.data.tags:
+            client.set_tag(run.info.run_id, ERROR_TAG, _error_text(trial))
+        if run.info.status != "FAILED":
+            client.set_terminated(run.info.run_id, "FAILED")
+
+
+def _error_text(trial: Trial) -> str:
+    """The error's type and message (`ValueError: ...`): the last such line of Ray's error file,
+    read now, since the file lives in a temporary folder that does not last."""
+    try:
+        text = Path(trial.error_file).read_text() if trial.error_file else ""
+    except OSError:
+        text = ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("Failure #")]
+    for line in reversed(lines):
+        if ERROR_LINE.match(line):
+            return line[:2000]
+    # a process that died has no exception of its own: Ray's first line says what happened
+    return f"the trial's process died: {lines[0]}"[:2000] if lines else "the trial's process died"
