@@ -263,15 +263,15 @@ def _fit(
         phases["cost_stage_s"] = time.perf_counter() - started
     started = time.perf_counter()
     env = {"MLFLOW_TRACKING_URI": tracking_uri, **runtime_env_vars()}
-    ray.init(
-        address=address,
-        include_dashboard=False,
-        runtime_env={"env_vars": env},
-        configure_logging=False,
-        log_to_driver=True,
-    )
-    stop.install()
-    try:
+    try:  # a signal during Ray's start still shuts down what it started
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            runtime_env={"env_vars": env},
+            configure_logging=False,
+            log_to_driver=True,
+        )
+        stop.install()
         check_cluster(sweep)
         check_nodes(sweep.data, storage, tracking_uri, joined=joined)
         client = MlflowClient(tracking_uri)  # only now: no store is made before the checks pass
