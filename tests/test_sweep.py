@@ -280,6 +280,7 @@ def _training(folder: Path, name: str, finished: int, before: dict[str, int]) ->
     pytest.fail(f"the sweep never had {finished} finished trials and one training")
 
 
+@pytest.mark.launch  # 90 s of drivers started and stopped: run by make test-cluster, and CI
 def test_interrupted_killed_and_resumed_sweeps_leave_a_true_record(
     synthetic_root: Path, tmp_path: Path
 ) -> None:
@@ -383,6 +384,7 @@ def test_sigterm_before_the_trials_stops_at_once(synthetic_root: Path, tmp_path:
     assert not trial_runs(tmp_path, "term")
 
 
+@pytest.mark.launch  # a killed process again: make test-cluster, and CI
 def test_a_trial_whose_process_dies_is_failed_with_the_error_not_a_path(
     synthetic_root: Path, tmp_path: Path
 ) -> None:
