@@ -201,10 +201,10 @@ def run_sweep(
         try:
             _fit(sweep, tracking_uri, storage, lock, stop, outcome, address, resume, sweep_yaml,
                  scan, floor_miou)  # fmt: skip
-        except (SweepInterrupted, ray.exceptions.RayError, tune.TuneError) as exc:
-            if stop.received is None:  # else the signal's exception, maybe wrapped by Ray
+        except Exception as exc:
+            if stop.received is None:  # else the signal's exception, maybe wrapped by Ray or MLflow
                 raise
-            log.debug("stopping on %s: %s", stop.received, exc)
+            log.debug("stopping on signal %s: %s", stop.received, exc)
         if stop.received is not None:  # stopped gracefully by Tune (state saved), or at once
             _close_interrupted(sweep, tracking_uri, storage, outcome, stop.received)
         MlflowClient(tracking_uri).set_terminated(
