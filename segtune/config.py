@@ -9,10 +9,10 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from segtune.errors import ConfigError
 
@@ -118,24 +118,26 @@ class TrialConfig(BaseModel):
         return "-".join(parts)
 
 
+def _check_size(value: str) -> str:
+    try:
+        parse_hw(value)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
+SizeText = Annotated[str, AfterValidator(_check_size)]  # a WIDTHxHEIGHT size, checked
+
+
 class SyntheticSpec(BaseModel):
     """A synthetic set to generate at `data.root` on first use (python -m segtune.data.synthetic)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    @field_validator("size")
-    @classmethod
-    def _size(cls, value: str) -> str:
-        try:
-            parse_hw(value)
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from None
-        return value
-
     train: int = Field(100, ge=1)
     test: int = Field(25, ge=1)
     val: int = Field(0, ge=0)
-    size: str = "128x96"
+    size: SizeText = "128x96"
     seed: int = 0
     zoom: float = Field(1.0, ge=0.25, le=16)
 

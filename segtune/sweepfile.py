@@ -18,10 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from segtune.config import (
     DataConfig,
+    SizeText,
     TrialConfig,
     apply_overrides,
     format_validation_error,
-    parse_hw,
     parse_yaml,
 )
 from segtune.errors import ConfigError
@@ -85,17 +85,8 @@ class BenchSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    input: str = "1000x750"
+    input: SizeText = "1000x750"
     threads: int = Field(2, ge=1)
-
-    @field_validator("input")
-    @classmethod
-    def _input(cls, value: str) -> str:
-        try:
-            parse_hw(value)
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from None
-        return value
 
     repeats: int = Field(5, ge=1)
     warmup: int = Field(2, ge=0)

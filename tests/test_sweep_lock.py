@@ -68,5 +68,6 @@ def test_another_hosts_lock_lives_while_its_heartbeat_does(
         with pytest.raises(ConfigError, match=expected), SweepLock(storage, "sw"):
             pass
     else:
-        with SweepLock(storage, "sw") as lock:
-            assert lock.holder.pid != 4242
+        with SweepLock(storage, "sw") as lock:  # taken over: the file now names this process
+            held = json.loads((tmp_path / "runs" / "sw" / LOCK_FILE).read_text())
+            assert held["pid"] == lock.holder.pid and held["host"] != "another-host"
