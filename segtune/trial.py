@@ -32,8 +32,13 @@ from segtune.nodes import node_name
 from segtune.prepare import prepare
 from segtune.space import resolve_trial
 from segtune.sweepfile import SweepConfig
-from segtune.tracking.names import CHECKPOINT_ARTIFACT, COST_TAG_PREFIX, EVAL_DIR, MODEL_COSTS
-from segtune.tracking.runs import TrialRun, find_trial_run
+from segtune.tracking.names import (
+    CHECKPOINT_ARTIFACT,
+    COST_TAG_PREFIX,
+    EVAL_DIR,
+    MODEL_COSTS,
+)
+from segtune.tracking.runs import TrialRun, find_trial_run, finished_metrics
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +93,12 @@ def run_trial(
     if run_id is None:  # a previous attempt may have died before its first checkpoint
         earlier = find_trial_run(client, sweep.experiment, parent_run_id, trial_id)
         run_id = earlier.info.run_id if earlier else None
+    if run_id is not None and (final := finished_metrics(client, run_id)) is not None:
+        # Ray's saved state is older than the trial's end (it is uploaded in the background), so
+        # a resumed sweep restarts it from its last epoch: its run has finished, run nothing
+        log.info("trial %s already finished in MLflow run %s", trial_id, run_id)
+        _report_final(final)
+        return
     run = TrialRun.open(
         client,
         experiment=sweep.experiment,
@@ -118,9 +129,13 @@ def run_trial(
         run.finish(exc)
         raise
     run.finish()  # before the last report: a scheduler may stop the trial right there
+    _report_final(final)
+
+
+def _report_final(final: dict[str, Any]) -> None:
+    """Report the trial's final result with itself as the last checkpoint: a sweep resumed from
+    an experiment state saved before this trial's end does not evaluate it again."""
     with tempfile.TemporaryDirectory() as folder:
-        # the final result as the trial's last checkpoint: a sweep resumed from an experiment
-        # state saved before this trial's end does not evaluate it again
         (Path(folder) / FINAL_RESULT_FILE).write_text(json.dumps(final))
         tune.report(final, checkpoint=tune.Checkpoint.from_directory(folder))
 

@@ -33,6 +33,7 @@ from segtune.tracking.names import (
     ROLE_TAG,
     TRIAL_ID_TAG,
 )
+from segtune.tracking.runs import TrialRun, finished_metrics, start_sweep_run
 
 TINY_TRAIN = {
     "epochs": 2,
@@ -278,6 +279,33 @@ def _training(folder: Path, name: str, finished: int, before: dict[str, int]) ->
                 return running[0]
         time.sleep(0.5)
     pytest.fail(f"the sweep never had {finished} finished trials and one training")
+
+
+def test_a_finished_run_gives_its_result_and_is_not_reopened(tmp_path: Path) -> None:
+    """Ray's state is saved in the background, so a resumed sweep may restart a trial that had
+    finished; the trial then reports its run's final metrics (segtune.trial) and runs nothing."""
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = start_sweep_run(client, "done", "done", "name: done\n")
+    run = TrialRun.open(
+        client,
+        experiment="done",
+        parent_run_id=parent,
+        label="unet",
+        config_label="unet",
+        trial_id="t0",
+        params={"arch": "unet"},
+    )
+    run.log_epoch(0, {"train_loss": 1.5, "val_miou": 0.25})
+    assert finished_metrics(client, run.run_id) is None  # RUNNING: it goes on training
+    run.log_final({"best_val_miou": 0.25, "best_epoch": 0, "size_mb": 1.5, "setup_s": 3.0})
+    run.finish()
+    assert finished_metrics(client, run.run_id) == {
+        "best_val_miou": 0.25,
+        "best_epoch": 0,
+        "size_mb": 1.5,
+    }
+    client.set_terminated(run.run_id, "KILLED")  # an interrupted trial is continued
+    assert finished_metrics(client, run.run_id) is None
 
 
 @pytest.mark.launch  # 90 s of drivers started and stopped: run by make test-cluster, and CI

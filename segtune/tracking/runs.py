@@ -31,6 +31,7 @@ from segtune.tracking.names import (
     CONFIG_LABEL_TAG,
     ERROR_TAG,
     EXPERIMENT_KIND_TAG,
+    FINAL_METRICS,
     LABEL_TAG,
     MODEL_DEVELOPMENT,
     NODE_TAG,
@@ -192,6 +193,15 @@ def find_trial_run(
         max_results=1,
     )
     return runs[0] if runs else None
+
+
+def finished_metrics(client: MlflowClient, run_id: str) -> dict[str, float] | None:
+    """The final metrics of run `run_id` if it has ended FINISHED (trained to its end, or
+    stopped early by a scheduler), else None: a trial whose run finished is never run again."""
+    run = client.get_run(run_id)
+    if run.info.status != "FINISHED":
+        return None
+    return {k: v for k, v in run.data.metrics.items() if k in FINAL_METRICS}
 
 
 SYSTEM_METRICS_INTERVAL_S = 5.0
