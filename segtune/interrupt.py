@@ -1,10 +1,13 @@
-"""Ctrl-C and SIGTERM during a sweep.
+"""Ctrl-C and SIGTERM during a sweep, and the other reason to stop it early: the tracking
+server gone for longer than the sweep allows (segtune.tracking.outage).
 
 While Ray Tune runs the trials, the first signal asks for Tune's graceful stop (its SIGUSR1
 handler: the trials stop and the experiment state is saved, so `--resume` continues); at any
 other moment, or at a second signal, the sweep stops at once with `SweepInterrupted`. Either way
 the driver then closes its MLflow runs as KILLED and exits with 128 + the signal's number
-(130 for SIGINT, 143 for SIGTERM), as shells and CI expect of an interrupted command.
+(130 for SIGINT, 143 for SIGTERM), as shells and CI expect of an interrupted command. A lost
+server stops the trials the same graceful way; the driver then leaves its runs to the next one
+and exits 1.
 """
 
 from __future__ import annotations
@@ -26,21 +29,22 @@ TUNE_STOP = signal.SIGUSR1  # Ray Tune's graceful stop (tune.run installs its ha
 
 
 class SweepInterrupted(SegtuneError):
-    """The sweep stopped on a signal; the exit status is 128 + its number. `resumable`: Tune
-    saved a state that `--resume` can continue."""
+    """The sweep stopped before its end: exit status 128 + the signal's number, or 1 for a lost
+    tracking server. `resumable`: Tune saved a state that `--resume` can continue."""
 
-    def __init__(self, signum: int, message: str, resumable: bool = False) -> None:
+    def __init__(self, message: str, exit_code: int, resumable: bool = False) -> None:
         super().__init__(message)
-        self.signum, self.resumable = signum, resumable
-        self.exit_code = 128 + signum
+        self.exit_code, self.resumable = exit_code, resumable
 
 
 class StopSignals:
     """`with StopSignals() as stop:` routes SIGINT and SIGTERM; `with stop.graceful():` marks the
-    stretch in which Tune can stop gracefully; `stop.received` is the first signal, if any."""
+    stretch in which Tune can stop gracefully; `stop.received` is the first signal, if any, and
+    `stop.lost` why the tracking server was given up (`stop.give_up`)."""
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self.lost: str | None = None
         self._graceful = False
         self._previous: dict[int, Any] = {}
         self._tune_env: str | None = None
@@ -56,10 +60,36 @@ class StopSignals:
         self.install()
         return self
 
+    @property
+    def stopped(self) -> bool:
+        return self.received is not None or self.lost is not None
+
     def install(self) -> None:
-        """Route the signals here (again after `ray.init`, which sets its own SIGTERM handler)."""
+        """Route the signals here."""
         for signum in SIGNALS:
             signal.signal(signum, self._handle)
+
+    @contextmanager
+    def starting_ray(self) -> Iterator[None]:
+        """Around `ray.init`, which sets its own SIGTERM handler (`sys.exit(15)`): a SIGTERM that
+        lands there is taken as ours, and ours is back once Ray has started."""
+        try:
+            yield
+        except SystemExit as exc:
+            if exc.code != signal.SIGTERM:
+                raise
+            self.received = self.received or signal.SIGTERM
+            raise SweepInterrupted("interrupted by SIGTERM", 128 + signal.SIGTERM) from None
+        finally:
+            self.install()
+
+    def give_up(self, reason: str) -> None:
+        """From any thread: stop the trials as a first signal would (Tune saves its state),
+        because of `reason`."""
+        self.lost = reason
+        if self._graceful and callable(signal.getsignal(TUNE_STOP)):
+            log.warning("%s: stopping the trials and saving the sweep's state", reason)
+            os.kill(os.getpid(), TUNE_STOP)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
@@ -73,7 +103,7 @@ class StopSignals:
                 )
                 signal.raise_signal(TUNE_STOP)
                 return
-        raise SweepInterrupted(self.received, f"interrupted by {name}")
+        raise SweepInterrupted(f"interrupted by {name}", 128 + self.received)
 
     @contextmanager
     def graceful(self) -> Iterator[None]:

@@ -135,12 +135,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         dry_run(sweep)
         return 0
 
+    from segtune.tracking.outage import use_driver_retries
     from segtune.tracking.runs import check_tracking_uri, resolve_tracking_uri
 
     sweep, tracking_uri = absolute_paths(
         sweep, resolve_tracking_uri(args.tracking_uri or sweep.mlflow.tracking_uri)
     )
     check_tracking_uri(tracking_uri)  # seconds, not the minutes of MLflow's retries
+    use_driver_retries(tracking_uri, sweep.mlflow.outage_s)
     scan = preflight(sweep, local=args.address is None)
     from segtune.data.baseline import colour_floor
     from segtune.sweep import run_sweep
@@ -165,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if exc.resumable
             else "it had not started its trials: run it again"
         )
-        raise SweepInterrupted(exc.signum, f"{exc}; {then}", exc.resumable) from None
+        raise SweepInterrupted(f"{exc}; {then}", exc.exit_code, exc.resumable) from None
     phases.update(outcome.phases)
     started = time.perf_counter()
     trials = print_summary(sweep, tracking_uri, outcome.parent)

@@ -33,6 +33,7 @@ from segtune.sweep_callbacks import CloseRuns
 from segtune.sweep_lock import SweepLock
 from segtune.sweepfile import SweepConfig, search_form
 from segtune.tracking.names import FLOOR_METRIC, STOPPED_TAG
+from segtune.tracking.outage import trial_retry_env, watch_server
 from segtune.tracking.runs import close_open_runs, start_sweep_run
 from segtune.trial import run_trial
 
@@ -202,9 +203,16 @@ def run_sweep(
             _fit(sweep, tracking_uri, storage, lock, stop, outcome, address, resume, sweep_yaml,
                  scan, floor_miou)  # fmt: skip
         except Exception as exc:
-            if stop.received is None:  # else the signal's exception, maybe wrapped by Ray or MLflow
+            if not stop.stopped:  # else the stop's exception, maybe wrapped by Ray or MLflow
                 raise
-            log.debug("stopping on signal %s: %s", stop.received, exc)
+            log.debug("stopping (%s): %s", stop.lost or stop.received, exc)
+        if stop.lost is not None:  # no server to close the runs on: the next driver closes them
+            raise SweepInterrupted(
+                f"sweep {sweep.name} stopped: {stop.lost}; its runs stay RUNNING until the next "
+                "driver of this sweep closes them",
+                1,
+                _resumable(sweep, storage, outcome),
+            )
         if stop.received is not None:  # stopped gracefully by Tune (state saved), or at once
             _close_interrupted(sweep, tracking_uri, storage, outcome, stop.received)
         MlflowClient(tracking_uri).set_terminated(
@@ -226,12 +234,19 @@ def _close_interrupted(
             closed = close_open_runs(client, sweep.experiment, [outcome.parent], reason)
         except Exception as exc:  # the server is gone too: the next driver closes them
             log.warning("could not close the sweep's runs now (%s); the next driver will", exc)
-    filesystem, _ = storage.filesystem
-    resumable = bool(outcome.parent) and tune.Tuner.can_restore(
-        storage.path(sweep.name), storage_filesystem=filesystem
-    )
     raise SweepInterrupted(
-        signum, f"sweep {sweep.name} {reason}; {len(closed)} run(s) closed as KILLED", resumable
+        f"sweep {sweep.name} {reason}; {len(closed)} run(s) closed as KILLED",
+        128 + signum,
+        _resumable(sweep, storage, outcome),
+    )
+
+
+def _resumable(sweep: SweepConfig, storage: RunStorage, outcome: SweepOutcome) -> bool:
+    """Whether `--resume` can continue the stopped sweep: its trials began, and Tune saved a
+    state it can restore."""
+    filesystem, _ = storage.filesystem
+    return bool(outcome.parent) and tune.Tuner.can_restore(
+        storage.path(sweep.name), storage_filesystem=filesystem
     )
 
 
@@ -262,16 +277,21 @@ def _fit(
         costs, measured = run_cost_stage(configs, sweep.bench, tracking_uri, joined=False)
         phases["cost_stage_s"] = time.perf_counter() - started
     started = time.perf_counter()
-    env = {"MLFLOW_TRACKING_URI": tracking_uri, **runtime_env_vars()}
+    env = {
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        **runtime_env_vars(),
+        **trial_retry_env(tracking_uri, sweep.mlflow.outage_s),
+    }
+    log.info("starting Ray (%s)", address or "this machine")
     try:  # a signal during Ray's start still shuts down what it started
-        ray.init(
-            address=address,
-            include_dashboard=False,
-            runtime_env={"env_vars": env},
-            configure_logging=False,
-            log_to_driver=True,
-        )
-        stop.install()
+        with stop.starting_ray():
+            ray.init(
+                address=address,
+                include_dashboard=False,
+                runtime_env={"env_vars": env},
+                configure_logging=False,
+                log_to_driver=True,
+            )
         check_cluster(sweep)
         check_nodes(sweep.data, storage, tracking_uri, joined=joined)
         client = MlflowClient(tracking_uri)  # only now: no store is made before the checks pass
@@ -348,7 +368,7 @@ def _fit(
                 ),
                 run_config=run_config,
             )
-        with stop.graceful():
+        with stop.graceful(), watch_server(tracking_uri, sweep.mlflow.outage_s, stop.give_up):
             results = tuner.fit()
         phases["tuner_s"] = time.perf_counter() - started
     finally:

@@ -78,6 +78,9 @@ class MlflowSection(BaseModel):
 
     tracking_uri: str | None = None
     experiment: str | None = None  # defaults to the sweep's name
+    # how long a tracking server may be gone during a sweep: its trials wait at their next log
+    # call, then the sweep stops with its state saved (segtune.tracking.outage)
+    outage_s: float = Field(300.0, ge=5, le=1000)
 
 
 class BenchSection(BaseModel):

@@ -378,10 +378,19 @@ def test_interrupted_killed_and_resumed_sweeps_leave_a_true_record(
     assert not (tmp_path / "ray" / "resume" / "segtune.lock").exists()  # released at the end
 
 
-def test_sigterm_before_the_trials_stops_at_once(synthetic_root: Path, tmp_path: Path) -> None:
-    """SIGTERM while the driver times the networks (before Ray and any run; the second of three
-    timings, each a second or so): exit 143 at once, and no --resume offered, since there is
-    nothing to resume."""
+@pytest.mark.parametrize(
+    "moment",
+    [
+        "cost 1/3",  # the driver times the networks (before Ray; 3 timings of a second or so)
+        pytest.param("starting Ray", marks=pytest.mark.launch),  # Ray's own handler is set then
+    ],
+)
+def test_sigterm_before_the_trials_stops_at_once(
+    synthetic_root: Path, tmp_path: Path, moment: str
+) -> None:
+    """SIGTERM before the trials (while the networks are timed, or while Ray starts): exit 143
+    at once, no --resume offered, since there is nothing to resume, and no Ray process left."""
+    before = _ray_processes()
     sweep = write_sweep(
         tmp_path / "term.yaml",
         synthetic_root,
@@ -395,9 +404,11 @@ def test_sigterm_before_the_trials_stops_at_once(synthetic_root: Path, tmp_path:
                                   stdout=log, stderr=log)  # fmt: skip
     try:
         deadline = time.time() + 120
-        while "cost 1/3" not in (tmp_path / "driver.log").read_text():
+        while moment not in (tmp_path / "driver.log").read_text():
             assert time.time() < deadline and driver.poll() is None
-            time.sleep(0.2)
+            time.sleep(0.1)
+        if moment == "starting Ray":
+            time.sleep(1.0)  # Ray's start takes several seconds here: well inside it
         driver.send_signal(signal.SIGTERM)
         driver.wait(timeout=60)
     finally:
@@ -410,6 +421,19 @@ def test_sigterm_before_the_trials_stops_at_once(synthetic_root: Path, tmp_path:
     assert "stopped by SIGTERM" in last and "it had not started its trials" in last, last
     assert "--resume" not in last and "Traceback" not in out
     assert not trial_runs(tmp_path, "term")
+    deadline = time.time() + 30
+    while left := _ray_processes() - before:  # Ray's own processes go with their driver
+        assert time.time() < deadline, [p.cmdline()[:2] for p in left]
+        time.sleep(0.5)
+
+
+def _ray_processes() -> set[psutil.Process]:
+    """Ray's node processes on this machine (the GCS, raylets), of any test."""
+    found = set()
+    for proc in psutil.process_iter(["name"]):
+        if proc.info["name"] in ("gcs_server", "raylet"):
+            found.add(proc)
+    return found
 
 
 @pytest.mark.launch  # a killed process again: make test-cluster, and CI

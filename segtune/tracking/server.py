@@ -175,16 +175,22 @@ def wait_until_idle(pgid: int, timeout: float = 60.0, busy: float = 0.1) -> floa
 
 @contextlib.contextmanager
 def tracking_server(
-    backend_uri: str, folder: Path, workers: int = 4, timeout: float = 180.0, settle: bool = True
+    backend_uri: str,
+    folder: Path,
+    workers: int = 4,
+    timeout: float = 180.0,
+    settle: bool = True,
+    port: int | None = None,
 ) -> Iterator[StartedServer]:
-    """`mlflow server` on 127.0.0.1 with `backend_uri`, serving artifacts from `folder`.
+    """`mlflow server` on 127.0.0.1 with `backend_uri`, serving artifacts from `folder`, on
+    `port` (a free one by default).
 
     Its own process group, stopped on the way out whatever happens (error, Ctrl-C); its log is
     `folder/mlflow-server.log`, quoted when it does not start. With `settle`, yields once the
     server's start-up work is done (`wait_until_idle`).
     """
     backend_kind(backend_uri)
-    port = _free_port()
+    port = port or _free_port()
     url = f"http://127.0.0.1:{port}"
     command = server_command("127.0.0.1", port, backend_uri, folder / "artifacts", workers)
     server_log = folder / "mlflow-server.log"

@@ -1,0 +1,121 @@
+"""The tracking server gone during a sweep (segtune.tracking.outage): a short outage is waited
+out, a long one stops the sweep with its state saved, and `--resume` finishes it once the server
+is back. Real `mlflow server` processes, stopped and started again on the same port."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from segtune.tracking.names import ROLE_TAG
+from segtune.tracking.outage import retry_env, retry_span
+from segtune.tracking.server import tracking_server
+from tests.test_sweep import EPOCHS_KEPT_RUNNING, steps, trial_runs, write_sweep
+
+OUTAGE_S = 45  # above the time an mlflow server takes to start again here (about 15 s)
+
+
+@pytest.mark.parametrize("outage_s", [5, 20, 80, 315, 1000])
+def test_retries_last_the_outage_and_wait_least(outage_s: float) -> None:
+    env = retry_env(outage_s)
+    retries = int(env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
+    factor = int(env["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"])
+    assert 2 <= retries <= 10 and 1 <= factor <= 120
+    assert retry_span(retries, factor) >= outage_s
+    # a wait shorter than the last one would not reach the outage with ten retries or fewer
+    longest = min(120, factor * 2 ** (retries - 1))
+    assert all(retry_span(n, f) < outage_s for n in range(2, 11) for f in range(1, 121)
+               if min(120, f * 2 ** (n - 1)) < longest)  # fmt: skip
+
+
+def test_retry_span_by_hand() -> None:
+    assert retry_span(4, 2) == 4 + 8 + 16  # no wait after the first failure
+    assert retry_span(10, 1) == 2 + 4 + 8 + 16 + 32 + 64 + 120 + 120 + 120  # 120 s at most
+
+
+@pytest.mark.launch  # two minutes of drivers and servers: make test-cluster, and CI
+def test_a_tracking_server_gone_too_long_stops_the_sweep_for_resume(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    """The server stops for 4 s: the trial waits and trains on. It stops again for longer than
+    `mlflow.outage_s`: the driver stops the trials, says so in one line with the --resume
+    command and exits 1; the runs stay RUNNING (no server to close them). The server back,
+    --resume closes them, finishes both trials (every epoch logged once) and the sweep run."""
+    sweep = write_sweep(
+        tmp_path / "outage.yaml",
+        synthetic_root,
+        train={"epochs": EPOCHS_KEPT_RUNNING},
+        search_space={"lr": {"grid_search": [0.003, 0.002]}},
+        tune={"max_concurrent_trials": 1},
+        mlflow={"outage_s": OUTAGE_S},
+    )
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with tracking_server(store, tmp_path, workers=1, settle=False) as server:
+        url = server.url
+        cmd = [sys.executable, "-m", "segtune.run", str(sweep), "--tracking-uri", url,
+               "--no-report"]  # fmt: skip
+        with open(tmp_path / "driver.log", "w") as log:
+            driver = subprocess.Popen(cmd, cwd=tmp_path, env=dict(os.environ), text=True,
+                                      start_new_session=True, stdout=log, stderr=log)  # fmt: skip
+        try:
+            before = _epochs_of_one_trial(tmp_path, driver, at_least=2)
+        except BaseException:
+            _kill(driver)
+            raise
+    port = urlsplit(url).port
+    try:
+        time.sleep(4)  # a short outage: the trial waits at its next log call
+        with tracking_server(store, tmp_path, workers=1, settle=False, port=port):
+            during = _epochs_of_one_trial(tmp_path, driver, at_least=before + 2)
+        lost = time.monotonic()
+        driver.wait(timeout=OUTAGE_S + 120)
+        waited = time.monotonic() - lost
+    finally:
+        _kill(driver)
+    out = (tmp_path / "driver.log").read_text()
+    assert driver.returncode == 1, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert f"did not answer for {OUTAGE_S} s" in last and "--resume" in last, last
+    assert "Traceback" not in out
+    assert OUTAGE_S <= waited < OUTAGE_S + 60, waited
+    assert during > before
+    assert "RUNNING" in {r.info.status for r in trial_runs(tmp_path, "outage")}
+
+    with tracking_server(store, tmp_path, workers=1, settle=False, port=port):
+        done = subprocess.run([*cmd, "--resume"], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=400)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    runs = trial_runs(tmp_path, "outage")
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    for r in runs:
+        assert steps(tmp_path, r.info.run_id) == list(range(EPOCHS_KEPT_RUNNING))
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("outage").experiment_id
+    sweeps = client.search_runs([experiment], f"tags.`{ROLE_TAG}` = 'sweep'")
+    assert [r.info.status for r in sweeps] == ["FINISHED"]
+
+
+def _epochs_of_one_trial(folder: Path, driver: subprocess.Popen[str], at_least: int) -> int:
+    """Wait until a trial run has `at_least` epochs logged (read from the store's file)."""
+    deadline = time.monotonic() + 180
+    while True:
+        logged = max((len(steps(folder, r.info.run_id)) for r in trial_runs(folder, "outage")),
+                     default=0)  # fmt: skip
+        if logged >= at_least:
+            return logged
+        assert driver.poll() is None, (folder / "driver.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, f"{logged} epochs logged, waited for {at_least}"
+        time.sleep(0.3)
+
+
+def _kill(driver: subprocess.Popen[str]) -> None:
+    if driver.poll() is None:
+        os.killpg(driver.pid, 9)
+        driver.wait()
