@@ -9,7 +9,6 @@ import json
 import logging
 import math
 import os
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,13 +22,14 @@ from segtune.config import TrialConfig, parse_hw
 from segtune.cost import Cost
 from segtune.cost_stage import model_key, run_cost_stage
 from segtune.data.pipeline import Scan
-from segtune.errors import ConfigError
-from segtune.interrupt import StopSignals, SweepInterrupted
+from segtune.errors import ConfigError, SegtuneError
+from segtune.interrupt import StopSignals
 from segtune.models import MODEL_KEYS
 from segtune.nodes import check_nodes, node_name, runtime_env_vars
 from segtune.space import discrete_trials, param_space
 from segtune.storage import RunStorage
 from segtune.sweep_callbacks import CloseRuns
+from segtune.sweep_end import end_failed, end_stopped, now
 from segtune.sweep_lock import SweepLock
 from segtune.sweepfile import SweepConfig, search_form
 from segtune.tracking.names import FLOOR_METRIC, STOPPED_TAG
@@ -202,56 +202,19 @@ def run_sweep(
         try:
             _fit(sweep, tracking_uri, storage, lock, stop, outcome, address, resume, sweep_yaml,
                  scan, floor_miou)  # fmt: skip
-        except Exception as exc:
-            if not stop.stopped:  # else the stop's exception, maybe wrapped by Ray or MLflow
+        except SegtuneError:
+            if not stop.stopped:
                 raise
+        except Exception as exc:  # the stop's exception, maybe wrapped by Ray or MLflow
+            if not stop.stopped:  # else a fault of the driver's own (disk full, Ray gone)
+                end_failed(sweep, tracking_uri, storage, outcome.parent, exc)
             log.debug("stopping (%s): %s", stop.lost or stop.received, exc)
-        if stop.lost is not None:  # no server to close the runs on: the next driver closes them
-            raise SweepInterrupted(
-                f"sweep {sweep.name} stopped: {stop.lost}; its runs stay RUNNING until the next "
-                "driver of this sweep closes them",
-                1,
-                _resumable(sweep, storage, outcome),
-            )
-        if stop.received is not None:  # stopped gracefully by Tune (state saved), or at once
-            _close_interrupted(sweep, tracking_uri, storage, outcome, stop.received)
+        if stop.stopped:  # stopped gracefully by Tune (state saved), or at once
+            end_stopped(sweep, tracking_uri, storage, outcome.parent, stop)
         MlflowClient(tracking_uri).set_terminated(
             outcome.parent, "FAILED" if outcome.failed else "FINISHED"
         )
     return outcome
-
-
-def _close_interrupted(
-    sweep: SweepConfig, tracking_uri: str, storage: RunStorage, outcome: SweepOutcome, signum: int
-) -> None:
-    """Close the interrupted sweep's open runs as KILLED and raise `SweepInterrupted`, saying
-    whether `--resume` can continue it (Tune saved a state it can restore)."""
-    reason = f"stopped by {signal.Signals(signum).name} at {_now()}"
-    closed: list[str] = []
-    if outcome.parent:  # else no run exists yet (nor, maybe, a store)
-        try:
-            client = MlflowClient(tracking_uri)
-            closed = close_open_runs(client, sweep.experiment, [outcome.parent], reason)
-        except Exception as exc:  # the server is gone too: the next driver closes them
-            log.warning("could not close the sweep's runs now (%s); the next driver will", exc)
-    raise SweepInterrupted(
-        f"sweep {sweep.name} {reason}; {len(closed)} run(s) closed as KILLED",
-        128 + signum,
-        _resumable(sweep, storage, outcome),
-    )
-
-
-def _resumable(sweep: SweepConfig, storage: RunStorage, outcome: SweepOutcome) -> bool:
-    """Whether `--resume` can continue the stopped sweep: its trials began, and Tune saved a
-    state it can restore."""
-    filesystem, _ = storage.filesystem
-    return bool(outcome.parent) and tune.Tuner.can_restore(
-        storage.path(sweep.name), storage_filesystem=filesystem
-    )
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _fit(
@@ -299,7 +262,7 @@ def _fit(
         previous = [json.loads(state)["parent_run_id"]] if state else []
         left = close_open_runs(
             client, sweep.experiment, previous, f"its driver ended without closing it; closed "
-            f"by the next driver of this sweep at {_now()}"
+            f"by the next driver of this sweep at {now()}"
         )  # fmt: skip
         if left:
             log.warning("closed %d run(s) an earlier driver of this sweep left RUNNING", len(left))

@@ -1,9 +1,12 @@
-"""The tracking server gone during a sweep (segtune.tracking.outage): a short outage is waited
-out, a long one stops the sweep with its state saved, and `--resume` finishes it once the server
-is back. Real `mlflow server` processes, stopped and started again on the same port."""
+"""Faults of the driver's own stores. The tracking server gone during a sweep
+(segtune.tracking.outage): a short outage is waited out, a long one stops the sweep with its
+state saved, and `--resume` finishes it once the server is back (real `mlflow server`s, stopped
+and started again on the same port). The disk of the run storage and the store full (a small
+tmpfs in a mount namespace of the test's own): one line, and `--resume` repairs and finishes."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -119,3 +122,93 @@ def _kill(driver: subprocess.Popen[str]) -> None:
     if driver.poll() is None:
         os.killpg(driver.pid, 9)
         driver.wait()
+
+
+def _tmpfs_missing() -> str | None:
+    if os.geteuid() != 0:
+        return "a small tmpfs in a mount namespace needs root"
+    try:
+        subprocess.run(["unshare", "--mount", "--fork", "true"], check=True, timeout=20)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"unshare --mount does not work here: {exc}"
+    return None
+
+
+@pytest.mark.launch  # a sweep that fills its disk, then its resume: make test-cluster, and CI
+@pytest.mark.skipif(bool(_tmpfs_missing()), reason=str(_tmpfs_missing()))
+def test_a_full_disk_ends_in_one_line_and_resume_repairs(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    """Run storage, sqlite store and artifacts on a 24 MB tmpfs, filled while a trial trains:
+    the driver ends with one line naming the cause (exit 1, no traceback). Space freed,
+    --resume closes what was left RUNNING and finishes: one run per trial, every epoch once."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    sweep = write_sweep(
+        tmp_path / "full.yaml",
+        synthetic_root,
+        train={"epochs": EPOCHS_KEPT_RUNNING},
+        search_space={"lr": {"grid_search": [0.003, 0.002]}},
+        tune={"max_concurrent_trials": 1, "storage_path": str(disk / "ray")},
+    )
+    store = f"sqlite:///{disk / 'mlflow.db'}"
+    # a process holding a mount namespace in which `disk` is a small tmpfs; the rest is shared
+    holder = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         f"mount -t tmpfs -o size=24m tmpfs {disk} && echo ready && exec sleep 900"],
+        stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    inside = ["nsenter", f"--mount=/proc/{holder.pid}/ns/mnt", f"--wd={disk}", "--"]
+    cmd = [*inside, sys.executable, "-m", "segtune.run", str(sweep), "--tracking-uri", store,
+           "--no-report"]  # fmt: skip
+
+    def statuses() -> dict[str, list[str]]:
+        """Trial and sweep runs' statuses, read in the namespace."""
+        script = (
+            "import json, sys; from mlflow.tracking import MlflowClient;"
+            f"c = MlflowClient({store!r}); e = c.get_experiment_by_name('full');"
+            "runs = c.search_runs([e.experiment_id]) if e else [];"
+            f"print(json.dumps({{r.info.run_id: [r.data.tags.get('{ROLE_TAG}'), r.info.status,"
+            " len(c.get_metric_history(r.info.run_id, 'val_miou'))] for r in runs}))"
+        )
+        done = subprocess.run([*inside, sys.executable, "-c", script], capture_output=True,
+                              text=True, timeout=120, check=True)  # fmt: skip
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        with open(tmp_path / "driver.log", "w") as log:
+            driver = subprocess.Popen(cmd, env=dict(os.environ), text=True,
+                                      start_new_session=True, stdout=log, stderr=log)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 240
+            while not any(epochs >= 2 for _, _, epochs in statuses().values()):
+                assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "no trial trained two epochs"
+                time.sleep(1)
+            filled = subprocess.run([*inside, "sh", "-c", f"cat /dev/zero > {disk}/filler"],
+                                    capture_output=True, text=True, timeout=60)  # fmt: skip
+            assert "No space left" in filled.stderr, filled.stderr
+            driver.wait(timeout=300)
+        finally:
+            _kill(driver)
+        out = (tmp_path / "driver.log").read_text()
+        assert driver.returncode == 1, out[-3000:]
+        last = out.strip().splitlines()[-1]
+        assert last.startswith("error: sweep full failed in its driver") and "--resume" in last, (
+            out[-3000:]
+        )
+        # the tracebacks before it are Ray Tune's log of the failed trial and callback
+        assert "database or disk is full" in last or "No space left" in last, last
+
+        subprocess.run([*inside, "rm", f"{disk}/filler"], check=True, timeout=60)
+        done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=400)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        runs = list(statuses().values())
+        trials = [r for r in runs if r[0] == "trial"]
+        assert len(trials) == 2 and all(status == "FINISHED" for _, status, _ in trials), runs
+        assert all(epochs == EPOCHS_KEPT_RUNNING for _, _, epochs in trials), runs
+        assert [status for role, status, _ in runs if role == "sweep"] == ["FINISHED"], runs
+    finally:
+        holder.kill()
+        holder.wait()

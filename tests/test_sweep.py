@@ -312,8 +312,9 @@ def test_a_finished_run_gives_its_result_and_is_not_reopened(tmp_path: Path) -> 
 def test_interrupted_killed_and_resumed_sweeps_leave_a_true_record(
     synthetic_root: Path, tmp_path: Path
 ) -> None:
-    """SIGINT (Ctrl-C): the trial stops, its run and the sweep run become KILLED with the signal,
-    the --resume command is printed, exit 130. SIGKILL of a resumed driver closes nothing: the
+    """Ctrl-C (SIGINT to the process group), then SIGTERM to a resumed driver alone: the trial
+    stops, its run and the sweep run become KILLED with the signal, the --resume command is
+    printed, exit 130 and 143. SIGKILL of a resumed driver closes nothing: the
     next --resume closes what it left RUNNING, and finishes the sweep: one run per trial, every
     epoch logged once, the lock released."""
     sweep = write_sweep(
@@ -328,8 +329,11 @@ def test_interrupted_killed_and_resumed_sweeps_leave_a_true_record(
     cmd = [sys.executable, "-m", "segtune.run", str(sweep), "--tracking-uri", uri, "--no-report"]
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
 
-    def stop(signum: int, *extra: str, finished: int = 0) -> tuple[int, str, Any]:
-        """Start a driver, signal it while a trial trains; exit status, output, that trial."""
+    def stop(
+        signum: int, *extra: str, finished: int = 0, group: bool = False
+    ) -> tuple[int, str, Any]:
+        """Start a driver, signal it (or its whole process group, as Ctrl-C in a terminal does)
+        while a trial trains; exit status, output, that trial."""
         epochs = {
             r.info.run_id: len(steps(tmp_path, r.info.run_id))
             for r in trial_runs(tmp_path, "resume")
@@ -340,7 +344,10 @@ def test_interrupted_killed_and_resumed_sweeps_leave_a_true_record(
                                       start_new_session=True, stdout=log, stderr=log)  # fmt: skip
         try:
             trial = _training(tmp_path, "resume", finished, epochs)
-            driver.send_signal(signum)  # to the driver alone, as `kill` sends it
+            if group:  # Ray's processes that share the group get it too
+                os.killpg(driver.pid, signum)
+            else:  # to the driver alone, as `kill` sends it
+                driver.send_signal(signum)
             driver.wait(timeout=120)
         finally:
             if driver.poll() is None:
@@ -351,15 +358,18 @@ def test_interrupted_killed_and_resumed_sweeps_leave_a_true_record(
         return driver.returncode, (tmp_path / "driver.log").read_text(), trial
 
     resume = f"continue it with: {sys.executable} -m segtune.run {sweep} --resume --tracking-uri {uri} --no-report"
-    code, out, trial = stop(signal.SIGINT)
-    assert code == 130, out[-3000:]
-    last = out.strip().splitlines()[-1]
-    assert "stopped by SIGINT" in last and "2 run(s) closed as KILLED" in last, last  # trial, sweep
-    assert resume in last
-    run_ = client.get_run(trial.info.run_id)
-    assert run_.info.status == "KILLED" and "SIGINT" in run_.data.tags["segtune.stopped"]
-    (parent,) = _sweep_runs(tmp_path, "resume")
-    assert parent.info.status == "KILLED" and "SIGINT" in parent.data.tags["segtune.stopped"]
+    # Ctrl-C in a terminal, then SIGTERM to the resumed driver alone
+    for signum, extra, group in ((signal.SIGINT, (), True), (signal.SIGTERM, ("--resume",), False)):
+        code, out, trial = stop(signum, *extra, group=group)
+        name = signal.Signals(signum).name
+        assert code == 128 + signum, out[-3000:]
+        last = out.strip().splitlines()[-1]
+        assert f"stopped by {name}" in last and "2 run(s) closed as KILLED" in last, last
+        assert resume in last  # the trial's run and the sweep run
+        run_ = client.get_run(trial.info.run_id)
+        assert run_.info.status == "KILLED" and name in run_.data.tags["segtune.stopped"]
+        (parent,) = _sweep_runs(tmp_path, "resume")
+        assert parent.info.status == "KILLED" and name in parent.data.tags["segtune.stopped"]
 
     code, _, trial = stop(signal.SIGKILL, "--resume", finished=1)
     assert client.get_run(trial.info.run_id).info.status == "RUNNING"  # nobody closed it
