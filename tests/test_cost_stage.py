@@ -57,8 +57,16 @@ def test_the_table_times_each_network_once(tmp_path: Path) -> None:
     assert len(first) == 2 and count_cost_runs(client) == 2
     assert {c["source"] for c in first.values()} == {"measured"}
     again = measure_missing(configs, BENCH, uri)
-    assert count_cost_runs(client) == 2 and {c["source"] for c in again.values()} == {"reused"}
+    # a timing that stayed noisy (a busy machine) is timed again; a steady one never
+    noisy = {key for key, cost in first.items() if "noisy" in cost}
+    assert count_cost_runs(client) == 2 + len(noisy)
+    assert {key: cost["source"] for key, cost in again.items()} == {
+        key: "measured" if key in noisy else "reused" for key in first
+    }
     for key, cost in first.items():
+        if key in noisy:  # its reason named, and a new timing in its own cost run
+            assert cost["noisy"] and again[key]["run_id"] != cost["run_id"]
+            continue
         assert again[key]["run_id"] == cost["run_id"]
         assert again[key]["infer_ms_cpu"] == pytest.approx(cost["infer_ms_cpu"])
         assert again[key]["bench_threads"] == 1 and again[key]["bench_input"] == "320x240"
