@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from dashboards.analysis import check_ema
 from dashboards.page import inline, render
 from dashboards.sections import Report, compose
+from dashboards.tables import write_tables
 from segtune.cli import command_parser, run_cli, setup_logging
 from segtune.tracking.names import REPORT_DIR
 from segtune.tracking.query import load_sweep_data
@@ -53,11 +54,15 @@ def build_report(
     ema: float = 0.6,
     budget: str | None = None,
     log_to_mlflow: bool = True,
+    csv: Path | None = None,
 ) -> Path:
-    """Draw every figure of a sweep and write the report; returns the path of index.html."""
+    """Draw every figure of a sweep and write the report (and its tables as CSV into `csv`);
+    returns the path of index.html."""
     weight = check_ema(ema)
     constraints = parse_budget(budget) if budget else []
     data = load_sweep_data(experiment, tracking_uri, sweep_run_id, all_sweeps)
+    if csv is not None:
+        write_tables(data, Path(csv))
     out = Path(out) if out is not None else Path("reports") / experiment
     report = compose(data, out, weight, constraints)
 
@@ -94,6 +99,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     which.add_argument("--run-id", help="the parent run of one sweep (default: the newest sweep)")
     which.add_argument("--all", action="store_true", help="every sweep of the experiment")
     parser.add_argument("--no-log", action="store_true", help="do not log the report to MLflow")
+    parser.add_argument(
+        "--csv",
+        type=Path,
+        metavar="DIR",
+        help="also write the numbers as CSV into DIR: trials, configurations (mean and spread "
+        "over seeds), comparisons against the spread, curves",
+    )
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     index = build_report(
@@ -105,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ema=args.ema,
         budget=args.budget,
         log_to_mlflow=not args.no_log,
+        csv=args.csv,
     )
     print(index)
     return 0

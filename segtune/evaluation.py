@@ -19,7 +19,7 @@ from segtune.data.dataset import SegmentationDataset
 from segtune.data.loader import make_loader
 from segtune.device import autocast
 from segtune.engine import evaluate
-from segtune.metrics import ConfusionMatrix, per_image_rows
+from segtune.metrics import ConfusionMatrix, band_target, per_image_rows
 
 log = logging.getLogger(__name__)
 
@@ -61,19 +61,25 @@ def evaluate_best(
     dtype: torch.dtype | None = None,
     batch_size: int = 4,
 ) -> dict[str, Any]:
-    """Write `per_image.csv`, `confusion.csv` and `examples/*.png` under `out_dir`."""
+    """Write `per_image.csv`, `confusion.csv`, `boundary_confusion.csv` (the pixels within
+    BOUNDARY_PX of a class boundary) and `examples/*.png` under `out_dir`; returns the split's
+    scores with `boundary_miou`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
+    band = ConfusionMatrix(device=device)
 
     def collect(batch: dict[str, Any], predictions: torch.Tensor) -> None:
         rows.extend(per_image_rows(predictions, batch["mask"], batch["id"]))
+        band.update(predictions, band_target(batch["mask"].to(device)))
 
     matrix = ConfusionMatrix(device=device)
     loader = make_loader(dataset, batch_size, shuffle=False)
     scores = evaluate(model, loader, None, device, dtype, on_batch=collect, matrix=matrix)
+    scores["boundary_miou"] = band.compute()["miou"]
     table = pd.DataFrame(rows)
     table.to_csv(out_dir / "per_image.csv", index=False)
     matrix.to_dataframe().to_csv(out_dir / "confusion.csv")
+    band.to_dataframe().to_csv(out_dir / "boundary_confusion.csv")
 
     examples = out_dir / "examples"
     examples.mkdir(exist_ok=True)

@@ -10,6 +10,9 @@ no IoU (NaN) and is left out of the mean; a class absent from the ground truth b
 IoU 0 and counts. mIoU is therefore the mean over the classes with tp + fp + fn > 0, and NaN when
 there is none (every pixel ignored). Mean class accuracy is the mean recall over the classes that
 have ground-truth pixels. Pixels whose ground truth is the ignore index count nowhere.
+
+Boundary mIoU (Task 4: does a decoder fix boundaries?) is the same mIoU over the band of pixels
+within BOUNDARY_PX of a ground-truth class boundary only: the confusion of the band.
 """
 
 from __future__ import annotations
@@ -154,6 +157,35 @@ class ConfusionMatrix:
             {f"iou_{name}": float(v) for name, v in zip(self.class_names, iou, strict=True)}
         )
         return scores
+
+
+BOUNDARY_PX = 3  # the band around class boundaries: pixels at most this far from another class
+
+
+@torch.no_grad()
+def boundary_band(
+    target: torch.Tensor, width: int = BOUNDARY_PX, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """Pixels of `target` (N x H x W class ids) within `width` pixels (a square window, the
+    chessboard distance) of a pixel of another class; ignored pixels separate nothing."""
+    if width < 1:
+        raise ValueError(f"boundary band width {width}: must be at least 1 pixel")
+    labels = target.long()[:, None].float()
+    ignored = labels == ignore_index
+    size = 2 * width + 1
+    # the largest and the smallest class in each window, ignored pixels left out of both
+    high = torch.nn.functional.max_pool2d(labels.masked_fill(ignored, -1), size, 1, width)
+    low = -torch.nn.functional.max_pool2d(-labels.masked_fill(ignored, 1e9), size, 1, width)
+    return ((high != low) & (high >= 0) & ~ignored)[:, 0]
+
+
+def band_target(
+    target: torch.Tensor, width: int = BOUNDARY_PX, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """`target` with every pixel outside the boundary band ignored: a ConfusionMatrix updated
+    with it counts the band only, so its mIoU is the boundary mIoU."""
+    band = boundary_band(target, width, ignore_index)
+    return target.masked_fill(~band, ignore_index)
 
 
 @torch.no_grad()

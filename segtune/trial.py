@@ -33,6 +33,7 @@ from segtune.prepare import prepare
 from segtune.space import resolve_trial
 from segtune.sweepfile import SweepConfig
 from segtune.tracking.names import (
+    BOUNDARY_METRIC,
     CHECKPOINT_ARTIFACT,
     COST_TAG_PREFIX,
     EVAL_DIR,
@@ -187,7 +188,7 @@ def _train_evaluate_bench(
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         folder_path = Path(folder)
-        evaluate_best(
+        scores = evaluate_best(
             model,
             data.val,
             folder_path / EVAL_DIR,
@@ -201,6 +202,7 @@ def _train_evaluate_bench(
         )
         times["cost_s"] = time.perf_counter() - cost_started
         final.update({k: v for k, v in cost.items() if k in MODEL_COSTS})
+        final[BOUNDARY_METRIC] = scores["boundary_miou"]
         atomic_save(
             best_checkpoint(result.best_state_dict, cfg, {**best, **final}),
             folder_path / CHECKPOINT_ARTIFACT,

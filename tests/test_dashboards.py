@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from dashboards.analysis import compare_configs, ema, seed_groups, smoothing_points
 from dashboards.report import build_report, main
+from dashboards.tables import FILES
 from segtune.classes import CLASS_NAMES
 from segtune.cli import run_cli
 from segtune.errors import ConfigError
@@ -196,6 +197,44 @@ def test_table_has_one_row_per_trial_of_the_newest_sweep(store: Store) -> None:
         table.set_index("run_name").loc["deeplabv3-mobilenet_v3_small-aspp-basic", OBJECTIVE]
         == 0.27
     )
+
+
+def test_csv_tables_hold_each_trial_and_the_seed_spread(tmp_path: Path) -> None:
+    """`--csv DIR`: every trial with its class IoUs at its best epoch (not its last), each
+    configuration's seeds, mean and std, and the comparisons, as the report's analysis has them."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    _, runs = log_sweep(client, "csv", "new", newest_specs(), tmp_path)
+    finished = [r for r in runs if client.get_run(r).info.status == "FINISHED"]
+    client.log_metric(finished[0], "best_epoch", 1)  # the best epoch is not the last one here
+    out = tmp_path / "csv"
+    argv = ["--experiment", "csv", "--tracking-uri", uri, "--out", str(tmp_path / "report")]
+    assert main([*argv, "--no-log", "--csv", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(FILES)
+
+    trials = pd.read_csv(out / "trials.csv").set_index("run_id")
+    assert sorted(trials.index) == sorted(runs)
+    history = client.get_metric_history(finished[0], "val_iou_vehicle")
+    at_best = next(m.value for m in history if m.step == 1)
+    assert trials.loc[finished[0], "best_iou_vehicle"] == pytest.approx(at_best)
+    assert at_best != pytest.approx(max(history, key=lambda m: m.step).value)
+
+    configs = pd.read_csv(out / "configurations.csv")
+    row = configs[(configs["label"] == "unet-none-none") & (configs["metric"] == OBJECTIVE)]
+    seeds = trials.loc[trials["config_label"] == "unet-none-none", OBJECTIVE]
+    assert row["n"].item() == 2 == len(seeds)
+    assert row["mean"].item() == pytest.approx(seeds.mean())
+    assert row["std"].item() == pytest.approx(seeds.std(ddof=1))
+    assert set(row["runs"].item().split()) == set(seeds.index)
+
+    pairs = pd.read_csv(out / "comparisons.csv")
+    expected = compare_configs(seed_groups(trials.reset_index()))
+    ours = pairs[pairs["metric"] == OBJECTIVE]
+    assert list(zip(ours["a"], ours["b"], ours["beyond_spread"], strict=True)) == [
+        (c.a, c.b, c.beyond_spread) for c in expected
+    ]
+    curves = pd.read_csv(out / "curves.csv")
+    assert set(curves["run_id"]) == set(runs) and "val_miou" in set(curves["key"])
 
 
 def test_run_id_and_all_choose_sweeps(store: Store) -> None:

@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from segtune.classes import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
-from segtune.metrics import ConfusionMatrix, iou_per_class, per_image_rows
+from segtune.metrics import (
+    ConfusionMatrix,
+    band_target,
+    boundary_band,
+    iou_per_class,
+    per_image_rows,
+)
 
 C = NUM_CLASSES
 HW = (48, 64)
@@ -245,3 +251,40 @@ def test_accumulates_on_the_cuda_device() -> None:
         pd.DataFrame(per_image_rows(pred.cuda(), target.cuda(), ["a", "b", "c"])),
         pd.DataFrame(per_image_rows(pred, target, ["a", "b", "c"])),
     )
+
+
+def test_boundary_band_and_its_miou_by_hand() -> None:
+    """Two halves, class 0 | class 1, 6 x 6; the prediction puts the border one column right.
+    Whole image: IoU 0 = 18 / 24, IoU 1 = 12 / 18. Band of width 1 (columns 2 and 3): truth 0
+    predicted 0 in column 2 (6 px), truth 1 predicted 0 in column 3 (6 px): IoU 0 = 6 / 12,
+    IoU 1 = 0 / 6, boundary mIoU 0.25."""
+    target = torch.zeros(1, 6, 6, dtype=torch.long)
+    target[:, :, 3:] = 1
+    pred = torch.zeros_like(target)
+    pred[:, :, 4:] = 1
+    band = boundary_band(target, width=1)
+    assert band[0].any(0).tolist() == [False, False, True, True, False, False]
+    assert band[0].all(0).tolist() == [False, False, True, True, False, False]
+    assert boundary_band(target, width=2)[0, 0].tolist() == [False, True, True, True, True, False]
+    whole, edge = ConfusionMatrix(("a", "b")), ConfusionMatrix(("a", "b"))
+    whole.update(pred, target)
+    edge.update(pred, band_target(target, width=1))
+    assert whole.compute()["miou"] == pytest.approx((18 / 24 + 12 / 18) / 2)
+    assert edge.compute()["iou_a"] == pytest.approx(0.5)
+    assert edge.compute()["iou_b"] == 0.0
+    assert edge.compute()["miou"] == pytest.approx(0.25)
+    assert int(edge.matrix.sum()) == 12
+
+
+def test_ignored_pixels_make_no_boundary() -> None:
+    """A column of ignored pixels is no class: alone it makes no band; between two classes it
+    hides their border from a band of width 1, not of width 2; it is never in the band."""
+    target = torch.zeros(1, 5, 6, dtype=torch.long)
+    target[:, :, 2] = IGNORE_INDEX
+    assert not boundary_band(target, width=1).any()
+    target[:, :, 3:] = 1
+    assert not boundary_band(target, width=1).any()
+    band = boundary_band(target, width=2)[0, 0].tolist()
+    assert band == [False, True, False, True, False, False]
+    with pytest.raises(ValueError, match="at least 1"):
+        boundary_band(target, width=0)

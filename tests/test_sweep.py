@@ -176,6 +176,13 @@ def test_sweep_contract_failure_and_retry(synthetic_root: Path, tmp_path: Path) 
         )
         eval_files = {a.path for a in client.list_artifacts(r.info.run_id, "eval")}
         assert {"eval/per_image.csv", "eval/confusion.csv", "eval/examples"} <= eval_files
+        # the boundary band's confusion: a part of the split's pixels, its mIoU on the run
+        assert 0.0 <= m["best_boundary_miou"] <= 1.0
+        pixels = {}
+        for name in ("confusion.csv", "boundary_confusion.csv"):
+            path = client.download_artifacts(r.info.run_id, f"eval/{name}", str(tmp_path))
+            pixels[name] = pd.read_csv(path, index_col=0).to_numpy().sum()
+        assert 0 < pixels["boundary_confusion.csv"] < pixels["confusion.csv"]
         examples = [a.path for a in client.list_artifacts(r.info.run_id, "eval/examples")]
         assert any("/best_1_" in p for p in examples) and any(
             "/class_grass_" in p for p in examples

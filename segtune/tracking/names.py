@@ -46,7 +46,9 @@ OBJECTIVE = "best_val_miou"  # what "best trial" means unless a command is told 
 # on the sweep run: the mIoU of the colour-only classifier on the sweep's validation split, the
 # floor a model must beat to have learned more than colour (segtune.data.baseline)
 FLOOR_METRIC = "floor_miou"
-QUALITY_METRICS = (OBJECTIVE, "best_epoch")
+# the mIoU of the best weights over the pixels near a class boundary (segtune.metrics)
+BOUNDARY_METRIC = "best_boundary_miou"
+QUALITY_METRICS = (OBJECTIVE, "best_epoch", BOUNDARY_METRIC)
 # the cost of the architecture, measured on the trained weights by segtune.cost; `infer_ms_gpu`
 # is absent where no GPU measured it, never invented
 MODEL_COSTS = ("params_m", "size_mb", "gflops", "infer_ms_cpu", "infer_ms_gpu")
@@ -63,6 +65,7 @@ PARETO_COSTS = ("train_time_min", "infer_ms_gpu", "infer_ms_cpu")
 COLUMNS: dict[str, tuple[str, str]] = {
     OBJECTIVE: ("mIoU", "{:.3f}"),
     "best_epoch": ("best epoch", "{:.0f}"),
+    BOUNDARY_METRIC: ("boundary mIoU", "{:.3f}"),
     "train_time_min": ("train min", "{:.2f}"),
     "infer_ms_cpu": ("CPU ms", "{:.1f}"),
     "infer_ms_gpu": ("GPU ms", "{:.2f}"),
