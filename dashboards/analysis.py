@@ -58,8 +58,9 @@ def check_ema(weight: float) -> float:
 def seed_groups(table: pd.DataFrame, metric: str = OBJECTIVE) -> pd.DataFrame:
     """Per configuration (all params but the seed): n seeds, mean, std, min, max of `metric`."""
     rows = []
+    columns = ["config", "label", "n", "mean", "std", "min", "max", "runs"]
     if metric not in table.columns:
-        return pd.DataFrame(columns=["config", "label", "n", "mean", "std", "min", "max", "runs"])
+        return pd.DataFrame(columns=columns)
     for config, group in table.groupby("config", sort=False):
         values = pd.to_numeric(group[metric], errors="coerce").dropna()
         if values.empty:
@@ -76,7 +77,7 @@ def seed_groups(table: pd.DataFrame, metric: str = OBJECTIVE) -> pd.DataFrame:
                 "runs": list(group.loc[values.index, "run_id"]),
             }
         )
-    frame = pd.DataFrame(rows)
+    frame = pd.DataFrame(rows, columns=columns)  # no rows where no trial has the metric
     return frame.sort_values("mean", ascending=False).reset_index(drop=True)
 
 

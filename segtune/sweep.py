@@ -290,6 +290,9 @@ def _fit(
             ),
             {"cpu": resources.cpu, "gpu": resources.gpu},
         )
+        # num_to_keep makes Tune save its state at every checkpoint, as meant (below); its
+        # warning about that, every few seconds with short epochs, would bury the progress
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         objectives = sweep.objectives()
         multi = len(objectives) > 1
         if multi:  # costs such as infer_ms_cpu arrive with a trial's final result only

@@ -73,6 +73,8 @@ def run_trial(
     """Ray Tune function trainable for one trial of `sweep`: `scan` is the driver's check of the
     dataset, `measured` the signatures its cost stage timed (segtune.cost_stage)."""
     started = time.perf_counter()
+    # Ray's line per saved checkpoint, each epoch of each trial, says nothing a user acts on
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     cfg = resolve_trial(sweep, config)
     context = tune.get_context()
     trial_id = context.get_trial_id()

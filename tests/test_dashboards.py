@@ -169,6 +169,9 @@ def test_seed_comparisons_say_whether_a_difference_exceeds_the_spread() -> None:
     assert groups["n"].tolist() == [2, 2, 2]
     verdicts = {(c.a, c.b): c.beyond_spread for c in compare_configs(groups)}
     assert verdicts == {("one", "two"): False, ("one", "three"): True, ("two", "three"): True}
+    # a metric no trial has a value of (GPU latency on CPUs): no groups, no comparisons
+    empty = seed_groups(table.assign(infer_ms_gpu=float("nan")), "infer_ms_gpu")
+    assert empty.empty and compare_configs(empty) == []
 
 
 # --- reading MLflow -------------------------------------------------------------------------
