@@ -17,12 +17,13 @@ from segtune.tracking.query import SweepData, metrics_at_step
 log = logging.getLogger(__name__)
 
 BEST_IOU = "best_iou_"  # a class's IoU at the trial's best epoch (its `val_iou_<class>` there)
-# what a study compares configurations on: quality, then cost
+# what varies from seed to seed: quality, and the training time
+SEEDED_METRICS = (OBJECTIVE, BOUNDARY_METRIC, *(BEST_IOU + name for name in CLASS_NAMES),
+                  "train_time_min")  # fmt: skip
+# what a study compares configurations on: those, and the costs of the architecture, which are
+# measured once per architecture (segtune.cost_stage), so have no spread over seeds
 STUDY_METRICS = (
-    OBJECTIVE,
-    BOUNDARY_METRIC,
-    *(BEST_IOU + name for name in CLASS_NAMES),
-    "train_time_min",
+    *SEEDED_METRICS,
     "infer_ms_cpu",
     "infer_ms_gpu",
     "size_mb",
@@ -59,10 +60,11 @@ def configurations(trials: pd.DataFrame) -> pd.DataFrame:
 
 
 def comparisons(trials: pd.DataFrame) -> pd.DataFrame:
-    """Pairs of configurations with several seeds, per metric: the difference of the means and
-    whether it exceeds the two seed spreads (mean ± std bars that do not overlap)."""
+    """Pairs of configurations with several seeds, per metric that varies with the seed: the
+    difference of the means and whether it exceeds the two seed spreads (mean ± std bars that
+    do not overlap)."""
     rows = []
-    for metric in STUDY_METRICS:
+    for metric in SEEDED_METRICS:
         for c in compare_configs(seed_groups(trials, metric)):
             rows.append({"metric": metric, "a": c.a, "b": c.b, "differs_in": c.differs_in,
                          "mean_a_minus_b": c.diff, "std_a": c.std_a, "std_b": c.std_b,
