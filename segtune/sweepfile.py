@@ -9,6 +9,7 @@ not a trial key is a *group*: a `grid_search` or `choice` over mappings of trial
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -125,15 +126,29 @@ class SweepConfig(BaseModel):
         return self.mlflow.experiment or self.name
 
     def searched_keys(self) -> list[str]:
-        """The trial keys the search space sets: its own keys and those of its groups' mappings."""
+        """The trial keys the search space sets: its own keys, and those of its groups' mappings
+        that take more than one value across them (a mapping without the key has `train`'s)."""
         keys: list[str] = []
         for key, spec in self.search_space.items():
             form, values = search_form(spec)
             if not is_group(key):
                 keys.append(key)
             elif form is not None:
-                keys.extend(k for mapping in values for k in mapping)
+                mappings = [m for m in values if isinstance(m, dict)]
+                for k in dict.fromkeys(k for mapping in mappings for k in mapping):
+                    taken = {json.dumps(m.get(k, self._train_value(k)), default=str)
+                             for m in mappings}  # fmt: skip
+                    if len(taken) > 1:
+                        keys.append(k)
         return list(dict.fromkeys(keys))
+
+    def _train_value(self, key: str) -> Any:
+        """A trial key's value where the search space does not set it: `train`'s, else the
+        default."""
+        if key in self.train:
+            return self.train[key]
+        field = _TRIAL_FIELDS.get(key)
+        return field.default if field is not None else None
 
     def trial_label(self, cfg: TrialConfig) -> str:
         """A trial's run name: the label, the other searched keys (`lr=0.003`), the repeat's seed."""

@@ -47,6 +47,20 @@ def test_groups_repeats_and_labels(tmp_path: Path) -> None:
     assert "unet-none-none-lr=0.001-s3" in labels
     configs = {sweep.config_label(t) for t in trials}  # the seeds of one configuration share it
     assert configs == {label.rsplit("-s", 1)[0] for label in labels} and len(configs) == 4
+    # a group's key that takes one value in every configuration says nothing in a label
+    sweep_file.write_text(
+        "name: g\n"
+        "train: {pretrained: none}\n"
+        "search_space:\n"
+        "  model: {grid_search: [{arch: unet, backbone: none, pretrained: none},"
+        " {arch: deeplabv3, backbone: resnet18}]}\n"
+    )
+    same = load_sweep(sweep_file)
+    assert [same.trial_label(t) for t in discrete_trials(same)] == [
+        "unet-none-basic",
+        "deeplabv3-resnet18-aspp-basic",
+    ]
+    assert same.searched_keys() == ["arch", "backbone"]
     # one grid dimension of whole combinations, in file order or longest first by an estimate
     grid = param_space(sweep)[GRID_KEY]["grid_search"]
     assert [resolve_trial(sweep, {GRID_KEY: c}) for c in grid] == trials
