@@ -96,6 +96,7 @@ def test_engine_overhead_compares_fit_with_a_bare_loop() -> None:
     assert 0.2 < result["ratio"] < 5
 
 
+@pytest.mark.launch  # a whole sweep, 45 s: make test-cluster, and CI
 def test_cli_sweep_prints_the_time_account(synthetic_root: Path, tmp_path: Path) -> None:
     """`bench sweep` runs the sweep as `python -m segtune.run` does, in a store of its own, and
     prints each run's time account read back from its sweep run, with the median."""
