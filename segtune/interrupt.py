@@ -83,13 +83,15 @@ class StopSignals:
         finally:
             self.install()
 
-    def give_up(self, reason: str) -> None:
+    def give_up(self, reason: str) -> bool:
         """From any thread: stop the trials as a first signal would (Tune saves its state),
-        because of `reason`."""
+        because of `reason`; False, and nothing done, before Tune can stop gracefully."""
+        if not (self._graceful and callable(signal.getsignal(TUNE_STOP))):
+            return False
         self.lost = reason
-        if self._graceful and callable(signal.getsignal(TUNE_STOP)):
-            log.warning("%s: stopping the trials and saving the sweep's state", reason)
-            os.kill(os.getpid(), TUNE_STOP)
+        log.warning("%s: stopping the trials and saving the sweep's state", reason)
+        os.kill(os.getpid(), TUNE_STOP)
+        return True
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name

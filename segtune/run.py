@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         then = (
             f"continue it with: {resume_command(args)}"
             if exc.resumable
-            else "it had not started its trials: run it again"
+            else "Tune saved no state to resume: run it again"
         )
         raise SweepInterrupted(f"{exc}; {then}", exc.exit_code, exc.resumable) from None
     phases.update(outcome.phases)

@@ -3,6 +3,7 @@ the trial closing it itself (stopped early by a scheduler, or its process gone).
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,11 @@ from ray import tune
 from ray.tune.experiment import Trial
 
 from segtune.tracking.names import EARLY_STOP_TAG, ERROR_TAG, QUALITY_METRICS, TRAIN_COSTS
+from segtune.tracking.outage import is_server
 from segtune.tracking.runs import TrialRun, find_trial_run
+from segtune.tracking.server import server_health
+
+log = logging.getLogger(__name__)
 
 ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Diverged)\b:?")
 
@@ -29,9 +34,19 @@ class CloseRuns(tune.Callback):
         client = MlflowClient(self.tracking_uri)
         return client, find_trial_run(client, self.experiment, self.parent, trial.trial_id)
 
+    def _reachable(self, trial: Trial) -> bool:
+        """Whether the store answers now: on a lost server MLflow's retries would hold Tune's
+        loop for minutes (segtune.tracking.outage); the next driver closes the run instead."""
+        problem = server_health(self.tracking_uri) if is_server(self.tracking_uri) else None
+        if problem is not None:
+            log.warning("run of trial %s left open: %s", trial.trial_id, problem)
+        return problem is None
+
     def on_trial_complete(
         self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
     ) -> None:
+        if not self._reachable(trial):
+            return
         client, run = self._run(trial)
         if run is None or run.info.status != "RUNNING":
             return
@@ -46,6 +61,8 @@ class CloseRuns(tune.Callback):
     def on_trial_error(
         self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
     ) -> None:
+        if not self._reachable(trial):
+            return
         client, run = self._run(trial)
         if run is None:
             return

@@ -84,10 +84,14 @@ def _close(sweep: SweepConfig, tracking_uri: str, parent: str, reason: str) -> l
 def resumable(sweep: SweepConfig, storage: RunStorage, parent: str) -> bool:
     """Whether `--resume` can continue the sweep: its trials began, and Tune saved a state it
     can restore."""
-    filesystem, _ = storage.filesystem
-    return bool(parent) and tune.Tuner.can_restore(
-        storage.path(sweep.name), storage_filesystem=filesystem
-    )
+    if not parent:
+        return False
+    try:
+        filesystem, _ = storage.filesystem
+        return tune.Tuner.can_restore(storage.path(sweep.name), storage_filesystem=filesystem)
+    except Exception as exc:  # the storage is gone too: the one line must still come out
+        log.warning("could not read the sweep's saved state (%s)", _cause(exc))
+        return False
 
 
 def now() -> str:

@@ -18,8 +18,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from segtune.tracking.names import ROLE_TAG
-from segtune.tracking.outage import retry_env, retry_span
+from segtune.tracking.outage import PROBE_S, retry_env, retry_span, watch_server
 from segtune.tracking.server import tracking_server
+from tests.servers import free_port
 from tests.test_sweep import EPOCHS_KEPT_RUNNING, steps, trial_runs, write_sweep
 
 OUTAGE_S = 45  # above the time an mlflow server takes to start again here (about 15 s)
@@ -41,6 +42,24 @@ def test_retries_last_the_outage_and_wait_least(outage_s: float) -> None:
 def test_retry_span_by_hand() -> None:
     assert retry_span(4, 2) == 4 + 8 + 16  # no wait after the first failure
     assert retry_span(10, 1) == 2 + 4 + 8 + 16 + 32 + 64 + 120 + 120 + 120  # 120 s at most
+
+
+def test_the_watch_asks_until_the_stop_is_taken_and_not_after_the_block() -> None:
+    """A server that never answers (nothing listens on the port): after `outage_s` the watch
+    calls `on_lost` at every probe until it says it acted, and never once the block ended."""
+    calls: list[str] = []
+
+    def on_lost(message: str) -> bool:  # as StopSignals.give_up: False until Tune can stop
+        calls.append(message)
+        return len(calls) >= 2
+
+    with watch_server(f"http://127.0.0.1:{free_port()}", 0.1, on_lost):
+        deadline = time.monotonic() + 30
+        while len(calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert len(calls) == 2 and "did not answer for 0.1 s" in calls[0], calls
+    time.sleep(PROBE_S * 1.5)
+    assert len(calls) == 2
 
 
 @pytest.mark.launch  # two minutes of drivers and servers: make test-cluster, and CI

@@ -70,10 +70,11 @@ def is_server(tracking_uri: str) -> bool:
 
 @contextmanager
 def watch_server(
-    tracking_uri: str, outage_s: float, on_lost: Callable[[str], None]
+    tracking_uri: str, outage_s: float, on_lost: Callable[[str], bool]
 ) -> Iterator[None]:
     """While the block runs, ask the server's /health every PROBE_S seconds; after `outage_s`
-    seconds without an answer call `on_lost(message)` once (from the watching thread)."""
+    seconds without an answer call `on_lost(message)` (from the watching thread) until it
+    returns True, that it acted; never once the block has ended."""
     if not is_server(tracking_uri):
         yield
         return
@@ -93,9 +94,10 @@ def watch_server(
                 down_since = now
                 log.warning("tracking server lost (%s); the sweep waits up to %g s", problem,
                             outage_s)  # fmt: skip
-            elif now - down_since >= outage_s:
-                on_lost(f"the tracking server did not answer for {outage_s:g} s ({problem})")
-                return
+            elif now - down_since < outage_s or done.is_set():
+                continue
+            elif on_lost(f"the tracking server did not answer for {outage_s:g} s ({problem})"):
+                return  # else Tune cannot stop gracefully yet: ask again at the next probe
 
     thread = threading.Thread(target=watch, name="segtune-tracking-watch", daemon=True)
     thread.start()

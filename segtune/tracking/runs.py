@@ -29,6 +29,7 @@ from segtune.errors import ConfigError
 from segtune.tracking.names import (
     ATTEMPTS_TAG,
     CONFIG_LABEL_TAG,
+    EPOCH_SCORES,
     ERROR_TAG,
     EXPERIMENT_KIND_TAG,
     FINAL_METRICS,
@@ -201,7 +202,7 @@ def finished_metrics(client: MlflowClient, run_id: str) -> dict[str, float] | No
     run = client.get_run(run_id)
     if run.info.status != "FINISHED":
         return None
-    return {k: v for k, v in run.data.metrics.items() if k in FINAL_METRICS}
+    return {k: v for k, v in run.data.metrics.items() if k in (*EPOCH_SCORES, *FINAL_METRICS)}
 
 
 SYSTEM_METRICS_INTERVAL_S = 5.0

@@ -8,6 +8,7 @@ measurement, so it also waits until its start-up work is done and removes what i
 from __future__ import annotations
 
 import contextlib
+import http.client
 import logging
 import os
 import shutil
@@ -79,7 +80,7 @@ def server_health(url: str, timeout: float = 5.0) -> str | None:
             return None
     except urllib.error.HTTPError as exc:
         return None if exc.code in (401, 403) else f"HTTP {exc.code} from {base}"
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # e.g. a half-started server
         return f"{base} does not answer ({getattr(exc, 'reason', None) or exc})"
 
 
