@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -314,12 +315,18 @@ def _fit(
             verbose=1,
         )
         if resume:
-            tuner = tune.Tuner.restore(
-                storage.path(sweep.name),
-                trainable,
-                resume_unfinished=True,
-                storage_filesystem=None if storage.is_local else filesystem,
-            )
+            try:
+                tuner = tune.Tuner.restore(
+                    storage.path(sweep.name),
+                    trainable,
+                    resume_unfinished=True,
+                    storage_filesystem=None if storage.is_local else filesystem,
+                )
+            except (EOFError, pickle.UnpicklingError) as exc:  # Ray writes it in place
+                raise ConfigError(
+                    f"--resume: Ray's saved state of sweep {sweep.name} is damaged ({exc}: a "
+                    "driver killed while Tune wrote it); run the sweep again without --resume"
+                ) from None
         else:
             tuner = tune.Tuner(
                 trainable,
