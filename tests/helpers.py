@@ -1,7 +1,10 @@
-"""Helpers for tests: small image/mask pairs in the docs/design.md layout."""
+"""Helpers for tests: small image/mask pairs in the docs/design.md layout, and driver processes."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,3 +31,24 @@ def random_pair(
         rng.integers(0, 256, (height, width, 3), dtype=np.uint8),
         rng.integers(0, 8, (height, width), dtype=np.uint8),
     )
+
+
+def start_driver(
+    cmd: Sequence[str], log: Path, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """A command in its own session, its output to the file `log`: an undrained pipe would
+    block the process's logging, and the signals a test sends it."""
+    with open(log, "w") as out:
+        return subprocess.Popen(list(cmd), cwd=cwd, env=env, text=True, start_new_session=True,
+                                stdout=out, stderr=out)  # fmt: skip
+
+
+def mount_namespace_missing() -> str | None:
+    """Why this machine cannot give a process its own mounts (`unshare --mount`), or None."""
+    if os.geteuid() != 0:
+        return "a mount namespace of the test's own needs root (unshare --mount)"
+    try:
+        subprocess.run(["unshare", "--mount", "--fork", "true"], check=True, timeout=20)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"unshare --mount does not work here: {exc}"
+    return None

@@ -40,6 +40,7 @@ from segtune.tracking.names import (
     NODE_TAG,
     ROLE_TAG,
 )
+from tests.helpers import mount_namespace_missing
 from tests.servers import BIN, free_port, mlflow_server, port_open, process, s3_server, stop
 from tests.test_sweep import BENCH, TINY_TRAIN
 
@@ -53,12 +54,8 @@ SYNTHETIC = {"train": 12, "test": 4, "size": "96x64", "seed": 0}
 
 def namespaces_missing() -> str | None:
     """Why this machine cannot build a second node, or None."""
-    if os.geteuid() != 0:
-        return "building a node with its own mounts needs root (unshare --mount)"
-    try:
-        subprocess.run(["unshare", "--mount", "--fork", "true"], check=True, timeout=20)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"unshare --mount does not work here: {exc}"
+    if missing := mount_namespace_missing():
+        return missing
     if not (BIN / "moto_server").exists():
         return "moto[server] is not installed (pip install -e '.[dev]')"
     return None

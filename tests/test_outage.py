@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from segtune.tracking.names import ROLE_TAG
 from segtune.tracking.outage import PROBE_S, retry_env, retry_span, watch_server
 from segtune.tracking.server import tracking_server
+from tests.helpers import mount_namespace_missing, start_driver
 from tests.servers import free_port
 from tests.test_sweep import EPOCHS_KEPT_RUNNING, steps, trial_runs, write_sweep
 
@@ -83,9 +84,7 @@ def test_a_tracking_server_gone_too_long_stops_the_sweep_for_resume(
         url = server.url
         cmd = [sys.executable, "-m", "segtune.run", str(sweep), "--tracking-uri", url,
                "--no-report"]  # fmt: skip
-        with open(tmp_path / "driver.log", "w") as log:
-            driver = subprocess.Popen(cmd, cwd=tmp_path, env=dict(os.environ), text=True,
-                                      start_new_session=True, stdout=log, stderr=log)  # fmt: skip
+        driver = start_driver(cmd, tmp_path / "driver.log", tmp_path)
         try:
             before = _epochs_of_one_trial(tmp_path, driver, at_least=2)
         except BaseException:
@@ -143,18 +142,8 @@ def _kill(driver: subprocess.Popen[str]) -> None:
         driver.wait()
 
 
-def _tmpfs_missing() -> str | None:
-    if os.geteuid() != 0:
-        return "a small tmpfs in a mount namespace needs root"
-    try:
-        subprocess.run(["unshare", "--mount", "--fork", "true"], check=True, timeout=20)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"unshare --mount does not work here: {exc}"
-    return None
-
-
 @pytest.mark.launch  # a sweep that fills its disk, then its resume: make test-cluster, and CI
-@pytest.mark.skipif(bool(_tmpfs_missing()), reason=str(_tmpfs_missing()))
+@pytest.mark.skipif(bool(mount_namespace_missing()), reason=str(mount_namespace_missing()))
 def test_a_full_disk_ends_in_one_line_and_resume_repairs(
     synthetic_root: Path, tmp_path: Path
 ) -> None:
@@ -196,9 +185,7 @@ def test_a_full_disk_ends_in_one_line_and_resume_repairs(
 
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
-        with open(tmp_path / "driver.log", "w") as log:
-            driver = subprocess.Popen(cmd, env=dict(os.environ), text=True,
-                                      start_new_session=True, stdout=log, stderr=log)  # fmt: skip
+        driver = start_driver(cmd, tmp_path / "driver.log")
         try:
             deadline = time.monotonic() + 240
             while not any(epochs >= 2 for _, _, epochs in statuses().values()):

@@ -36,6 +36,7 @@ from segtune.tracking.names import (
     TRIAL_ID_TAG,
 )
 from segtune.tracking.runs import TrialRun, finished_metrics, start_sweep_run
+from tests.helpers import start_driver
 
 TINY_TRAIN = {
     "epochs": 2,
@@ -353,9 +354,7 @@ def test_interrupted_killed_and_resumed_sweeps_leave_a_true_record(
             for r in trial_runs(tmp_path, "resume")
         }
         # output to a file: an undrained pipe would block the driver's logging, and its signals
-        with open(tmp_path / "driver.log", "w") as log:
-            driver = subprocess.Popen([*cmd, *extra], cwd=tmp_path, env=env, text=True,
-                                      start_new_session=True, stdout=log, stderr=log)  # fmt: skip
+        driver = start_driver([*cmd, *extra], tmp_path / "driver.log", tmp_path, env)
         try:
             trial = _training(tmp_path, "resume", finished, epochs)
             if group:  # Ray's processes that share the group get it too
@@ -428,9 +427,7 @@ def test_sigterm_before_the_trials_stops_at_once(
     )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd = [sys.executable, "-m", "segtune.run", str(sweep), "--tracking-uri", uri, "--no-report"]
-    with open(tmp_path / "driver.log", "w") as log:
-        driver = subprocess.Popen(cmd, cwd=tmp_path, text=True, start_new_session=True,
-                                  stdout=log, stderr=log)  # fmt: skip
+    driver = start_driver(cmd, tmp_path / "driver.log", tmp_path)
     try:
         deadline = time.time() + 120
         while moment not in (tmp_path / "driver.log").read_text():
@@ -479,9 +476,7 @@ def test_a_trial_whose_process_dies_is_failed_with_the_error_not_a_path(
     )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd = [sys.executable, "-m", "segtune.run", str(sweep), "--tracking-uri", uri, "--no-report"]
-    with open(tmp_path / "driver.log", "w") as log:
-        driver = subprocess.Popen(cmd, cwd=tmp_path, text=True, start_new_session=True,
-                                  stdout=log, stderr=log)  # fmt: skip
+    driver = start_driver(cmd, tmp_path / "driver.log", tmp_path)
     try:
         trial = _training(tmp_path, "dies", 0, {})
         workers = [p for p in psutil.Process(driver.pid).children(recursive=True)
