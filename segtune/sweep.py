@@ -303,14 +303,12 @@ def _fit(
             storage_path=root,
             storage_filesystem=None if storage.is_local else filesystem,
             failure_config=tune.FailureConfig(max_failures=sweep.tune.max_failures),
-            checkpoint_config=tune.CheckpointConfig(
-                # the best two by the metric (Ray always keeps the latest as well): the
-                # checkpoint before the latest survives while Tune uploads the experiment state
-                # that names the latest, so a driver killed meanwhile can still resume
-                num_to_keep=2,
-                checkpoint_score_attribute=objectives[0][0] if not multi else "val_miou",
-                checkpoint_score_order=objectives[0][1] if not multi else "max",
-            ),
+            # the two latest: Tune uploads its state, which names a trial's latest checkpoint,
+            # every num_to_keep checkpoints, so the one it names stays on disk until a newer
+            # state replaces it. Ranking by a metric would delete it at any epoch, and a killed
+            # driver's --resume would then fail that trial. The best weights travel inside our
+            # own checkpoint (trial.py), not through Ray's ranking.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             callbacks=[CloseRuns(tracking_uri, sweep.experiment, parent)],
             verbose=1,
         )
