@@ -29,7 +29,7 @@ test: lint
 # own filesystems, `ray up cluster.yaml` on two hosts built from Linux namespaces, and drivers
 # and trials killed and interrupted on one machine (outside `make test`'s 12 minutes)
 test-cluster: install
-	$(VENV)/bin/pytest -q -m launch tests/test_cluster.py tests/test_cluster_launch.py tests/test_sweep.py tests/test_outage.py tests/test_bench.py
+	$(VENV)/bin/pytest -q -m launch tests/test_cluster.py tests/test_cluster_launch.py tests/test_sweep.py tests/test_outage.py tests/test_bench.py tests/test_quickstart.py
 
 demo: install
 	$(PY) -m segtune.run sweeps/quickstart.yaml

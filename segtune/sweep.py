@@ -336,6 +336,9 @@ def _fit(
                     scheduler=_scheduler(sweep),
                     num_samples=sweep.tune.num_samples,
                     max_concurrent_trials=sweep.tune.max_concurrent_trials,
+                    # the next trial runs in the process the last one freed: no 5-7 s of
+                    # imports per trial (docs/design.md, "A sweep's schedule")
+                    reuse_actors=True,
                 ),
                 run_config=run_config,
             )

@@ -34,6 +34,7 @@ from segtune.tracking.names import (
     LABEL_TAG,
     ROLE_TAG,
     TRIAL_ID_TAG,
+    WORKER_TAG,
 )
 from segtune.tracking.runs import TrialRun, finished_metrics, start_sweep_run
 from tests.helpers import start_driver
@@ -226,6 +227,9 @@ def test_asha_stops_weak_trials(synthetic_root: Path, tmp_path: Path) -> None:
     runs = trial_runs(tmp_path, "asha")
     epochs = {r.info.run_id: len(steps(tmp_path, r.info.run_id)) for r in runs}
     assert len(runs) == 3 and max(epochs.values()) == 3
+    # one slot: a later trial ran in the worker process an earlier one freed (reuse_actors)
+    workers = [r.data.tags[WORKER_TAG] for r in runs]
+    assert len(set(workers)) < len(workers), workers
     stopped = [r for r in runs if "segtune.early_stopped" in r.data.tags]
     assert stopped, f"ASHA stopped nothing: {epochs}"
     for r in stopped:

@@ -15,6 +15,7 @@ ROLE_TAG = "segtune.role"
 ROLE_SWEEP, ROLE_TRIAL, ROLE_EXPORT, ROLE_COST = "sweep", "trial", "export", "cost"
 TRIAL_ID_TAG = "ray.trial_id"
 NODE_TAG = "segtune.node"  # where the run ran: `IP (hostname)`
+WORKER_TAG = "segtune.worker"  # the process of the attempt: `pid N` (reused by the next trial)
 ATTEMPTS_TAG = "segtune.attempts"  # 1, then one more each time a retry or resume reopens it
 ERROR_TAG = "segtune.error"
 STOPPED_TAG = "segtune.stopped"  # on a KILLED run: why and when it was stopped, how to resume

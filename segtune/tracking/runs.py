@@ -43,6 +43,7 @@ from segtune.tracking.names import (
     SWEEP_ARTIFACT,
     SWEEP_TAG,
     TRIAL_ID_TAG,
+    WORKER_TAG,
 )
 
 log = logging.getLogger(__name__)
@@ -243,7 +244,11 @@ class TrialRun:
                 client.delete_tag(run_id, STOPPED_TAG)
             client.log_batch(
                 run_id,
-                tags=[RunTag(NODE_TAG, node), RunTag(ATTEMPTS_TAG, str(int(attempts) + 1))],
+                tags=[
+                    RunTag(NODE_TAG, node),
+                    RunTag(WORKER_TAG, f"pid {os.getpid()}"),
+                    RunTag(ATTEMPTS_TAG, str(int(attempts) + 1)),
+                ],
             )
             log.info("continuing MLflow run %s for trial %s on %s", run_id, trial_id, node)
             return cls(client, run_id)
@@ -251,6 +256,7 @@ class TrialRun:
             ROLE_TAG: ROLE_TRIAL,
             TRIAL_ID_TAG: trial_id,
             NODE_TAG: node,
+            WORKER_TAG: f"pid {os.getpid()}",
             ATTEMPTS_TAG: "1",
             LABEL_TAG: label,
             CONFIG_LABEL_TAG: config_label,
