@@ -154,7 +154,8 @@ def render(report: Report, src: Callable[[str], str]) -> str:
         f"<p>Sweep{'s' if len(data.sweeps) > 1 else ''}: {html.escape(sweeps)}. "
         f"{len(trials)} trials: {html.escape(status)}. Tracking URI: <code>{html.escape(data.tracking_uri)}</code>.</p>",
     ]
-    page = runs_page(data.tracking_uri, data.experiment_id)
+    one_sweep = data.sweeps["run_id"].iloc[0] if len(data.sweeps) == 1 else None
+    page = runs_page(data.tracking_uri, data.experiment_id, one_sweep)
     if data.tracking_uri.startswith(("http://", "https://")):
         header.append(
             f'<p>The runs in MLflow: <a href="{html.escape(page)}">{html.escape(page)}</a></p>'

@@ -252,9 +252,8 @@ def print_summary(sweep: SweepConfig, tracking_uri: str, parent: str) -> pd.Data
         print(f"FAILED {row['label']}: {row['error']}")
     experiment = MlflowClient(tracking_uri).get_experiment_by_name(sweep.experiment)
     if experiment is not None:
-        print(
-            f"\nthe sweep's runs in the MLflow UI: {runs_page(tracking_uri, experiment.experiment_id)}"
-        )
+        page = runs_page(tracking_uri, experiment.experiment_id, parent)
+        print(f"\nthe sweep's trials in the MLflow UI: {page}")
     return table
 
 

@@ -504,7 +504,16 @@ def test_report_against_a_tracking_server(server: str, tmp_path: Path) -> None:
         link = f'"customdata":["{runs}{run_id}"]'.replace("/", "\\u002f")  # Plotly's JSON
         assert link in page  # the point's link
     assert "mlflow ui --backend-store-uri" not in page
-    assert f'href="{server}/#/experiments/{experiment_id}/runs"' in page  # the experiment's runs
+    # the sweep's trials in MLflow's UI: the link opens them listed (not folded under their
+    # sweep's row), only this sweep's, as headless Chromium sees the page
+    link = html.unescape(re.search(r'The runs in MLflow: <a href="([^"]+)"', page).group(1))
+    assert link.startswith(f"{server}/#/experiments/{experiment_id}/runs?")
+    assert f"parentRunId%20%3D%20%27{store.parent}%27" in link
+    if CHROMIUM is not None:
+        dom = _chromium(tmp_path, "--dump-dom", link).stdout
+        names = {client.get_run(run_id).info.run_name for run_id in store.runs}
+        assert all(f">{name}<" in dom for name in names), names
+        assert f"<strong>{len(store.runs)}</strong> matching runs" in dom
     logged = {Path(f.path).name for f in client.list_artifacts(store.parent, "report")}
     assert {"index.html", "pareto_train_time_min.png"} <= logged
 

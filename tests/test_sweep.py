@@ -132,6 +132,7 @@ def test_sweep_contract_failure_and_retry(synthetic_root: Path, tmp_path: Path) 
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     assert f"then http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs" in proc.stdout
     parents = client.search_runs([exp.experiment_id], f"tags.`{ROLE_TAG}` = 'sweep'")
+    assert f"parentRunId%20%3D%20%27{parents[0].info.run_id}%27" in proc.stdout  # its trials
     # the colour-only floor of the validation split (test, here), computed once by the driver
     floor = colour_baseline(synthetic_root, "test")["miou"]
     assert parents[0].data.metrics["floor_miou"] == pytest.approx(floor)

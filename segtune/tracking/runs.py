@@ -36,6 +36,7 @@ from segtune.tracking.names import (
     LABEL_TAG,
     MODEL_DEVELOPMENT,
     NODE_TAG,
+    OBJECTIVE,
     ROLE_SWEEP,
     ROLE_TAG,
     ROLE_TRIAL,
@@ -98,10 +99,19 @@ def experiment_id(client: MlflowClient, name: str) -> str:
     return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT})
 
 
-def runs_page(tracking_uri: str, experiment_key: str) -> str:
+def runs_page(tracking_uri: str, experiment_key: str, sweep_run_id: str | None = None) -> str:
     """Where a user sees the runs of experiment id `experiment_key`: its page on the tracking
-    server, or for a file or database store the `mlflow ui` command and the page it serves."""
-    view = f"#/experiments/{experiment_key}/runs"
+    server, or for a file or database store the `mlflow ui` command and the page it serves.
+
+    Sorted by OBJECTIVE, so that MLflow's UI lists the trials themselves, best first, not folded
+    under their sweep's row (it nests children only when sorted by time); with `sweep_run_id`,
+    only that sweep's trials."""
+    query = {"orderByKey": f"metrics.`{OBJECTIVE}`", "orderByAsc": "false"}
+    if sweep_run_id:
+        query["searchFilter"] = f"tags.{MLFLOW_PARENT_RUN_ID} = '{sweep_run_id}'"
+    view = f"#/experiments/{experiment_key}/runs?" + urllib.parse.urlencode(
+        query, quote_via=urllib.parse.quote
+    )
     if tracking_uri.startswith(("http://", "https://")):
         return f"{tracking_uri.rstrip('/')}/{view}"
     return f"mlflow ui --backend-store-uri {tracking_uri}, then http://127.0.0.1:5000/{view}"
