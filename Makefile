@@ -25,9 +25,10 @@ lint: install
 test: lint
 	$(VENV)/bin/pytest -q
 
-# the tests of several nodes (root; about 8 minutes): sweeps over a head and a worker with their
+# the tests of several nodes (root; about 16 minutes): sweeps over a head and a worker with their
 # own filesystems, `ray up cluster.yaml` on two hosts built from Linux namespaces, and drivers
-# and trials killed and interrupted on one machine (outside `make test`'s 12 minutes)
+# and trials killed and interrupted on one machine, and the whole quickstart (outside `make
+# test`'s 12 minutes)
 test-cluster: install
 	$(VENV)/bin/pytest -q -m launch tests/test_cluster.py tests/test_cluster_launch.py tests/test_sweep.py tests/test_outage.py tests/test_bench.py tests/test_quickstart.py
 
