@@ -56,11 +56,14 @@ def check_ema(weight: float) -> float:
 
 
 def seed_groups(table: pd.DataFrame, metric: str = OBJECTIVE) -> pd.DataFrame:
-    """Per configuration (all params but the seed): n seeds, mean, std, min, max of `metric`."""
+    """Per configuration (all params but the seed): n seeds, mean, std, min, max of `metric`,
+    over the trials trained to their end (FINISHED, not stopped early by a scheduler): a
+    failed or early-stopped seed would pull a configuration's mean down."""
     rows = []
     columns = ["config", "label", "n", "mean", "std", "min", "max", "runs"]
     if metric not in table.columns:
         return pd.DataFrame(columns=columns)
+    table = table[(table["status"] == "FINISHED") & (table["early_stopped"].fillna("") == "")]
     for config, group in table.groupby("config", sort=False):
         values = pd.to_numeric(group[metric], errors="coerce").dropna()
         if values.empty:

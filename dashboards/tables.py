@@ -78,9 +78,7 @@ def write_tables(data: SweepData, folder: Path) -> list[Path]:
     trials = trials_with_best_ious(data)
     labels = trials.set_index("run_id")["label"]
     curves = data.histories.assign(label=data.histories["run_id"].map(labels))
-    # seeds are compared over finished trials trained to their end, as the report does
-    whole = trials[(trials["status"] == "FINISHED") & (trials["early_stopped"].fillna("") == "")]
-    frames = (trials, configurations(whole), comparisons(whole), curves)
+    frames = (trials, configurations(trials), comparisons(trials), curves)
     paths = []
     for name, frame in zip(FILES, frames, strict=True):
         frame.to_csv(folder / name, index=False)

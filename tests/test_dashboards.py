@@ -158,15 +158,19 @@ def test_budget_parsing() -> None:
 def test_seed_comparisons_say_whether_a_difference_exceeds_the_spread() -> None:
     table = pd.DataFrame(
         {
-            "run_id": list("abcdef"),
-            "config": ["x=1"] * 2 + ["x=2"] * 2 + ["x=3"] * 2,
-            "config_label": ["one"] * 2 + ["two"] * 2 + ["three"] * 2,
-            OBJECTIVE: [0.50, 0.52, 0.49, 0.53, 0.30, 0.31],
+            "run_id": list("abcdefgh"),
+            "config": ["x=1"] * 2 + ["x=2"] * 2 + ["x=3"] * 2 + ["x=1"] * 2,
+            "config_label": ["one"] * 2 + ["two"] * 2 + ["three"] * 2 + ["one"] * 2,
+            OBJECTIVE: [0.50, 0.52, 0.49, 0.53, 0.30, 0.31, 0.05, 0.10],
+            # a failed seed and one a scheduler stopped early count in no seed statistic
+            "status": ["FINISHED"] * 6 + ["FAILED", "FINISHED"],
+            "early_stopped": [""] * 7 + ["after 1 epochs"],
         }
     )
     groups = seed_groups(table)
     assert groups["label"].tolist() == ["one", "two", "three"]
     assert groups["n"].tolist() == [2, 2, 2]
+    assert groups["runs"].iloc[0] == ["a", "b"]
     verdicts = {(c.a, c.b): c.beyond_spread for c in compare_configs(groups)}
     assert verdicts == {("one", "two"): False, ("one", "three"): True, ("two", "three"): True}
     # a metric no trial has a value of (GPU latency on CPUs): no groups, no comparisons
