@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import logging
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from dashboards.page import inline, render
 from dashboards.sections import Report, compose
 from dashboards.tables import write_tables
 from segtune.cli import command_parser, run_cli, setup_logging
+from segtune.errors import ConfigError
 from segtune.tracking.names import REPORT_DIR
 from segtune.tracking.query import load_sweep_data
 from segtune.tracking.select import parse_budget
@@ -96,7 +98,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "<=, <, >=, >: e.g. 'infer_ms_cpu<=50,size_mb<20'",
     )
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--run-id", help="the parent run of one sweep (default: the newest sweep)")
+    which.add_argument(
+        "--run-id",
+        help="the parent run of one sweep (default: the newest sweep); - reads it from standard "
+        "input once imports are done (segtune.run starts its report so, ahead of the sweep's end)",
+    )
     which.add_argument("--all", action="store_true", help="every sweep of the experiment")
     parser.add_argument("--no-log", action="store_true", help="do not log the report to MLflow")
     parser.add_argument(
@@ -108,6 +114,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    if args.run_id == "-":
+        print("sweep run id:", flush=True)  # the prompt: everything is imported
+        args.run_id = sys.stdin.readline().strip()
+        if not args.run_id:
+            raise ConfigError("--run-id -: standard input ended before a run id")
     index = build_report(
         args.experiment,
         tracking_uri=args.tracking_uri,

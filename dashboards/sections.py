@@ -11,7 +11,7 @@ import pandas as pd
 
 from dashboards import class_figures, figures, importance, interactive
 from dashboards.analysis import compare_configs, seed_groups
-from segtune.metrics import iou_per_class
+from segtune.scores import iou_per_class
 from segtune.tracking.names import (
     CONFUSION_ARTIFACT,
     EVAL_DIR,

@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 
 from segtune.classes import CLASS_NAMES, IGNORE_INDEX
+from segtune.scores import iou_per_class, nanmean
 
 
 def _as_predictions(logits_or_preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -59,25 +60,6 @@ def _invalid_ids(num_classes: int, ignore_index: int, pixels: int) -> ValueError
         f"{pixels} pixels have class ids outside 0..{num_classes - 1} "
         f"(ignore index {ignore_index}) in the targets or predictions"
     )
-
-
-def iou_per_class(matrix: torch.Tensor | np.ndarray) -> np.ndarray:
-    """IoU of each class from confusion matrices (..., C, C), rows = truth; NaN where undefined."""
-    if isinstance(matrix, torch.Tensor):
-        matrix = matrix.detach().cpu().to(torch.float64).numpy()
-    m = np.asarray(matrix, dtype=np.float64)  # read only, so pandas' read-only arrays do too
-    tp = np.diagonal(m, axis1=-2, axis2=-1)
-    union = m.sum(-1) + m.sum(-2) - tp
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(union > 0, tp / union, np.nan)
-
-
-def _nanmean(values: np.ndarray) -> np.ndarray:
-    """Mean over the last axis skipping NaN; NaN (without numpy's warning) where all are NaN."""
-    defined = ~np.isnan(values)
-    count = defined.sum(-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 0, np.where(defined, values, 0.0).sum(-1) / count, np.nan)
 
 
 class ConfusionMatrix:
@@ -149,9 +131,9 @@ class ConfusionMatrix:
             recall = np.where(truth > 0, tp / truth, np.nan)
         acc = tp.sum() / m.sum() if m.sum() > 0 else float("nan")
         scores = {
-            "miou": float(_nanmean(iou)),
+            "miou": float(nanmean(iou)),
             "acc": float(acc),
-            "class_acc": float(_nanmean(recall)),
+            "class_acc": float(nanmean(recall)),
         }
         scores.update(
             {f"iou_{name}": float(v) for name, v in zip(self.class_names, iou, strict=True)}
@@ -214,8 +196,8 @@ def per_image_rows(
     offsets = torch.arange(n_images, device=codes.device)[:, None] * (c * c)
     codes = (codes + offsets).masked_fill_(ignored, n_images * c * c)
     counts = torch.bincount(codes.flatten(), minlength=n_images * c * c + 1)
-    iou = iou_per_class(counts[:-1].view(n_images, c, c))
-    miou = _nanmean(iou)
+    iou = iou_per_class(counts[:-1].view(n_images, c, c).cpu().numpy())
+    miou = nanmean(iou)
     rows: list[dict[str, str | float]] = []
     for i, sample_id in enumerate(ids):
         row: dict[str, str | float] = {"id": sample_id, "miou": float(miou[i])}

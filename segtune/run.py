@@ -4,11 +4,16 @@ Order of work: validate the sweep file completely (exit 2 on any problem, before
 start), pre-flight (dataset, pretrained weights, schedulable resources), then one parent MLflow
 run and a Tuner; at the end a summary table, the report (`python -m dashboards.report`, run as
 its own command), and exit 1 if any trial failed.
+
+The report's process starts first: its imports (about 3 s) run beside the driver's, whose heavy
+imports (torch, Ray, MLflow) come inside the functions, after it. The driver waits for them to
+end before the cost stage times anything; the report draws once it reads the sweep run's id.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import shlex
@@ -17,20 +22,22 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING
 
-import pandas as pd
-import psutil
 import yaml
 
-from segtune.cli import command_parser, run_cli, setup_logging
-from segtune.data.pipeline import Scan, scan_dataset, split_samples
+from segtune.cli import command_parser, process_age, run_cli, setup_logging
 from segtune.errors import ConfigError, ModelError
 from segtune.interrupt import SweepInterrupted
-from segtune.models import pretrained_weights_file
-from segtune.space import check_combinations, describe, discrete_trials
 from segtune.storage import RunStorage
 from segtune.sweepfile import SweepConfig, load_sweep
 from segtune.tracking.names import COLUMNS, OBJECTIVE, PARETO_COSTS
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from segtune.data.pipeline import Scan
 
 log = logging.getLogger("segtune.run")
 
@@ -78,6 +85,10 @@ def absolute_paths(sweep: SweepConfig, tracking_uri: str) -> tuple[SweepConfig, 
 
 
 def dry_run(sweep: SweepConfig) -> None:
+    import pandas as pd
+
+    from segtune.space import describe, discrete_trials
+
     print(f"sweep {sweep.name}: search {sweep.tune.search}, scheduler {sweep.tune.scheduler}")
     if sweep.tune.search == "grid":
         trials = discrete_trials(sweep)
@@ -99,6 +110,10 @@ def dry_run(sweep: SweepConfig) -> None:
 def preflight(sweep: SweepConfig, local: bool) -> Scan:
     """Fail before any trial on what would fail every trial; returns the checked dataset, which
     every trial then reads instead of checking it again."""
+    from segtune.data.pipeline import scan_dataset
+    from segtune.models import pretrained_weights_file
+    from segtune.space import check_combinations, discrete_trials
+
     check_combinations(sweep)
     missing: dict[str, None] = {}
     for cfg in discrete_trials(sweep):
@@ -131,10 +146,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
     sweep = load_sweep(args.sweep, args.set)
     if args.dry_run:
+        from segtune.space import check_combinations
+
         check_combinations(sweep)
         dry_run(sweep)
         return 0
+    uri = args.tracking_uri or sweep.mlflow.tracking_uri
+    report = None if args.no_report else EarlyReport(sweep.experiment, uri)
+    with report or contextlib.nullcontext():
+        return _sweep(args, sweep, report)
 
+
+def _sweep(args: argparse.Namespace, sweep: SweepConfig, report: EarlyReport | None) -> int:
+    """Checks, the sweep, its summary, the report and the time account; the exit status."""
+    from segtune.data.pipeline import split_samples
     from segtune.tracking.outage import use_driver_retries
     from segtune.tracking.runs import check_tracking_uri, resolve_tracking_uri
 
@@ -149,8 +174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     train, val, _ = split_samples(sweep.data, int(sweep.train.get("seed", 0)), scan=scan)
     floor = colour_floor(train, val, sweep.data.rgb_masks)["miou"]
+    if report is not None:
+        report.wait_imported()  # nothing of ours competes with the cost stage's timing
 
-    phases = {"checks_s": time.time() - psutil.Process().create_time()}
+    phases = {"checks_s": process_age()}
     try:
         outcome = run_sweep(
             sweep,
@@ -160,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sweep_yaml=yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False),
             scan=scan,
             floor_miou=floor,
+            trials_done=report.draw if report is not None else None,
         )
     except SweepInterrupted as exc:
         then = (
@@ -172,14 +200,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     trials = print_summary(sweep, tracking_uri, outcome.parent)
     phases["summary_s"] = time.perf_counter() - started
-    report = None
-    if not args.no_report:
+    index = None
+    if report is not None:
         started = time.perf_counter()
-        report = build_report(sweep.experiment, tracking_uri, outcome.parent)
+        index = report.index()
         phases["report_s"] = time.perf_counter() - started
     print_time_account(trials, tracking_uri, outcome.parent, outcome.slots, phases)
-    if report is not None:
-        print(f"report: {report}")  # the last line: scripts read the report's path there
+    if index is not None:
+        print(f"report: {index}")  # the last line: scripts read the report's path there
     return 1 if outcome.failed else 0
 
 
@@ -266,23 +294,58 @@ def print_time_account(
 
     from segtune.tracking.timing import account, account_lines, log_account
 
-    wall = time.time() - psutil.Process().create_time()
+    wall = process_age()
     figures = account(trials, phases, slots, wall)
     log_account(MlflowClient(tracking_uri), parent, figures)
     print("\n".join(account_lines(figures)))
 
 
-def build_report(experiment: str, tracking_uri: str, parent: str) -> Path | None:
-    """The dashboards' report of this sweep, by their own command, and its index file: a report
-    problem is a warning, never a failed sweep."""
-    command = [sys.executable, "-m", "dashboards.report", "--experiment", experiment]
-    command += ["--tracking-uri", tracking_uri, "--run-id", parent]
-    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
-    index = done.stdout.strip().splitlines()[-1:] if done.returncode == 0 else []
-    if index:
-        return Path(index[0]).resolve()
-    log.warning("report not built (python -m dashboards.report exited %d)", done.returncode)
-    return None
+class EarlyReport:
+    """`python -m dashboards.report --run-id -`, started with the driver so that both import
+    at once, in a session of its own (a Ctrl-C is the driver's to handle); it draws when
+    `build` hands it the sweep run's id, and is killed if the sweep never gets that far."""
+
+    def __init__(self, experiment: str, tracking_uri: str | None) -> None:
+        command = [sys.executable, "-m", "dashboards.report", "--experiment", experiment]
+        command += ["--run-id", "-"] + (["--tracking-uri", tracking_uri] if tracking_uri else [])
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+
+    def __enter__(self) -> EarlyReport:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self.process.poll() is None:  # the sweep ended before its report
+            self.process.kill()
+        self.process.wait()
+
+    def wait_imported(self) -> None:
+        """Until the report asks for the run id: its imports are done (or it has ended)."""
+        assert self.process.stdout is not None
+        self.process.stdout.readline()
+
+    def draw(self, parent: str) -> None:
+        """Hand the report the sweep run's id: it draws while the driver goes on (Ray's stop)."""
+        assert self.process.stdin is not None
+        with contextlib.suppress(BrokenPipeError):  # it ended early: `index` says so
+            self.process.stdin.write(parent + "\n")
+            self.process.stdin.close()
+
+    def index(self) -> Path | None:
+        """The drawn report's index file, once it is written: a report problem is a warning,
+        never a failed sweep."""
+        assert self.process.stdout is not None
+        out = self.process.stdout.read()
+        index = out.strip().splitlines()[-1:] if self.process.wait() == 0 else []
+        if index:
+            return Path(index[0]).resolve()
+        log.warning("report not built (python -m dashboards.report exited %d)",
+                    self.process.returncode)  # fmt: skip
+        return None
 
 
 if __name__ == "__main__":

@@ -177,10 +177,12 @@ def run_sweep(
     sweep_yaml: str,
     scan: Scan | None = None,
     floor_miou: float | None = None,
+    trials_done: Callable[[str], None] | None = None,
 ) -> SweepOutcome:
     """Run the sweep: checks, cost stage, Tuner. `scan` is the driver's check of the dataset,
     handed to every trial (on every node the dataset has the same paths, checked first);
-    `floor_miou` the colour-only floor of its validation split, kept on the sweep run.
+    `floor_miou` the colour-only floor of its validation split, kept on the sweep run;
+    `trials_done` is called with the sweep run's id once every trial has ended, before Ray stops.
 
     One driver per sweep name and run storage holds the sweep's lock; once the node checks pass
     it closes what the storage's previous driver of the name left RUNNING, and on SIGINT or
@@ -202,7 +204,7 @@ def run_sweep(
         outcome = SweepOutcome("", 0, 1)
         try:
             _fit(sweep, tracking_uri, storage, lock, stop, outcome, address, resume, sweep_yaml,
-                 scan, floor_miou)  # fmt: skip
+                 scan, floor_miou, trials_done)  # fmt: skip
         except SegtuneError:
             if not stop.stopped:
                 raise
@@ -230,6 +232,7 @@ def _fit(
     sweep_yaml: str,
     scan: Scan | None,
     floor_miou: float | None,
+    trials_done: Callable[[str], None] | None,
 ) -> None:
     """The cost stage and the Tuner, filling `outcome` as they go (the parent run first, so that
     an interruption can close it)."""
@@ -345,6 +348,8 @@ def _fit(
         with stop.graceful(), watch_server(tracking_uri, sweep.mlflow.outage_s, stop.give_up):
             results = tuner.fit()
         phases["tuner_s"] = time.perf_counter() - started
+        if trials_done is not None and not stop.stopped:
+            trials_done(parent)
     finally:
         started = time.perf_counter()
         ray.shutdown()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,16 @@ def test_cli_sweep_prints_the_time_account(synthetic_root: Path, tmp_path: Path)
     assert first[0] == "1" and median[0] == "median" and first[1:] == median[1:]
     assert sum(v.endswith("%") for v in first) == 1  # the efficiency
     assert not list(tmp_path.glob("mlflow.db")), "the benchmark keeps to its own store"
+
+
+def test_a_commands_wall_time_starts_with_its_process() -> None:
+    """The time account's wall seconds: at least the time the process slept, and never more
+    than its parent saw pass (psutil's create_time, built on a whole-second boot time, read up
+    to a second too much)."""
+    probe = (
+        "import time; time.sleep(1.5); from segtune.cli import process_age; print(process_age())"
+    )
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    outside = time.perf_counter() - started
+    assert 1.5 <= float(done.stdout) <= outside, (done.stdout, outside)

@@ -376,6 +376,29 @@ def test_cli_unknown_experiment(store: Store, tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
 
 
+def test_run_id_from_standard_input_once_imported(store: Store, tmp_path: Path) -> None:
+    """segtune.run starts its report this way, ahead of the sweep's end: the report asks for
+    the run id only once everything is imported (torch never is), then draws that sweep."""
+    command = [sys.executable, "-m", "dashboards.report", "--tracking-uri", store.uri,
+               "--experiment", EXPERIMENT, "--out", str(tmp_path / "old"), "--no-log",
+               "--run-id", "-"]  # fmt: skip
+    cwd = Path(__file__).parents[1]
+    with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                          cwd=cwd) as report:  # fmt: skip
+        assert report.stdout is not None and report.stdout.readline() == "sweep run id:\n"
+        out, _ = report.communicate(store.old_parent + "\n", timeout=120)
+    assert report.returncode == 0
+    page = Path(out.strip().splitlines()[-1]).read_text()
+    assert all(run in page for run in store.old_runs)
+    assert not any(run in page for run in store.runs)
+    ended = subprocess.run(command, input="", capture_output=True, text=True, cwd=cwd, timeout=120)
+    assert ended.returncode == 2
+    assert ended.stderr.strip() == "error: --run-id -: standard input ended before a run id"
+    probe = "import sys, dashboards.report; print(sorted(m for m in sys.modules if 'torch' in m))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=cwd)
+    assert done.stdout.strip() == "[]", "the report imports torch (3 s) for nothing"
+
+
 def test_experiment_without_sweep(store: Store, tmp_path: Path) -> None:
     MlflowClient(tracking_uri=store.uri).create_experiment("no-sweeps-here")
     with pytest.raises(TrackingError, match="'no-sweeps-here' has no sweep run"):

@@ -15,9 +15,9 @@ from segtune.metrics import (
     ConfusionMatrix,
     band_target,
     boundary_band,
-    iou_per_class,
     per_image_rows,
 )
+from segtune.scores import iou_per_class
 
 C = NUM_CLASSES
 HW = (48, 64)

@@ -588,10 +588,13 @@ def test_a_tracking_uri_that_cannot_work_is_refused_at_once(
 
     sweep = write_sweep(tmp_path / "uri.yaml", synthetic_root)
     started = time.perf_counter()
-    code = run_cli(run_main, [str(sweep), "--tracking-uri", uri, "--no-report"])
+    code = run_cli(run_main, [str(sweep), "--tracking-uri", uri])
     err = capsys.readouterr().err
     assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
     assert time.perf_counter() - started < 10 and not ray.is_initialized()
+    # the report, started with the sweep, went with it
+    left = [p.cmdline() for p in psutil.Process().children(recursive=True)]
+    assert not [c for c in left if "dashboards.report" in c], left
 
 
 def test_an_unfinished_set_value_and_a_missing_resume_are_one_line(
