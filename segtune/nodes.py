@@ -12,7 +12,6 @@ import contextlib
 import importlib.metadata
 import ipaddress
 import logging
-import os
 import secrets
 import socket
 import time
@@ -186,10 +185,3 @@ def _problems(
                 "the same versions everywhere (pip install -c constraints.txt)"
             )
     return found
-
-
-def runtime_env_vars() -> dict[str, str]:
-    """Environment every trial process gets: no network call when albumentations is imported,
-    and no cloud metadata service asked when the driver's storage is a server of one's own."""
-    names = ("NO_ALBUMENTATIONS_UPDATE", "AWS_EC2_METADATA_DISABLED")
-    return {name: os.environ[name] for name in names if name in os.environ}

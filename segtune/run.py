@@ -17,10 +17,12 @@ import contextlib
 import logging
 import math
 import shlex
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -29,7 +31,7 @@ import yaml
 
 from segtune.cli import command_parser, process_age, run_cli, setup_logging
 from segtune.errors import ConfigError, ModelError
-from segtune.interrupt import SweepInterrupted
+from segtune.interrupt import StopSignals, SweepInterrupted
 from segtune.storage import RunStorage
 from segtune.sweepfile import SweepConfig, load_sweep
 from segtune.tracking.names import COLUMNS, OBJECTIVE, PARETO_COSTS
@@ -141,6 +143,21 @@ def preflight(sweep: SweepConfig, local: bool) -> Scan:
     return scan_dataset(sweep.data, progress=True)  # generates a synthetic set, checks every pair
 
 
+def _checked(sweep: SweepConfig, local: bool, report: EarlyReport | None) -> tuple[Scan, float]:
+    """The pre-flight with the driver's heavy imports (torch, the models, the trainable), run in
+    a thread while Ray starts: the checked dataset and its colour-only floor."""
+    import segtune.sweep  # noqa: F401 - the Tuner and the trainable, imported here meanwhile
+    from segtune.data.baseline import colour_floor
+    from segtune.data.pipeline import split_samples
+
+    scan = preflight(sweep, local)
+    train, val, _ = split_samples(sweep.data, int(sweep.train.get("seed", 0)), scan=scan)
+    floor = colour_floor(train, val, sweep.data.rgb_masks)["miou"]
+    if report is not None:
+        report.wait_imported()  # nothing of ours competes with the cost stage's timing
+    return scan, floor
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(args.verbose)
@@ -159,7 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _sweep(args: argparse.Namespace, sweep: SweepConfig, report: EarlyReport | None) -> int:
     """Checks, the sweep, its summary, the report and the time account; the exit status."""
-    from segtune.data.pipeline import split_samples
+    import ray
+
+    from segtune.ray_start import start_ray
     from segtune.tracking.outage import use_driver_retries
     from segtune.tracking.runs import check_tracking_uri, resolve_tracking_uri
 
@@ -168,34 +187,42 @@ def _sweep(args: argparse.Namespace, sweep: SweepConfig, report: EarlyReport | N
     )
     check_tracking_uri(tracking_uri)  # seconds, not the minutes of MLflow's retries
     use_driver_retries(tracking_uri, sweep.mlflow.outage_s)
-    scan = preflight(sweep, local=args.address is None)
-    from segtune.data.baseline import colour_floor
-    from segtune.sweep import run_sweep
-
-    train, val, _ = split_samples(sweep.data, int(sweep.train.get("seed", 0)), scan=scan)
-    floor = colour_floor(train, val, sweep.data.rgb_masks)["miou"]
-    if report is not None:
-        report.wait_imported()  # nothing of ours competes with the cost stage's timing
-
     phases = {"checks_s": process_age()}
-    try:
-        outcome = run_sweep(
-            sweep,
-            tracking_uri,
-            address=args.address,
-            resume=args.resume,
-            sweep_yaml=yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False),
-            scan=scan,
-            floor_miou=floor,
-            trials_done=report.draw if report is not None else None,
-        )
-    except SweepInterrupted as exc:
-        then = (
-            f"continue it with: {resume_command(args)}"
-            if exc.resumable
-            else "Tune saved no state to resume: run it again"
-        )
-        raise SweepInterrupted(f"{exc}; {then}", exc.exit_code, exc.resumable) from None
+    started = time.perf_counter()
+    with StopSignals() as stop, ThreadPoolExecutor(1, "pre-flight") as pool:
+        try:
+            try:  # Ray starts in this thread while the pool's imports and checks what it needs
+                checked = pool.submit(_checked, sweep, args.address is None, report)
+                start_ray(args.address, tracking_uri, sweep.mlflow.outage_s, stop)
+                scan, floor = checked.result()
+            except SweepInterrupted as exc:  # a signal before the sweep's runs exist
+                name = signal.Signals(stop.received or exc.exit_code - 128).name
+                raise SweepInterrupted(
+                    f"sweep {sweep.name} stopped by {name} before its trials", exc.exit_code
+                ) from None
+            phases["start_s"] = time.perf_counter() - started
+            from segtune.sweep import run_sweep  # imported by the pool's thread
+
+            outcome = run_sweep(
+                sweep,
+                tracking_uri,
+                address=args.address,
+                resume=args.resume,
+                sweep_yaml=yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False),
+                stop=stop,
+                scan=scan,
+                floor_miou=floor,
+                trials_done=report.draw if report is not None else None,
+            )
+        except SweepInterrupted as exc:
+            then = (
+                f"continue it with: {resume_command(args)}"
+                if exc.resumable
+                else "Tune saved no state to resume: run it again"
+            )
+            raise SweepInterrupted(f"{exc}; {then}", exc.exit_code, exc.resumable) from None
+        finally:
+            ray.shutdown()  # where the sweep did not get as far as stopping it
     phases.update(outcome.phases)
     started = time.perf_counter()
     trials = print_summary(sweep, tracking_uri, outcome.parent)

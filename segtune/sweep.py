@@ -26,7 +26,7 @@ from segtune.data.pipeline import Scan
 from segtune.errors import ConfigError, SegtuneError
 from segtune.interrupt import StopSignals
 from segtune.models import MODEL_KEYS
-from segtune.nodes import check_nodes, node_name, runtime_env_vars
+from segtune.nodes import check_nodes, node_name
 from segtune.space import discrete_trials, param_space
 from segtune.storage import RunStorage
 from segtune.sweep_callbacks import CloseRuns
@@ -34,7 +34,7 @@ from segtune.sweep_end import end_failed, end_stopped, now
 from segtune.sweep_lock import SweepLock
 from segtune.sweepfile import SweepConfig, search_form
 from segtune.tracking.names import FLOOR_METRIC, STOPPED_TAG
-from segtune.tracking.outage import trial_retry_env, watch_server
+from segtune.tracking.outage import watch_server
 from segtune.tracking.runs import close_open_runs, start_sweep_run
 from segtune.trial import run_trial
 
@@ -175,11 +175,14 @@ def run_sweep(
     address: str | None,
     resume: bool,
     sweep_yaml: str,
+    stop: StopSignals,
     scan: Scan | None = None,
     floor_miou: float | None = None,
     trials_done: Callable[[str], None] | None = None,
 ) -> SweepOutcome:
-    """Run the sweep: checks, cost stage, Tuner. `scan` is the driver's check of the dataset,
+    """Run the sweep on the Ray the caller started (`segtune.ray_start`; stopped here once the
+    trials end, before the runs are closed): cost stage, checks, Tuner. `stop` routes the
+    caller's signals. `scan` is the driver's check of the dataset,
     handed to every trial (on every node the dataset has the same paths, checked first);
     `floor_miou` the colour-only floor of its validation split, kept on the sweep run;
     `trials_done` is called with the sweep run's id once every trial has ended, before Ray stops.
@@ -200,7 +203,7 @@ def run_sweep(
         raise ConfigError(
             f"--resume: no interrupted sweep at {storage}/{sweep.name}; run without --resume"
         )
-    with SweepLock(storage, sweep.name) as lock, StopSignals() as stop:
+    with SweepLock(storage, sweep.name) as lock:
         outcome = SweepOutcome("", 0, 1)
         try:
             _fit(sweep, tracking_uri, storage, lock, stop, outcome, address, resume, sweep_yaml,
@@ -234,31 +237,17 @@ def _fit(
     floor_miou: float | None,
     trials_done: Callable[[str], None] | None,
 ) -> None:
-    """The cost stage and the Tuner, filling `outcome` as they go (the parent run first, so that
-    an interruption can close it)."""
+    """The cost stage and the Tuner on the started Ray, filling `outcome` as they go (the parent
+    run first, so that an interruption can close it); Ray stops at the end."""
     filesystem, root = storage.filesystem
     joined, configs = address is not None, _cost_stage_configs(sweep)
     phases = outcome.phases
-    if not joined:  # this machine alone, before Ray's own processes start and compete
+    try:  # Ray stops here (finally), whatever happens
         started = time.perf_counter()
-        costs, measured = run_cost_stage(configs, sweep.bench, tracking_uri, joined=False)
-        phases["cost_stage_s"] = time.perf_counter() - started
-    started = time.perf_counter()
-    env = {
-        "MLFLOW_TRACKING_URI": tracking_uri,
-        **runtime_env_vars(),
-        **trial_retry_env(tracking_uri, sweep.mlflow.outage_s),
-    }
-    log.info("starting Ray (%s)", address or "this machine")
-    try:  # a signal during Ray's start still shuts down what it started
-        with stop.starting_ray():
-            ray.init(
-                address=address,
-                include_dashboard=False,
-                runtime_env={"env_vars": env},
-                configure_logging=False,
-                log_to_driver=True,
-            )
+        if not joined:  # this machine alone: Ray's processes are up, and idle until the trials
+            costs, measured = run_cost_stage(configs, sweep.bench, tracking_uri, joined=False)
+            phases["cost_stage_s"] = time.perf_counter() - started
+        started = time.perf_counter()
         check_cluster(sweep)
         check_nodes(sweep.data, storage, tracking_uri, joined=joined)
         client = MlflowClient(tracking_uri)  # only now: no store is made before the checks pass
@@ -274,7 +263,7 @@ def _fit(
         lock.parent(parent)
         if floor_miou is not None:
             client.log_metric(parent, FLOOR_METRIC, floor_miou)
-        phases["start_s"] = time.perf_counter() - started
+        phases["nodes_s"] = time.perf_counter() - started
         if joined:  # one task per node kind, each holding its node while nothing else runs
             started = time.perf_counter()
             costs, measured = run_cost_stage(configs, sweep.bench, tracking_uri, joined=True)

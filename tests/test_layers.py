@@ -75,7 +75,7 @@ def test_the_training_core_imports_neither_ray_nor_mlflow() -> None:
 def test_the_dashboards_read_mlflow_only_through_segtune_tracking() -> None:
     for path in (REPO / "dashboards").rglob("*.py"):
         segtune = {n for n in imported_modules(path) if n.split(".")[0] == "segtune"}
-        allowed = {"segtune.cli", "segtune.classes", "segtune.errors", "segtune.metrics"}
+        allowed = {"segtune.cli", "segtune.classes", "segtune.errors", "segtune.scores"}
         assert {n for n in segtune if not n.startswith("segtune.tracking")} <= allowed, path
 
 

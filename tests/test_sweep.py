@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -547,6 +548,7 @@ def test_bad_sweeps_exit_2_before_anything_starts(
     if case == "gpu on this machine" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     sections, expected = BAD_SWEEPS[case]
+    before = _ray_processes()
     sweep = write_sweep(tmp_path / "bad.yaml", synthetic_root, **sections)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     from segtune.cli import run_cli
@@ -556,6 +558,10 @@ def test_bad_sweeps_exit_2_before_anything_starts(
     assert code == 2 and err.startswith("error: ") and expected in err and "Traceback" not in err
     assert not ray.is_initialized()
     assert not (tmp_path / "mlflow.db").exists()  # no MLflow run, not even a store
+    deadline = time.time() + 30  # Ray, started beside the pre-flight, went with it
+    while left := _ray_processes() - before:
+        assert time.time() < deadline, [p.cmdline()[:2] for p in left]
+        time.sleep(0.5)
 
 
 def test_bad_yaml_from_the_command_line(tmp_path: Path) -> None:
@@ -593,6 +599,34 @@ def test_a_tracking_uri_that_cannot_work_is_refused_at_once(
     assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
     assert time.perf_counter() - started < 10 and not ray.is_initialized()
     # the report, started with the sweep, went with it
+    left = [p.cmdline() for p in psutil.Process().children(recursive=True)]
+    assert not [c for c in left if "dashboards.report" in c], left
+
+
+def test_a_cluster_that_cannot_be_joined_is_one_line(
+    synthetic_root: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ray starts while the pre-flight runs: `--address auto` with no cluster to join ends in
+    one line and exit 2, its pre-flight thread and its report gone with it."""
+    import ray
+
+    from segtune.cli import run_cli
+
+    if Path("/tmp/ray/ray_current_cluster").exists():
+        pytest.skip("a Ray cluster of this machine answers --address auto")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep = write_sweep(tmp_path / "join.yaml", synthetic_root)
+    code = run_cli(run_main, [str(sweep), "--tracking-uri", uri, "--address", "auto"])
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after the pre-flight's progress bars
+    assert code == 2 and "Traceback" not in err and err.count("error: ") == 1, err
+    assert last.startswith("error: --address auto: Could not find any running Ray instance"), err
+    assert not ray.is_initialized() and not (tmp_path / "mlflow.db").exists()
+    assert not [t for t in threading.enumerate() if t.name.startswith("pre-flight")]
     left = [p.cmdline() for p in psutil.Process().children(recursive=True)]
     assert not [c for c in left if "dashboards.report" in c], left
 

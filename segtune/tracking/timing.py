@@ -1,8 +1,8 @@
 """A sweep's time account: where its wall time went, and its efficiency, the share of the slot
 time spent training (training seconds / (wall seconds x concurrent slots)).
 
-The driver's stages (checks, Ray start, cost stage, Tuner, summary, report) come from its own
-clock; the trials' stages (setup, cost, evaluation, training) from their runs (TRIAL_TIMES and
+The driver's stages (start-up, Ray start beside the pre-flight, cost stage, node checks, Tuner,
+Ray stop, summary, report) come from its own clock; the trials' stages (setup, cost, evaluation, training) from their runs (TRIAL_TIMES and
 `train_time_min`). The account goes to the sweep's run as `time/<key>` metrics, so that
 `python -m segtune.bench sweep` and anyone later can read it back.
 """
@@ -17,11 +17,12 @@ from mlflow.tracking import MlflowClient
 
 TIME_PREFIX = "time/"
 # the driver's stages, in the order they run on one machine (a cluster's cost stage comes after
-# Ray's start: it runs as Ray tasks)
+# the node checks: it runs as Ray tasks)
 DRIVER_STAGES = {
-    "checks_s": "checks",
+    "checks_s": "start-up",
+    "start_s": "Ray start beside the pre-flight",
     "cost_stage_s": "cost stage",
-    "start_s": "Ray start and node checks",
+    "nodes_s": "node checks and sweep run",
     "tuner_s": "trials",
     "stop_s": "Ray stop",
     "summary_s": "summary",

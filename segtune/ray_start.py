@@ -1,0 +1,64 @@
+"""Ray's start for a sweep's driver, on this machine or joining a cluster, with the environment
+every trial process gets.
+
+`segtune.run` calls it before its heavy imports (torch, the models, the trainable) and its
+pre-flight, which a thread does meanwhile: Ray's start is mostly waiting for its own processes
+(about 4 s on 2 cores), and those seconds used to come on top of the driver's own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+from segtune.errors import ConfigError
+from segtune.interrupt import StopSignals
+from segtune.tracking.outage import trial_retry_env
+
+log = logging.getLogger(__name__)
+
+
+def runtime_env_vars() -> dict[str, str]:
+    """Environment every trial process gets: no network call when albumentations is imported,
+    and no cloud metadata service asked when the driver's storage is a server of one's own."""
+    names = ("NO_ALBUMENTATIONS_UPDATE", "AWS_EC2_METADATA_DISABLED")
+    return {name: os.environ[name] for name in names if name in os.environ}
+
+
+class DefaultAuthNotice(logging.Filter):
+    """Drops Ray's notice that a new local cluster has token authentication, its default: it
+    came on every run, and before the one line of a pre-flight that fails while Ray starts.
+    Ray's warning that authentication is off stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this")
+
+
+AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def start_ray(address: str | None, tracking_uri: str, outage_s: float, stop: StopSignals) -> None:
+    """`ray.init` in this (the main) thread: Ray ties its processes to the thread that starts
+    them. A signal meanwhile is the sweep's (`stop.starting_ray`); a cluster that cannot be
+    joined is one line."""
+    env = {
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        **runtime_env_vars(),
+        **trial_retry_env(tracking_uri, outage_s),
+    }
+    if not any(isinstance(f, DefaultAuthNotice) for f in logging.getLogger(AUTH_LOGGER).filters):
+        logging.getLogger(AUTH_LOGGER).addFilter(DefaultAuthNotice())
+    log.info("starting Ray (%s)", address or "this machine")
+    try:
+        with stop.starting_ray():
+            ray.init(
+                address=address,
+                include_dashboard=False,
+                runtime_env={"env_vars": env},
+                configure_logging=False,
+                log_to_driver=True,
+            )
+    except ConnectionError as exc:
+        raise ConfigError(f"--address {address}: {str(exc).strip().splitlines()[0]}") from None

@@ -1,0 +1,1589 @@
+"""Issue 14's bad-input matrix: bad inputs and faults against segtune's commands, each judged
+on whether it ends in one clear line on stderr with exit status 2.
+
+    .venv/bin/python -m tests.bad_inputs [--out FILE] [--only TEXT] [--jobs 2]
+
+Not a pytest module (its name does not start with `test_`): it runs the real commands in
+subprocesses, one tiny sweep and one export as fixtures, and takes about ten minutes on two
+cores. Everything it writes lies in a temporary folder; nothing in the checkout changes.
+
+How a case is counted as "one clear line":
+
+- the exit status is 2, stderr holds no `Traceback`, and the command did not time out;
+- stderr has exactly one line starting with `error:`, and nothing after it but log lines
+  (`HH:MM:SS LEVEL name: ...`): a message that goes on over further lines is "several lines".
+  Log lines, warnings and progress bars before it are allowed (they are not the error);
+- argparse's own refusal (`usage: ...` then `PROG: error: ...`, exit 2) counts as clean, marked
+  "yes (argparse)", and the summary gives the count without those too;
+- the error line names what the case expects (the key, the file or the problem, any one of a
+  few words); otherwise it is "wrong message";
+- some cases add a check: refused within a time, no output folder left behind, stderr not
+  echoing a 10 MB input.
+
+Control cases (valid inputs that must work: the fixture sweep and export, a 16-bit PNG image)
+are listed apart and are not counted among the bad inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "sweeps" / "quickstart.yaml"
+PY = sys.executable
+DROP = object()  # `put` removes the key
+BIG = "@@10MB@@"  # replaced by 10 MB of text once the sweep is written
+
+ERROR_LINE = re.compile(r"^error: ")
+ARGPARSE_LINE = re.compile(r"^[\w.\- ]+: error: ")
+LOG_LINE = re.compile(
+    r"^(\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) "  # segtune's logging format
+    r"|\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d"  # Ray's and MLflow's
+    r"|\(\w+ pid=\d+)"  # a Ray worker's forwarded line
+)
+PROGRESS = re.compile(r"\d+%\||it/s\]|s/it\]")
+GROUPS = (
+    "control", "sweep schema", "sweep pre-flight", "run CLI", "dataset", "train", "predict",
+    "export", "report", "bench", "data tools",
+)  # fmt: skip
+
+
+# --- cases and results -------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    group: str
+    name: str
+    argv: list[str]
+    expect: tuple[str, ...] = ()  # any one of these, case-insensitive, in the error line
+    stdin: str = ""
+    timeout: float = 120.0
+    max_s: float | None = None  # should be refused within this many seconds
+    absent: Path | None = None  # must not exist afterwards
+    check: Callable[[], str | None] | None = None  # a further check: the problem, or None
+    control: bool = False  # a valid input: must succeed
+    solo: bool = False  # runs alone (Ray, timing)
+    env: dict[str, str] = field(default_factory=dict)
+    skip: str = ""  # why it is not run here
+
+
+@dataclass
+class Result:
+    case: Case
+    rc: int | None  # None: timed out
+    seconds: float
+    stderr: str
+    lines: int = 0
+    traceback: bool = False
+    message: str = ""
+    verdict: str = "no"  # yes | yes (argparse) | no | ok | FAILED | skipped
+    reason: str = ""
+
+
+def meaningful_lines(text: str) -> list[str]:
+    """stderr's lines without blank ones and progress-bar redraws."""
+    lines = []
+    for raw in text.replace("\r\n", "\n").split("\n"):
+        line = raw.split("\r")[-1].rstrip()  # a progress bar's last redraw
+        if line.strip() and not PROGRESS.search(line):
+            lines.append(line)
+    return lines
+
+
+def judge(case: Case, rc: int | None, seconds: float, stderr: str) -> Result:
+    lines = meaningful_lines(stderr)
+    result = Result(case, rc, seconds, stderr, len(lines), "Traceback" in stderr)
+    errors = [i for i, line in enumerate(lines) if ERROR_LINE.match(line)]
+    argparse_errors = [i for i, line in enumerate(lines) if ARGPARSE_LINE.match(line)]
+    shown = errors[-1] if errors else argparse_errors[-1] if argparse_errors else len(lines) - 1
+    result.message = lines[shown] if lines else ""
+    problems = []
+    if rc is None:
+        problems.append(f"timed out after {case.timeout:g} s")
+    elif result.traceback:
+        problems.append("traceback")
+    if case.control:
+        if rc != 0:
+            problems.append(f"exit {rc}")
+    elif rc is not None:
+        if rc == 0:
+            problems.append("exit 0 (accepted)")
+        elif rc != 2:
+            problems.append(f"exit {rc}")
+        argparse_style = (
+            not errors and argparse_errors and any(line.startswith("usage:") for line in lines)
+        )
+        block = result.message
+        if not errors and not argparse_style and rc != 0:
+            if not result.traceback:
+                problems.append("no 'error:' line")
+        elif len(errors) > 1:
+            problems.append(f"{len(errors)} 'error:' lines")
+        elif errors:
+            after = [line for line in lines[errors[0] + 1 :] if not LOG_LINE.match(line)]
+            if after:
+                problems.append(f"several lines (the message goes on over {len(after)} more)")
+                block = " ⏎ ".join([result.message, *(line.strip() for line in after)])
+                result.message = " ⏎ ".join([result.message, after[0].strip()])
+        if (errors or argparse_style) and case.expect:
+            low = block.lower()
+            if not any(word.lower() in low for word in case.expect):
+                problems.append(f"wrong message (names none of {', '.join(case.expect)})")
+    if case.max_s is not None and rc is not None and seconds > case.max_s:
+        problems.append(f"slow: {seconds:.0f} s, more than {case.max_s:g} s")
+    if len(stderr) > 20_000:
+        problems.append(f"stderr of {len(stderr)} characters (echoes the input?)")
+    if case.absent is not None and case.absent.exists():
+        problems.append(f"left {case.absent.name} behind")
+    if case.check is not None and rc is not None:
+        with contextlib.suppress(Exception):
+            extra = case.check()
+            if extra:
+                problems.append(extra)
+    result.reason = "; ".join(problems)
+    if case.control:
+        result.verdict = "FAILED" if problems else "ok"
+    elif problems:
+        result.verdict = "no"
+    else:
+        result.verdict = "yes (argparse)" if not errors else "yes"
+    return result
+
+
+def run_case(case: Case, base_env: dict[str, str], cwd: Path) -> Result:
+    if case.skip:
+        return Result(case, None, 0.0, "", verdict="skipped", reason=case.skip)
+    env = {**base_env, **case.env}
+    started = time.monotonic()
+    with tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(
+            case.argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
+        )
+        SESSIONS.add(proc.pid)
+        try:
+            proc.communicate(case.stdin.encode(), timeout=case.timeout)
+            rc: int | None = proc.returncode
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # its own session: only what it started
+            proc.wait()
+            rc = None
+        seconds = time.monotonic() - started
+        err.seek(0)
+        stderr = err.read().decode(errors="replace")
+    return judge(case, rc, seconds, stderr)
+
+
+# --- files -----------------------------------------------------------------------------------
+
+
+def put(raw: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    """Set (or with DROP remove) a dotted key of a sweep mapping."""
+    keys = dotted.split(".")
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    if value is DROP:
+        node.pop(keys[-1], None)
+    else:
+        node[keys[-1]] = value
+    return raw
+
+
+def setting(*pairs: tuple[str, Any]) -> Callable[[dict[str, Any]], None]:
+    def mutate(raw: dict[str, Any]) -> None:
+        for dotted, value in pairs:
+            put(raw, dotted, value)
+
+    return mutate
+
+
+@functools.lru_cache(maxsize=4)
+def png_1bit(width: int, height: int) -> bytes:
+    """An all-black 1-bit PNG of any size, written without holding its pixels: a bomb."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    row = b"\x00" * (1 + (width + 7) // 8)
+    packer = zlib.compressobj(9)
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+
+
+def jpeg_body(data: bytes) -> tuple[int, int]:
+    """Where a baseline JPEG's entropy-coded body starts and ends (before EOI)."""
+    sos = data.find(b"\xff\xda")
+    start = sos + 2 + int.from_bytes(data[sos + 2 : sos + 4], "big")
+    return start, len(data) - 2
+
+
+def stray_marker(data: bytes) -> bytes:
+    """Header and end marker intact, a second SOF marker in the middle of the body: libjpeg
+    stops with an error."""
+    start, end = jpeg_body(data)
+    mid = (start + end) // 2
+    return data[:mid] + b"\xff\xc0\x00\x11" + data[mid:]
+
+
+def random_body(data: bytes) -> bytes:
+    """Header and end marker intact, the body replaced by random bytes: libjpeg decodes it
+    with warnings only (Pillow shows none), into noise."""
+    start, end = jpeg_body(data)
+    noise = np.random.default_rng(1).integers(0, 256, end - start, dtype=np.uint8).tobytes()
+    return data[:start] + noise.replace(b"\xff", b"\xfe") + data[end:]
+
+
+def gray16(path: Path, gray: np.ndarray) -> None:
+    """A 16-bit grayscale PNG holding `gray` (8-bit) times 257: the same picture."""
+    Image.fromarray(gray.astype(np.uint16) * 257).save(path)
+
+
+def mask_agreement(a: Path, b: Path, floor: float = 0.99) -> str | None:
+    if not (a.is_file() and b.is_file()):
+        return f"missing {a.name} or {b.name}"
+    x, y = np.asarray(Image.open(a)), np.asarray(Image.open(b))
+    share = float((x == y).mean()) if x.shape == y.shape else 0.0
+    return None if share >= floor else f"16-bit mask agrees with the 8-bit one on {share:.1%}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def other_ray_running() -> bool:
+    """A gcs_server on this machine (checked before any of ours starts): `--address auto`
+    would join it."""
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if proc.name.isdigit() and (proc / "comm").read_text().strip() == "gcs_server":
+                return True
+    return False
+
+
+SESSIONS: set[int] = set()  # the pids of our commands, each the leader of its own session
+
+
+def kill_leftovers(tmp: Path) -> list[int]:
+    """Processes our commands left behind (Ray's): in one of their sessions, or naming our
+    temporary folder on their command line (Ray's session folder lies in it)."""
+    killed = []
+    needle = str(tmp).encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            session = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[3])
+            cmdline = (proc / "cmdline").read_bytes()
+            ours = session in SESSIONS and (PY.encode() in cmdline or b"ray" in cmdline)
+            if ours or needle in cmdline:
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed.append(int(proc.name))
+    return killed
+
+
+# --- the matrix --------------------------------------------------------------------------------
+
+
+class Matrix:
+    """Builds the fixtures and the cases in a temporary folder `tmp`."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.work = tmp / "work"  # every command's working directory
+        self.good = tmp / "data" / "good"
+        self.runs = tmp / "runs"
+        self.db = f"sqlite:///{tmp}/mlflow.db"  # the fixture sweep's store
+        self.export = tmp / "export"
+        self.afile = tmp / "afile"  # a regular file where a folder is wanted
+        self.foreign = tmp / "foreign"  # a folder with somebody's files
+        self.inputs = tmp / "inputs"
+        self.torch_home = tmp / "torch-home"  # no pretrained weights in it
+        self.count = 0
+        for folder in (self.work, self.runs, self.foreign, self.inputs, self.torch_home):
+            folder.mkdir(parents=True, exist_ok=True)
+        (tmp / "db").mkdir()
+        (tmp / "sweeps").mkdir()
+        self.afile.write_text("a file, not a folder\n")
+        (self.foreign / "notes.txt").write_text("someone's notes\n")
+        self.http: subprocess.Popen[bytes] | None = None
+        self.http_port = 0
+
+    # fixtures
+
+    def make_good_data(self, env: dict[str, str]) -> None:
+        """A tiny set in the project's layout, by its own generator (random pairs without it)."""
+        command = [PY, "-m", "segtune.data.synthetic", "--out", str(self.good), "--train", "6"]
+        command += ["--test", "3", "--size", "64x48", "--seed", "0", "--quiet"]
+        done = subprocess.run(command, env=env, cwd=self.work, capture_output=True, timeout=300)
+        if done.returncode != 0 or not list(self.good.glob("train/image/*")):
+            print("synthetic generator failed; writing random pairs", file=sys.stderr)
+            shutil.rmtree(self.good, ignore_errors=True)
+            rng = np.random.default_rng(0)
+            for split, n in (("train", 6), ("test", 3)):
+                for i in range(n):
+                    for sub in ("image", "mask"):
+                        (self.good / split / sub).mkdir(parents=True, exist_ok=True)
+                    image = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+                    mask = rng.integers(0, 8, (48, 64), dtype=np.uint8)
+                    Image.fromarray(image).save(self.good / split / "image" / f"p{i}.jpg")
+                    Image.fromarray(mask).save(self.good / split / "mask" / f"p{i}.png")
+
+    def first(self, root: Path, split: str = "train") -> tuple[Path, Path]:
+        image = sorted((root / split / "image").iterdir())[0]
+        return image, root / split / "mask" / f"{image.stem}.png"
+
+    def make_inputs(self) -> None:
+        image, _ = self.first(self.good, "test")
+        shutil.copy(image, self.inputs / "ok.jpg")
+        gray = np.asarray(Image.open(image).convert("L"))
+        Image.fromarray(gray).save(self.inputs / "gray8.png")
+        gray16(self.inputs / "gray16.png", gray)
+        (self.inputs / "bomb.png").write_bytes(png_1bit(20000, 20000))
+        (self.inputs / "notes.txt").write_text("not an image\n")
+        (self.inputs / "text.png").write_text("a text file named .png\n")
+        (self.inputs / "twin").mkdir()
+        shutil.copy(image, self.inputs / "twin" / "ok.jpg")
+
+    def faulty(self, slug: str, fault: Callable[[Path, Path, Path], None]) -> Path:
+        """A copy of the good set with one fault: `fault(root, first image, its mask)`."""
+        root = self.tmp / "data" / slug
+        shutil.copytree(self.good, root, symlinks=True)
+        image, mask = self.first(root)
+        fault(root, image, mask)
+        return root
+
+    def start_http(self) -> None:
+        """A web server that is not MLflow (404 everywhere), on a free loopback port."""
+        self.http_port = free_port()
+        (self.tmp / "www").mkdir(exist_ok=True)
+        self.http = subprocess.Popen(
+            [PY, "-m", "http.server", str(self.http_port), "--bind", "127.0.0.1"],
+            cwd=self.tmp / "www",
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(1.0)
+
+    def stop_http(self) -> None:
+        if self.http is not None and self.http.poll() is None:
+            self.http.kill()  # by its own handle: a process this script started
+            self.http.wait()
+
+    # case builders
+
+    def slug(self, name: str) -> str:
+        self.count += 1
+        return f"{self.count:03d}-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:32]
+
+    def base_sweep(self, name: str) -> dict[str, Any]:
+        """sweeps/quickstart.yaml made tiny: the good set, UNet, one epoch, a small benchmark,
+        so that a bad input the checks let through costs seconds, not minutes."""
+        raw = yaml.safe_load(QUICKSTART.read_text())
+        raw["name"] = name
+        raw["data"] = {"root": str(self.good), "cache": True}
+        raw["train"].update(
+            epochs=1, batch_size=2, image_size=32, unet_min_channels=8, unet_max_channels=16
+        )
+        raw["search_space"] = {"model": {"grid_search": [{"arch": "unet", "backbone": "none"}]}}
+        raw["tune"].update(max_concurrent_trials=1, max_failures=0)
+        raw["bench"] = {"input": "64x64", "threads": 1, "repeats": 1, "warmup": 0}
+        return raw
+
+    def sweep(
+        self,
+        group: str,
+        name: str,
+        mutate: Callable[[dict[str, Any]], None] | None = None,
+        *,
+        text: str | bytes | None = None,
+        path: Path | None = None,
+        extra: Sequence[str] = (),
+        dry: bool = False,
+        uri: str | None = None,
+        **kw: Any,
+    ) -> Case:
+        """`python -m segtune.run SWEEP.yaml --tracking-uri ... --set tune.storage_path=...
+        --no-report` on a mutated copy of the quickstart (or on `text`, or `path` as is)."""
+        slug = self.slug(name)
+        if path is None:
+            path = self.tmp / "sweeps" / f"{slug}.yaml"
+            if text is None:
+                raw = self.base_sweep(f"mx-{slug}")
+                if mutate is not None:
+                    mutate(raw)
+                text = yaml.safe_dump(raw, sort_keys=False).replace(BIG, "x" * 10_000_000)
+            if isinstance(text, bytes):
+                path.write_bytes(text)
+            else:
+                path.write_text(text)
+        argv = [PY, "-m", "segtune.run", str(path)]
+        argv += ["--tracking-uri", uri or f"sqlite:///{self.tmp}/db/{slug}.db"]
+        argv += ["--set", f"tune.storage_path={self.runs}", "--no-report", *extra]
+        if dry:
+            argv.append("--dry-run")
+        return Case(group, name + (" (--dry-run)" if dry else ""), argv, **kw)
+
+    def data_case(
+        self, name: str, fault: Callable[[Path, Path, Path], None], expect: tuple[str, ...]
+    ) -> Case:
+        root = self.faulty(re.sub(r"[^a-z0-9]+", "-", name.lower())[:40], fault)
+        return self.sweep(
+            "dataset", name, setting(("data.root", str(root))), expect=expect, timeout=180
+        )
+
+    def command(self, group: str, name: str, module: str, *args: Any, **kw: Any) -> Case:
+        return Case(group, name, [PY, "-m", module, *map(str, args)], **kw)
+
+    def train(self, name: str, *args: Any, data: Path | None = None, **kw: Any) -> Case:
+        out = self.tmp / "train" / self.slug(name)
+        base = ["--data", data or self.good, "--out", out, "--epochs", "1", "--batch-size", "2"]
+        base += ["--image-size", "32", "--set", "unet_min_channels=8"]
+        base += ["--set", "unet_max_channels=16", "--device", "cpu"]
+        return self.command("train", name, "segtune.train", *base, *args, **kw)
+
+    def predict(self, name: str, *args: Any, export: Path | None = None, **kw: Any) -> Case:
+        return self.command("predict", name, "segtune.predict", export or self.export, *args, **kw)
+
+    def out(self, name: str) -> Path:
+        return self.tmp / "pred" / self.slug(name)
+
+
+# --- the cases ---------------------------------------------------------------------------------
+
+
+def sweep_cases(m: Matrix, has_gpu: bool) -> list[Case]:
+    g = "sweep schema"
+    s = m.sweep
+    gm = "search_space.model.grid_search"
+    cases = [
+        s(g, "unknown top-level key (trian)", setting(("trian", {"epochs": 2})), expect=("trian",)),
+        s(
+            g,
+            "unknown tune key (schedular)",
+            setting(("tune.schedular", "asha")),
+            expect=("schedular",),
+        ),
+        s(g, "unknown trial key (train.epoch)", setting(("train.epoch", 3)), expect=("epoch",)),
+        s(
+            g,
+            "unknown key in a search-space mapping",
+            setting((gm, [{"arch": "unet", "backbone": "none", "depth": 3}])),
+            expect=("depth",),
+        ),
+        s(g, "train.epochs: ten", setting(("train.epochs", "ten")), expect=("epochs",)),
+        s(g, "train.epochs: 0", setting(("train.epochs", 0)), expect=("epochs",)),
+        s(g, "train.epochs: -3", setting(("train.epochs", -3)), expect=("epochs",)),
+        s(g, "train.epochs: 2.5", setting(("train.epochs", 2.5)), expect=("epochs",)),
+        s(g, "train.batch_size: 0", setting(("train.batch_size", 0)), expect=("batch_size",)),
+        s(g, "train.lr: -0.001", setting(("train.lr", -0.001)), expect=("lr",)),
+        s(g, "train.lr: fast (a string)", setting(("train.lr", "fast")), expect=("lr",)),
+        s(g, "train.image_size: 16", setting(("train.image_size", 16)), expect=("image_size",)),
+        s(
+            g,
+            "arch: resnet (no such arch)",
+            setting((gm, [{"arch": "resnet", "backbone": "none"}])),
+            expect=("arch",),
+        ),
+        s(
+            g,
+            "backbone: resnet999",
+            setting((gm, [{"arch": "deeplabv3plus", "backbone": "resnet999"}])),
+            expect=("resnet999",),
+        ),
+        s(
+            g,
+            "backbone: resnet999",
+            setting((gm, [{"arch": "deeplabv3plus", "backbone": "resnet999"}])),
+            dry=True,
+            expect=("resnet999",),
+        ),
+        s(
+            g,
+            "deeplabv3 with backbone: none",
+            setting((gm, [{"arch": "deeplabv3", "backbone": "none"}])),
+            expect=("needs a backbone",),
+        ),
+        s(
+            g,
+            "aspp: true on unet",
+            setting((gm, [{"arch": "unet", "backbone": "none", "aspp": True}])),
+            dry=True,
+            expect=("aspp",),
+        ),
+        s(g, "bench.input: 96by64", setting(("bench.input", "96by64")), expect=("bench.input",)),
+        s(
+            g,
+            "bench.input: 96by64",
+            setting(("bench.input", "96by64")),
+            dry=True,
+            expect=("bench.input",),
+        ),
+        s(g, "bench.input: 0x0", setting(("bench.input", "0x0")), expect=("bench.input",)),
+        s(g, "bench.input: -1x5", setting(("bench.input", "-1x5")), expect=("bench.input",)),
+        s(
+            g,
+            "data.synthetic.size: 0x0",
+            setting(
+                ("data.root", str(m.tmp / "data" / "nosyn")),
+                ("data.synthetic", {"train": 4, "test": 2, "size": "0x0"}),
+            ),
+            expect=("data.synthetic.size",),
+        ),
+        s(
+            g,
+            "data.synthetic.size: big",
+            setting(
+                ("data.root", str(m.tmp / "data" / "nosyn")),
+                ("data.synthetic", {"train": 4, "test": 2, "size": "big"}),
+            ),
+            expect=("data.synthetic.size",),
+        ),
+        s(g, "name: ..", setting(("name", "..")), expect=("name",)),
+        s(g, "name: .", setting(("name", ".")), expect=("name",)),
+        s(g, "name: a/b (a slash)", setting(("name", "a/b")), expect=("name",)),
+        s(g, "name: 'my sweep' (a space)", setting(("name", "my sweep")), expect=("name",)),
+        s(g, "description of 10 MB", setting(("description", BIG)), expect=("description",)),
+        s(g, "no name", setting(("name", DROP)), expect=("name",)),
+        s(
+            g,
+            "no data section (default root absent)",
+            setting(("data", DROP)),
+            expect=("tiny-floodnet",),
+        ),
+        s(g, "empty file", text="", expect=("empty", "name")),
+        s(g, "a YAML list, not a mapping", text="- name: x\n- train: {}\n", expect=("mapping",)),
+        s(g, "a YAML scalar", text="hello\n", expect=("mapping",)),
+        s(g, "invalid YAML (unclosed bracket)", text="name: x\ntrain: [1, 2\n", expect=("yaml",)),
+        s(
+            g,
+            "not text (binary, not UTF-8)",
+            text=bytes(range(128, 256)) * 8,
+            expect=("utf", "text", "yaml", "binary"),
+        ),
+        s(
+            g,
+            "file does not exist",
+            path=m.tmp / "sweeps" / "nope.yaml",
+            expect=("not found", "no such"),
+        ),
+        s(
+            g,
+            "a directory instead of a file",
+            path=m.tmp / "sweeps",
+            expect=("director", "not a file"),
+        ),
+        s(g, "tune: 5 (not a mapping)", setting(("tune", 5)), expect=("tune",)),
+        s(g, "grid_search of nothing", setting((gm, [])), expect=("non-empty",)),
+        s(
+            g,
+            "uniform with low > high",
+            setting(("tune.search", "random"), ("search_space.lr", {"uniform": [0.1, 0.01]})),
+            expect=("low < high",),
+        ),
+        s(
+            g,
+            "loguniform from 0",
+            setting(("tune.search", "random"), ("search_space.lr", {"loguniform": [0, 0.1]})),
+            expect=("0 < low",),
+        ),
+        s(
+            g,
+            "unknown form (normal)",
+            setting(("tune.search", "random"), ("search_space.lr", {"normal": [0, 1]})),
+            expect=("search_space.lr",),
+        ),
+        s(
+            g,
+            "uniform under search: grid",
+            setting(("search_space.lr", {"uniform": [0.001, 0.01]})),
+            expect=("tune.search",),
+        ),
+        s(
+            g,
+            "grid_search under search: optuna",
+            setting(("tune.search", "optuna")),
+            expect=("optuna",),
+        ),
+        s(
+            g,
+            "tune.scheduler: hyperband",
+            setting(("tune.scheduler", "hyperband")),
+            expect=("tune.scheduler",),
+        ),
+        s(g, "tune.search: bayes", setting(("tune.search", "bayes")), expect=("tune.search",)),
+        s(
+            g,
+            "tune.max_concurrent_trials: 0",
+            setting(("tune.max_concurrent_trials", 0)),
+            expect=("max_concurrent_trials",),
+        ),
+        s(
+            g,
+            "resources_per_trial.cpu: 0",
+            setting(("tune.resources_per_trial", {"cpu": 0})),
+            expect=("cpu",),
+        ),
+        s(g, "tune.num_samples: 0", setting(("tune.num_samples", 0)), expect=("num_samples",)),
+        s(g, "tune.repeats: 0", setting(("tune.repeats", 0)), expect=("repeats",)),
+        s(
+            g,
+            "two metrics under search: grid",
+            setting(("tune.metric", ["val_miou", "infer_ms_cpu"]), ("tune.mode", ["max", "min"])),
+            expect=("tune.metric",),
+        ),
+        s(g, "tune.mode: maximize", setting(("tune.mode", "maximize")), expect=("tune.mode",)),
+        s(
+            g,
+            "asha with grace_period >= epochs",
+            setting(("tune.scheduler", "asha"), ("tune.grace_period", 3)),
+            expect=("grace_period",),
+        ),
+        s(g, "mlflow.outage_s: 1", setting(("mlflow.outage_s", 1)), expect=("outage_s",)),
+        s(
+            g,
+            "data.eval_resize: crop",
+            setting(("data.eval_resize", "crop")),
+            expect=("eval_resize",),
+        ),
+    ]
+    g = "sweep pre-flight"
+    cases += [
+        s(
+            g,
+            "resources_per_trial.gpu: 1 without a GPU",
+            setting(("tune.resources_per_trial", {"cpu": 1, "gpu": 1})),
+            expect=("gpu",),
+            skip="this machine has a GPU" if has_gpu else "",
+        ),
+        s(
+            g,
+            "data.root does not exist",
+            setting(("data.root", str(m.tmp / "data" / "nowhere"))),
+            expect=("does not exist",),
+        ),
+        s(
+            g,
+            "data.root is a file",
+            setting(("data.root", str(m.afile))),
+            expect=("not a folder", "not a directory", "is a file"),
+        ),
+        s(
+            g,
+            "data.val_split: 1.5",
+            setting(("data.val_split", 1.5)),
+            expect=("val_split", "fraction"),
+        ),
+        s(
+            g,
+            "data.val_split: val, no val split",
+            setting(("data.val_split", "val")),
+            expect=("val",),
+        ),
+        s(
+            g,
+            "data.synthetic at a root holding another set",
+            setting(("data.synthetic", {"train": 4, "test": 2, "size": "64x48"})),
+            expect=("synthetic",),
+        ),
+        s(
+            g,
+            "pretrained: a missing file",
+            setting(("train.pretrained", str(m.tmp / "none.pt"))),
+            expect=("pretrained",),
+        ),
+        s(
+            g,
+            "pretrained: imagenet, weights absent",
+            setting(
+                ("train.pretrained", "imagenet"),
+                (gm, [{"arch": "deeplabv3plus", "backbone": "resnet18"}]),
+            ),
+            expect=("resnet18",),
+        ),
+        s(
+            g,
+            "pretrained: imagenet on the classic UNet",
+            setting(("train.pretrained", "imagenet")),
+            expect=("needs a backbone",),
+        ),
+        s(
+            g,
+            "unet_min_channels > unet_max_channels",
+            setting(("train.unet_min_channels", 64)),
+            expect=("unet_min_channels",),
+        ),
+        s(
+            g,
+            "storage_endpoint with a local storage_path",
+            setting(("tune.storage_endpoint", "http://127.0.0.1:9")),
+            expect=("storage_endpoint",),
+        ),
+        s(
+            g,
+            "tune.storage_path under a file",
+            extra=["--set", f"tune.storage_path={m.afile}/runs"],
+            expect=("storage_path",),
+        ),
+    ]
+    return cases
+
+
+def cli_cases(m: Matrix) -> list[Case]:
+    g = "run CLI"
+    s = m.sweep
+    return [
+        s(
+            g,
+            "--set 'train.lr=[1,' (unfinished YAML)",
+            extra=["--set", "train.lr=[1,"],
+            expect=("--set",),
+        ),
+        s(g, "--set train.lr (no =)", extra=["--set", "train.lr"], expect=("--set",)),
+        s(g, "--set =5 (no key)", extra=["--set", "=5"], expect=("--set",)),
+        s(
+            g,
+            "--set train.nokey=1 (unknown key)",
+            extra=["--set", "train.nokey=1"],
+            expect=("nokey",),
+        ),
+        s(
+            g,
+            "--set name.x=1 (not a section)",
+            extra=["--set", "name.x=1"],
+            expect=("not a section",),
+        ),
+        s(g, "--resume with no earlier sweep", extra=["--resume"], expect=("--resume",)),
+        s(g, "an unknown option", extra=["--frobnicate"], expect=("frobnicate",)),
+        m.command(g, "no sweep file argument", "segtune.run", expect=("sweep",)),
+        s(g, "--tracking-uri foo://bar", uri="foo://bar", expect=("foo",)),
+        s(g, "--tracking-uri http://[::1", uri="http://[::1", expect=("tracking uri",)),
+    ]
+
+
+def solo_cases(m: Matrix) -> list[Case]:
+    """Cases that start Ray or time a refusal: run alone, one after another."""
+    g = "run CLI"
+    s = m.sweep
+    no_aws = {
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "x",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    return [
+        s(
+            g,
+            "--tracking-uri http://127.0.0.1:9 (nothing listens)",
+            uri="http://127.0.0.1:9",
+            expect=("127.0.0.1:9",),
+            max_s=12,
+            solo=True,
+        ),
+        s(
+            g,
+            "--tracking-uri sqlite under a file",
+            uri=f"sqlite:///{m.afile}/mlflow.db",
+            expect=("tracking", "sqlite", "afile"),
+            solo=True,
+            timeout=180,
+        ),
+        s(
+            g,
+            "--tracking-uri of a web server that is not MLflow",
+            uri="http://127.0.0.1:{port}",
+            expect=("tracking", "mlflow"),
+            solo=True,
+            timeout=180,
+        ),
+        s(
+            g,
+            "--tracking-uri postgresql://127.0.0.1:9/db",
+            uri="postgresql://u@127.0.0.1:9/db",
+            expect=("tracking", "postgresql"),
+            solo=True,
+            timeout=180,
+        ),
+        s(
+            g,
+            "--address 127.0.0.1:9 (no cluster there)",
+            extra=["--address", "127.0.0.1:9"],
+            expect=("address", "127.0.0.1:9"),
+            solo=True,
+            timeout=180,
+        ),
+        s(
+            g,
+            "resources_per_trial.cpu: 64 on 2 cores",
+            setting(("tune.resources_per_trial", {"cpu": 64})),
+            expect=("cpu",),
+            solo=True,
+            timeout=180,
+        ),
+        s(
+            g,
+            "S3 storage at an endpoint nobody serves",
+            extra=[
+                "--set",
+                "tune.storage_path=s3://bucket/sweeps",
+                "--set",
+                "tune.storage_endpoint=http://127.0.0.1:9",
+            ],
+            expect=("storage",),
+            solo=True,
+            timeout=180,
+            env=no_aws,
+        ),
+        m.command(
+            "export",
+            "--tracking-uri http://127.0.0.1:9",
+            "segtune.export",
+            "--experiment",
+            "mx-good",
+            "--tracking-uri",
+            "http://127.0.0.1:9",
+            "--out",
+            m.tmp / "exp-x",
+            expect=("127.0.0.1:9",),
+            max_s=15,
+            timeout=90,
+            solo=True,
+        ),
+    ]
+
+
+def dataset_cases(m: Matrix) -> list[Case]:
+    def drop(path: Path) -> None:
+        path.unlink()
+
+    def resize_mask(root: Path, image: Path, mask: Path) -> None:
+        Image.open(mask).resize((32, 24), Image.NEAREST).save(mask)
+
+    def mask_value(value: int, mode16: bool = False) -> Callable[[Path, Path, Path], None]:
+        def fault(root: Path, image: Path, mask: Path) -> None:
+            values = np.asarray(Image.open(mask)).astype(np.uint16 if mode16 else np.uint8)
+            values = values.copy()
+            values[0, 0] = value
+            Image.fromarray(values).save(mask)
+
+        return fault
+
+    def rewrite(change: Callable[[bytes], bytes]) -> Callable[[Path, Path, Path], None]:
+        return lambda root, image, mask: image.write_bytes(change(image.read_bytes()))
+
+    def as_png(data: bytes) -> Callable[[Path, Path, Path], None]:
+        def fault(root: Path, image: Path, mask: Path) -> None:
+            image.unlink()
+            image.with_suffix(".png").write_bytes(data)
+
+        return fault
+
+    def self_loop(root: Path, image: Path, mask: Path) -> None:
+        image.unlink()
+        os.symlink(image.name, image)
+
+    def dangling(root: Path, image: Path, mask: Path) -> None:
+        image.unlink()
+        os.symlink(m.tmp / "nowhere.jpg", image)
+
+    def empty_split(split: str) -> Callable[[Path, Path, Path], None]:
+        def fault(root: Path, image: Path, mask: Path) -> None:
+            for sub in ("image", "mask"):
+                for path in (root / split / sub).iterdir():
+                    path.unlink()
+
+        return fault
+
+    def rgb_mask(root: Path, image: Path, mask: Path) -> None:
+        Image.open(mask).convert("RGB").save(mask)
+
+    d = m.data_case
+    return [
+        d("image without mask", lambda r, i, k: drop(k), ("has no mask",)),
+        d("mask without image", lambda r, i, k: drop(i), ("has no image",)),
+        d("mask size differs from its image", resize_mask, ("must match",)),
+        d("mask value 9 (out of range)", mask_value(9), ("mask values",)),
+        d("16-bit mask with value 300", mask_value(300, mode16=True), ("0..255",)),
+        d("RGB mask", rgb_mask, ("rgb_masks",)),
+        d("truncated JPEG", rewrite(lambda b: b[: len(b) // 2]), ("truncated",)),
+        d("empty (0-byte) image", rewrite(lambda b: b""), ("empty file",)),
+        d(
+            "JPEG body corrupt (a stray marker)",
+            rewrite(stray_marker),
+            ("unreadable", "corrupt", "broken"),
+        ),
+        d("JPEG body of random bytes", rewrite(random_body), ("unreadable", "corrupt", "broken")),
+        d("a text file named .jpg", rewrite(lambda b: b"hello, I am text\n" * 20), ("not a jpeg",)),
+        d("self-looping symlink", self_loop, ("symlink", "loop")),
+        d("dangling symlink", dangling, ("symlink",)),
+        d(
+            "20000x20000 PNG (decompression bomb)",
+            as_png(png_1bit(20000, 20000)),
+            ("pixels", "bomb"),
+        ),
+        d(
+            "12000x10000 PNG (over 100 MP, under Pillow's bomb limit)",
+            as_png(png_1bit(12000, 10000)),
+            ("megapixels", "pixels"),
+        ),
+        d("empty train split", empty_split("train"), ("empty",)),
+        d("empty validation split (test)", empty_split("test"), ("empty",)),
+        d("no validation split", lambda r, i, k: shutil.rmtree(r / "test"), ("missing",)),
+    ]
+
+
+def train_cases(m: Matrix, has_gpu: bool) -> list[Case]:
+    t = m.train
+    corrupt = m.faulty("train-corrupt", lambda r, i, k: i.write_bytes(stray_marker(i.read_bytes())))
+    bomb = m.faulty(
+        "train-bomb",
+        lambda r, i, k: (i.unlink(), i.with_suffix(".png").write_bytes(png_1bit(20000, 20000))),
+    )
+    run = m.tmp / "train" / "no-last"
+    run.mkdir(parents=True)
+    return [
+        t("--epochs 0", "--epochs", "0", expect=("epochs",)),
+        t("--epochs abc", "--epochs", "abc", expect=("epochs",)),
+        t(
+            "--arch deeplabv3 --backbone nope",
+            "--arch",
+            "deeplabv3",
+            "--backbone",
+            "nope",
+            expect=("nope",),
+        ),
+        t("--set nokey=1", "--set", "nokey=1", expect=("nokey",)),
+        t("--lr -1", "--lr", "-1", expect=("lr",)),
+        t("--val-split 2", "--val-split", "2", expect=("val-split", "fraction")),
+        t(
+            "--data that does not exist",
+            data=m.tmp / "data" / "nowhere",
+            expect=("does not exist",),
+        ),
+        t("--resume without last.pt", "--out", run, "--resume", expect=("last.pt",)),
+        t("--out is a file", "--out", m.afile, expect=("--out", "afile")),
+        t("--pretrained a missing file", "--pretrained", m.tmp / "none.pt", expect=("pretrained",)),
+        t(
+            "--device cuda without a GPU",
+            "--device",
+            "cuda",
+            expect=("cuda",),
+            skip="this machine has a GPU" if has_gpu else "",
+        ),
+        t("--device tpu", "--device", "tpu", expect=("--device", "tpu")),
+        t("dataset with a corrupt JPEG body", data=corrupt, expect=("unreadable", "corrupt")),
+        t("dataset with a PNG bomb", data=bomb, expect=("pixels", "bomb")),
+    ]
+
+
+def predict_cases(m: Matrix, has_gpu: bool) -> list[Case]:
+    p = m.predict
+    i = m.inputs
+    empty = m.tmp / "empty-export"
+    empty.mkdir()
+    tampered = m.tmp / "tampered-export"
+    bomb_out, text_out = m.out("bomb"), m.out("text")
+
+    return [
+        p(
+            "export folder does not exist",
+            i / "ok.jpg",
+            "--out",
+            m.out("a"),
+            export=m.tmp / "no-export",
+            expect=("no-export",),
+        ),
+        p(
+            "an empty folder as export",
+            i / "ok.jpg",
+            "--out",
+            m.out("b"),
+            export=empty,
+            expect=("not an export folder",),
+        ),
+        p(
+            "a 20000x20000 PNG bomb",
+            i / "bomb.png",
+            "--out",
+            bomb_out,
+            expect=("no readable image", "pixels"),
+            absent=bomb_out,
+        ),
+        p(
+            "a non-image file (.txt)",
+            i / "notes.txt",
+            "--out",
+            m.out("c"),
+            expect=("not an image",),
+        ),
+        p(
+            "a text file named .png",
+            i / "text.png",
+            "--out",
+            text_out,
+            expect=("no readable image", "unreadable"),
+            absent=text_out,
+        ),
+        p(
+            "an input that does not exist",
+            i / "nope.jpg",
+            "--out",
+            m.out("d"),
+            expect=("nope.jpg",),
+        ),
+        p("--tile 33", i / "ok.jpg", "--out", m.out("e"), "--tile", "33", expect=("--tile",)),
+        p("--alpha 2", i / "ok.jpg", "--out", m.out("f"), "--alpha", "2", expect=("--alpha",)),
+        p(
+            "--device cuda without a GPU",
+            i / "ok.jpg",
+            "--out",
+            m.out("g"),
+            "--device",
+            "cuda",
+            expect=("cuda",),
+            skip="this machine has a GPU" if has_gpu else "",
+        ),
+        p(
+            "--onnx, exported without ONNX",
+            i / "ok.jpg",
+            "--out",
+            m.out("h"),
+            "--onnx",
+            expect=("onnx",),
+        ),
+        p(
+            "a tampered model.pt (checksums)",
+            i / "ok.jpg",
+            "--out",
+            m.out("i"),
+            export=tampered,
+            expect=("sha256", "checksum"),
+        ),
+        p("--out is a file", i / "ok.jpg", "--out", m.afile, expect=("--out", "afile")),
+        p(
+            "two inputs with the same stem",
+            i / "ok.jpg",
+            i / "twin" / "ok.jpg",
+            "--out",
+            m.out("j"),
+            expect=("ok.png", "both"),
+        ),
+    ]
+
+
+def export_cases(m: Matrix) -> list[Case]:
+    def e(name: str, *args: Any, **kw: Any) -> Case:
+        base = ["--tracking-uri", m.db] if "--tracking-uri" not in args else []
+        return m.command("export", name, "segtune.export", *base, *args, **kw)
+
+    out = m.tmp / "exp"
+    return [
+        e("unknown experiment", "--experiment", "nope", "--out", out / "a", expect=("nope",)),
+        e(
+            "--budget malformed",
+            "--experiment",
+            "mx-good",
+            "--budget",
+            "size_mb<<3",
+            "--out",
+            out / "b",
+            expect=("--budget",),
+        ),
+        e(
+            "--budget on a metric nobody has",
+            "--experiment",
+            "mx-good",
+            "--budget",
+            "nosuch<3",
+            "--out",
+            out / "c",
+            expect=("nosuch",),
+        ),
+        e(
+            "--budget that no trial meets",
+            "--experiment",
+            "mx-good",
+            "--budget",
+            "size_mb<0",
+            "--out",
+            out / "d",
+            expect=("budget",),
+        ),
+        e(
+            "--format foo",
+            "--experiment",
+            "mx-good",
+            "--format",
+            "foo",
+            "--out",
+            out / "e",
+            expect=("--format",),
+        ),
+        e("neither --experiment nor --run-id", "--out", out / "f", expect=("--experiment",)),
+        e("--run-id unknown", "--run-id", "deadbeef", "--out", out / "g", expect=("deadbeef",)),
+        e(
+            "--metric unknown",
+            "--experiment",
+            "mx-good",
+            "--metric",
+            "nosuch",
+            "--out",
+            out / "h",
+            expect=("nosuch",),
+        ),
+        e(
+            "--out a folder with other files",
+            "--experiment",
+            "mx-good",
+            "--out",
+            m.foreign,
+            expect=("--out",),
+        ),
+        e(
+            "--tracking-uri foo://bar",
+            "--experiment",
+            "mx-good",
+            "--tracking-uri",
+            "foo://bar",
+            "--out",
+            out / "i",
+            expect=("foo",),
+        ),
+    ]
+
+
+def report_cases(m: Matrix) -> list[Case]:
+    def r(name: str, *args: Any, **kw: Any) -> Case:
+        base = ["--tracking-uri", m.db] if "--tracking-uri" not in args else []
+        return m.command("report", name, "dashboards.report", *base, *args, **kw)
+
+    out = m.tmp / "rep"
+    return [
+        r("unknown experiment", "--experiment", "nope", "--out", out / "a", expect=("nope",)),
+        r(
+            "--budget malformed",
+            "--experiment",
+            "mx-good",
+            "--budget",
+            "size_mb<<3",
+            "--out",
+            out / "b",
+            expect=("--budget",),
+        ),
+        r(
+            "--run-id - with empty stdin",
+            "--experiment",
+            "mx-good",
+            "--run-id",
+            "-",
+            "--out",
+            out / "c",
+            expect=("--run-id",),
+        ),
+        r(
+            "--ema 1.5",
+            "--experiment",
+            "mx-good",
+            "--ema",
+            "1.5",
+            "--out",
+            out / "d",
+            expect=("--ema",),
+        ),
+        r(
+            "--ema nan",
+            "--experiment",
+            "mx-good",
+            "--ema",
+            "nan",
+            "--out",
+            out / "e",
+            expect=("--ema",),
+        ),
+        r(
+            "--run-id unknown",
+            "--experiment",
+            "mx-good",
+            "--run-id",
+            "deadbeef",
+            "--out",
+            out / "f",
+            expect=("deadbeef",),
+        ),
+        r(
+            "--out under a file",
+            "--experiment",
+            "mx-good",
+            "--no-log",
+            "--out",
+            m.afile / "rep",
+            expect=("--out", "afile"),
+        ),
+        r(
+            "--tracking-uri foo://bar",
+            "--experiment",
+            "mx-good",
+            "--tracking-uri",
+            "foo://bar",
+            expect=("foo",),
+        ),
+    ]
+
+
+def tool_cases(m: Matrix) -> list[Case]:
+    def b(name: str, *args: Any, **kw: Any) -> Case:
+        return m.command("bench", name, "segtune.bench", "models", *args, **kw)
+
+    quick = ["--arch", "unet", "--backbone", "none", "--input", "64x64", "--repeats", "1"]
+    quick += ["--warmup", "0", "--no-gpu"]
+    c = m.command
+    return [
+        b("--input 96by64", "--input", "96by64", expect=("96by64",)),
+        b("--input 0x0", "--input", "0x0", expect=("0x0",)),
+        b("--input=-1x5", "--input=-1x5", expect=("-1x5",)),
+        b("--threads 0", "--threads", "0", expect=("--threads",)),
+        b("--repeats 0", "--repeats", "0", expect=("--repeats",)),
+        b("--warmup -1", "--warmup", "-1", expect=("--warmup",)),
+        b("--arch nope", "--arch", "nope", expect=("nope",)),
+        b("--amp nope", "--amp", "nope", expect=("--amp",)),
+        b("--csv under a file", *quick, "--csv", m.afile / "x.csv", expect=("--csv",)),
+        c(
+            "data tools",
+            "synthetic --size 0x0",
+            "segtune.data.synthetic",
+            "--out",
+            m.tmp / "syn-a",
+            "--size",
+            "0x0",
+            "--quiet",
+            expect=("0x0",),
+        ),
+        c(
+            "data tools",
+            "synthetic --train -1",
+            "segtune.data.synthetic",
+            "--out",
+            m.tmp / "syn-b",
+            "--train",
+            "-1",
+            "--test",
+            "1",
+            "--size",
+            "64x48",
+            "--quiet",
+            expect=("count",),
+        ),
+        c(
+            "data tools",
+            "synthetic --out under a file",
+            "segtune.data.synthetic",
+            "--out",
+            m.afile / "syn",
+            "--train",
+            "1",
+            "--test",
+            "1",
+            "--size",
+            "64x48",
+            "--quiet",
+            expect=("afile", "--out"),
+        ),
+        c(
+            "data tools",
+            "baseline of a missing root",
+            "segtune.data.baseline",
+            m.tmp / "nowhere",
+            expect=("does not exist",),
+        ),
+        c(
+            "data tools",
+            "baseline --split nosuch",
+            "segtune.data.baseline",
+            m.good,
+            "--split",
+            "nosuch",
+            expect=("nosuch",),
+        ),
+        c(
+            "data tools",
+            "stats --plot under a file",
+            "segtune.data.stats",
+            m.good,
+            "--quiet",
+            "--plot",
+            m.afile / "x.png",
+            expect=("--plot", "afile"),
+        ),
+        c(
+            "data tools",
+            "convert_floodnet of a missing source",
+            "segtune.data.convert_floodnet",
+            m.tmp / "nowhere",
+            m.tmp / "cf",
+            "--quiet",
+            expect=("nowhere",),
+        ),
+        c(
+            "data tools",
+            "cluster check of a missing file",
+            "segtune.cluster",
+            "check",
+            m.tmp / "nope.yaml",
+            expect=("nope.yaml",),
+        ),
+    ]
+
+
+# --- running and printing ----------------------------------------------------------------------
+
+
+def short(text: str, tmp: Path, limit: int = 160) -> str:
+    text = text.replace(str(tmp), "TMP").replace(PY, "python").replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def table(results: Iterable[Result], tmp: Path, control: bool = False) -> list[str]:
+    head = "| group | case | exit | lines | traceback | s | "
+    head += (
+        "works? | why not |" if control else "one clear line? | message (error line, shortened) |"
+    )
+    rows = [head, "|" + "---|" * 8]
+    for r in results:
+        rc = (
+            "timeout"
+            if r.rc is None and r.verdict != "skipped"
+            else ("-" if r.rc is None else r.rc)
+        )
+        last = r.reason if control else short(r.message, tmp)
+        rows.append(
+            f"| {r.case.group} | {short(r.case.name, tmp, 70)} | {rc} | {r.lines} | "
+            f"{'yes' if r.traceback else 'no'} | {r.seconds:.0f} | {r.verdict} | {last} |"
+        )
+    return rows
+
+
+def report(results: list[Result], tmp: Path, wall: float, killed: list[int]) -> str:
+    controls = [r for r in results if r.case.control]
+    bad = [r for r in results if not r.case.control and r.verdict != "skipped"]
+    skipped = [r for r in results if r.verdict == "skipped"]
+    clean = [r for r in bad if r.verdict.startswith("yes")]
+    by_argparse = [r for r in clean if r.verdict == "yes (argparse)"]
+    out = ["# Bad-input matrix (issue 14)", ""]
+    out.append(
+        "A case is one clear line when it exits 2, prints no traceback, and stderr has one line "
+        "starting with `error:` with nothing after it but log lines, and that line names what the "
+        "case expects (key, file or problem). Log lines, warnings and progress bars before it are "
+        "allowed. argparse's `usage:` + `PROG: error:` (exit 2) counts as clean, marked."
+    )
+    out += ["", "## Controls (valid inputs, must work; not counted)", ""]
+    out += table(controls, tmp, control=True)
+    out += ["", "## Bad inputs", ""]
+    out += table(bad, tmp)
+    out += [
+        "",
+        f"**{len(bad)} bad inputs tried, {len(clean)} ended in one clear line with exit 2** "
+        f"({len(by_argparse)} of them argparse's usage + error form; {len(clean) - len(by_argparse)} "
+        f"with segtune's own `error:` line). Wall time {wall / 60:.1f} min.",
+    ]
+    if skipped:
+        out.append("Skipped: " + "; ".join(f"{r.case.name} ({r.reason})" for r in skipped))
+    if killed:
+        out.append(f"Left-over processes killed after the run: {len(killed)}")
+    out += ["", "## Not one clear line", ""]
+    for r in bad:
+        if not r.verdict.startswith("yes"):
+            out.append(f"- {r.case.group} / {short(r.case.name, tmp, 90)}: {r.reason}")
+    for r in controls:
+        if r.verdict != "ok":
+            out.append(f"- control {r.case.name}: {r.reason}")
+    return "\n".join(out) + "\n"
+
+
+def run_all(
+    cases: Sequence[Case], env: dict[str, str], cwd: Path, jobs: int, total: int, done: list[int]
+) -> list[Result]:
+    def one(case: Case) -> Result:
+        result = run_case(case, env, cwd)
+        done[0] += 1
+        print(
+            f"[{done[0]}/{total}] {case.group}: {case.name} -> "
+            f"{'timeout' if result.rc is None else result.rc} {result.seconds:.0f}s {result.verdict}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return result
+
+    if jobs <= 1:
+        return [one(c) for c in cases]
+    with ThreadPoolExecutor(jobs) as pool:
+        return list(pool.map(one, cases))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.bad_inputs", description=__doc__)
+    parser.add_argument("--out", type=Path, help="also write the Markdown report here")
+    parser.add_argument("--only", help="run only cases whose group or name holds this text")
+    parser.add_argument("--jobs", type=int, default=2, help="fast cases at once (default 2)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    args = parser.parse_args(argv)
+    has_gpu = any(Path("/dev").glob("nvidia[0-9]*"))
+    started = time.monotonic()
+    holder = tempfile.TemporaryDirectory(prefix="bad-inputs-")
+    tmp = Path(holder.name)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
+    env.update(
+        NO_ALBUMENTATIONS_UPDATE="1",
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_TMPDIR=str(tmp / "ray"),  # our Ray sessions apart from anyone else's
+        TORCH_HOME=str(tmp / "torch-home"),
+        PYTHONPATH=str(REPO),
+    )
+    (tmp / "ray").mkdir()
+    m = Matrix(tmp)
+    killed: list[int] = []
+    try:
+        m.make_good_data(env)
+        m.make_inputs()
+        m.start_http()
+        fixture = m.sweep(
+            "control",
+            "tiny sweep (fixture)",
+            setting(("name", "mx-good")),
+            uri=m.db,
+            control=True,
+            timeout=400,
+        )
+        export = m.command(
+            "control",
+            "export of its best trial (fixture)",
+            "segtune.export",
+            "--experiment",
+            "mx-good",
+            "--tracking-uri",
+            m.db,
+            "--out",
+            m.export,
+            "--format",
+            "torchscript",
+            control=True,
+            timeout=300,
+        )
+        auto = m.sweep(
+            "run CLI",
+            "--address auto with no Ray running",
+            extra=["--address", "auto"],
+            expect=("address", "ray"),
+            solo=True,
+            timeout=180,
+        )
+        auto.env = {"RAY_TMPDIR": str(tmp / "ray-auto")}
+        if other_ray_running():
+            auto.skip = "another Ray cluster runs on this machine: auto would join it"
+        sixteen = m.faulty(
+            "sixteen",
+            lambda r, i, k: (
+                gray16(i.with_suffix(".png"), np.asarray(Image.open(i).convert("L"))),
+                i.unlink(),
+            ),
+        )
+        controls_late = [
+            m.train("16-bit PNG image in the dataset: accepted", data=sixteen, control=True),
+            m.predict(
+                "16-bit PNG image: same mask as its 8-bit copy",
+                m.inputs / "gray8.png",
+                m.inputs / "gray16.png",
+                "--out",
+                m.tmp / "pred16",
+                control=True,
+                check=lambda: mask_agreement(
+                    m.tmp / "pred16" / "gray8.png", m.tmp / "pred16" / "gray16.png"
+                ),
+            ),
+        ]
+        fast = [
+            *sweep_cases(m, has_gpu),
+            *cli_cases(m),
+            *dataset_cases(m),
+            *train_cases(m, has_gpu),
+            *predict_cases(m, has_gpu),
+            *export_cases(m),
+            *report_cases(m),
+            *tool_cases(m),
+            *controls_late,
+        ]
+        solo = solo_cases(m)
+        for case in solo:  # the web server's port is known only now
+            case.argv = [a.replace("{port}", str(m.http_port)) for a in case.argv]
+        first = [auto, fixture, export]
+        if args.only:
+            keep = args.only.lower()
+            pick = [c for c in [auto, *fast, *solo] if keep in f"{c.group} {c.name}".lower()]
+            needs_fixture = any(c.group in ("predict", "export", "report") for c in pick)
+            first = [auto] if auto in pick else []
+            first += [fixture, export] if needs_fixture else []
+            fast = [c for c in fast if c in pick]
+            solo = [c for c in solo if c in pick]
+        total = len(first) + len(fast) + len(solo)
+        done = [0]
+        results = run_all(first, env, m.work, 1, total, done)
+        if m.export.is_dir():  # the tampered copy of the fixture export
+            shutil.copytree(m.export, tmp / "tampered-export")
+            model = tmp / "tampered-export" / "model.pt"
+            if model.is_file():
+                with model.open("ab") as f:
+                    f.write(b"\0")
+        results += run_all(fast, env, m.work, args.jobs, total, done)
+        results += run_all(solo, env, m.work, 1, total, done)
+    finally:
+        m.stop_http()
+        killed = kill_leftovers(tmp)
+        if args.keep:
+            print(f"kept {tmp}", file=sys.stderr)
+        else:
+            holder.cleanup()
+    order = {id(c): i for i, c in enumerate([*first, *fast, *solo])}
+    results.sort(key=lambda r: (GROUPS.index(r.case.group), order[id(r.case)]))
+    text = report(results, tmp, time.monotonic() - started, killed)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
