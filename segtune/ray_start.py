@@ -8,6 +8,7 @@ pre-flight, which a thread does meanwhile: Ray's start is mostly waiting for its
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 
@@ -16,6 +17,13 @@ import ray
 from segtune.errors import ConfigError
 from segtune.interrupt import StopSignals
 from segtune.tracking.outage import trial_retry_env
+
+# What ray.init imports on its own, imported with this module: the pre-flight thread imports
+# beside ray.init, and no module is then imported by both threads at once (tests/test_layers.py)
+RAY_INIT_IMPORTS = ("ctypes.util", "email.policy", "socketserver", "timeit",
+                    "ray._common.usage.usage_lib", "ray.dashboard")  # fmt: skip
+for _name in RAY_INIT_IMPORTS:
+    importlib.import_module(_name)
 
 log = logging.getLogger(__name__)
 

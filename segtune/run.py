@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import logging
 import math
 import shlex
@@ -143,10 +144,23 @@ def preflight(sweep: SweepConfig, local: bool) -> Scan:
     return scan_dataset(sweep.data, progress=True)  # generates a synthetic set, checks every pair
 
 
+# what the driver imports while Ray starts: the pre-flight's modules, the Tuner and the trainable,
+# and MLflow's SQL store (1.2 s, else at the cost stage's first look-up)
+PREFLIGHT_IMPORTS = (
+    "segtune.data.baseline",
+    "segtune.data.pipeline",
+    "segtune.models",
+    "segtune.space",
+    "segtune.sweep",
+    "mlflow.store.tracking.sqlalchemy_store",
+)
+
+
 def _checked(sweep: SweepConfig, local: bool, report: EarlyReport | None) -> tuple[Scan, float]:
-    """The pre-flight with the driver's heavy imports (torch, the models, the trainable), run in
-    a thread while Ray starts: the checked dataset and its colour-only floor."""
-    import segtune.sweep  # noqa: F401 - the Tuner and the trainable, imported here meanwhile
+    """The pre-flight with the driver's heavy imports (PREFLIGHT_IMPORTS), run in a thread while
+    Ray starts: the checked dataset and its colour-only floor."""
+    for name in PREFLIGHT_IMPORTS:
+        importlib.import_module(name)
     from segtune.data.baseline import colour_floor
     from segtune.data.pipeline import split_samples
 

@@ -135,3 +135,30 @@ def test_entry_points_import_without_network() -> None:
     assert done.stdout.strip().splitlines()[-1] == "1"
     for symptom in ("name resolution", "Name or service", "urlopen error", "version info"):
         assert symptom not in done.stderr, done.stderr
+
+
+def _new_modules(code: str) -> set[str]:
+    """The modules `code` imports beyond those the driver has when its Ray starts."""
+    before = (
+        "import json, sys, concurrent.futures, threading, segtune.run, segtune.ray_start, "
+        "segtune.tracking.runs, segtune.tracking.outage\nbefore = set(sys.modules)\n"
+    )
+    after = "print(json.dumps(sorted(set(sys.modules) - before)))\n"
+    done = subprocess.run([sys.executable, "-c", before + code + after], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, check=True)  # fmt: skip
+    return set(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def test_ray_start_and_the_preflight_thread_never_import_one_module_at_once() -> None:
+    """segtune.run starts Ray in its main thread while a thread imports PREFLIGHT_IMPORTS: a
+    module that both imported at once could be handed half-initialised to one of them."""
+    ray_init = _new_modules(
+        "import ray\nray.init(include_dashboard=False, configure_logging=False, "
+        "runtime_env={'env_vars': {'A': '1'}})\nray.shutdown()\n"
+    )
+    preflight = _new_modules(
+        "import importlib\nfrom segtune.run import PREFLIGHT_IMPORTS\n"
+        "for name in PREFLIGHT_IMPORTS: importlib.import_module(name)\n"
+    )
+    assert len(ray_init) > 50 and len(preflight) > 1000  # both import plenty on their own
+    assert ray_init & preflight == set()
