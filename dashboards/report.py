@@ -8,12 +8,15 @@ relative links cannot resolve, so the logged index.html carries its images inlin
 from __future__ import annotations
 
 import html
+import importlib
 import logging
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
+from mlflow.store.db.db_types import DATABASE_ENGINES
 from mlflow.tracking import MlflowClient
 
 from dashboards.analysis import check_ema
@@ -24,6 +27,7 @@ from segtune.cli import command_parser, run_cli, setup_logging
 from segtune.errors import ConfigError
 from segtune.tracking.names import REPORT_DIR
 from segtune.tracking.query import load_sweep_data
+from segtune.tracking.runs import resolve_tracking_uri
 from segtune.tracking.select import parse_budget
 
 log = logging.getLogger("dashboards.report")
@@ -114,7 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    if args.run_id == "-":
+    if args.run_id == "-":  # started ahead of the sweep's end: import now what reading needs
+        uri = resolve_tracking_uri(args.tracking_uri)
+        if urlsplit(uri).scheme.split("+")[0] in DATABASE_ENGINES:  # 1 s, else at the first read
+            importlib.import_module("mlflow.store.tracking.sqlalchemy_store")
         print("sweep run id:", flush=True)  # the prompt: everything is imported
         args.run_id = sys.stdin.readline().strip()
         if not args.run_id:
