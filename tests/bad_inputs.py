@@ -60,8 +60,8 @@ ERROR_LINE = re.compile(r"^error: ")
 ARGPARSE_LINE = re.compile(r"^[\w.\- ]+: error: ")
 LOG_LINE = re.compile(
     r"^(\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) "  # segtune's logging format
-    r"|\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d"  # Ray's and MLflow's
-    r"|\(\w+ pid=\d+)"  # a Ray worker's forwarded line
+    r"|\[?\d{4}[-/]\d\d[-/]\d\d[ T]\d\d:\d\d:\d\d"  # Ray's and MLflow's
+    r"|(\x1b\[\d+m)?\(\w+ pid=\d+)"  # a Ray worker's forwarded line
 )
 PROGRESS = re.compile(r"\d+%\||it/s\]|s/it\]")
 GROUPS = (
@@ -338,6 +338,7 @@ class Matrix:
         for folder in (self.work, self.runs, self.foreign, self.inputs, self.torch_home):
             folder.mkdir(parents=True, exist_ok=True)
         (tmp / "db").mkdir()
+        (tmp / "logs").mkdir()
         (tmp / "sweeps").mkdir()
         self.afile.write_text("a file, not a folder\n")
         (self.foreign / "notes.txt").write_text("someone's notes\n")
@@ -608,7 +609,7 @@ def sweep_cases(m: Matrix, has_gpu: bool) -> list[Case]:
             path=m.tmp / "sweeps",
             expect=("director", "not a file"),
         ),
-        s(g, "tune: 5 (not a mapping)", setting(("tune", 5)), expect=("tune",)),
+        s(g, "train: a list, not a mapping", setting(("train", [1, 2])), expect=("train",)),
         s(g, "grid_search of nothing", setting((gm, [])), expect=("non-empty",)),
         s(
             g,
@@ -844,7 +845,7 @@ def solo_cases(m: Matrix) -> list[Case]:
             extra=["--address", "127.0.0.1:9"],
             expect=("address", "127.0.0.1:9"),
             solo=True,
-            timeout=180,
+            timeout=100,
         ),
         s(
             g,
@@ -880,7 +881,7 @@ def solo_cases(m: Matrix) -> list[Case]:
             m.tmp / "exp-x",
             expect=("127.0.0.1:9",),
             max_s=15,
-            timeout=90,
+            timeout=45,
             solo=True,
         ),
     ]
@@ -1033,7 +1034,7 @@ def predict_cases(m: Matrix, has_gpu: bool) -> list[Case]:
             "--out",
             m.out("b"),
             export=empty,
-            expect=("not an export folder",),
+            expect=("not an export folder", "SHA256SUMS"),
         ),
         p(
             "a 20000x20000 PNG bomb",
@@ -1438,6 +1439,10 @@ def run_all(
 ) -> list[Result]:
     def one(case: Case) -> Result:
         result = run_case(case, env, cwd)
+        slug = re.sub(r"[^a-z0-9]+", "-", f"{case.group} {case.name}".lower()).strip("-")
+        (cwd.parent / "logs" / f"{slug[:80]}.txt").write_text(
+            " ".join(case.argv) + f"\nexit {result.rc}\n" + result.stderr
+        )
         done[0] += 1
         print(
             f"[{done[0]}/{total}] {case.group}: {case.name} -> "
@@ -1462,8 +1467,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     has_gpu = any(Path("/dev").glob("nvidia[0-9]*"))
     started = time.monotonic()
-    holder = tempfile.TemporaryDirectory(prefix="bad-inputs-")
-    tmp = Path(holder.name)
+    holder = None if args.keep else tempfile.TemporaryDirectory(prefix="bad-inputs-")
+    if holder is None:
+        Path("/tmp/matrix").mkdir(exist_ok=True)
+    tmp = Path(holder.name if holder else tempfile.mkdtemp(prefix="kept-", dir="/tmp/matrix"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
     env.update(
         NO_ALBUMENTATIONS_UPDATE="1",
@@ -1571,8 +1578,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         m.stop_http()
         killed = kill_leftovers(tmp)
-        if args.keep:
-            print(f"kept {tmp}", file=sys.stderr)
+        if holder is None:
+            print(f"kept {tmp} (each case's stderr in logs/)", file=sys.stderr)
         else:
             holder.cleanup()
     order = {id(c): i for i, c in enumerate([*first, *fast, *solo])}
