@@ -91,6 +91,8 @@ def check_combinations(sweep: SweepConfig) -> None:
             check_model_config(resolve_trial(sweep, combo))
         except ConfigError as exc:
             problems[f"search_space: {combo_label(combo)}: {exc}"] = None
+    if len(problems) == 1:  # one line, as every single problem is
+        raise ConfigError(f"impossible combination: {next(iter(problems))}")
     if problems:
         raise ConfigError("impossible combinations:\n  " + "\n  ".join(problems))
 

@@ -288,10 +288,16 @@ def _check_tune(sweep: SweepConfig) -> list[str]:
 def load_sweep(path: Path | str, overrides: Sequence[str] = ()) -> SweepConfig:
     """Read, override and validate a sweep file (yaml.safe_load; all problems at once)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: a folder, not a sweep file (e.g. sweeps/quickstart.yaml)")
     if not path.is_file():
         raise ConfigError(f"{path}: sweep file not found")
     try:
-        raw = parse_yaml(path.read_text()) or {}
+        raw = parse_yaml(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not a text file in UTF-8 ({exc.reason} at byte {exc.start})"
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
     if not isinstance(raw, dict):

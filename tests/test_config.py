@@ -121,3 +121,12 @@ def test_model_label_drops_augment() -> None:
     assert deeplab.label() == "deeplabv3-resnet18-aspp-strong"
     plus = trial_config({"arch": "deeplabv3plus", "backbone": "resnet18", "aspp": False})
     assert plus.model_label() == "deeplabv3plus-resnet18-noaspp"
+
+
+def test_a_sweep_file_that_is_a_folder_or_not_text_is_named_as_such(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="a folder, not a sweep file"):
+        load_sweep(tmp_path)
+    binary = tmp_path / "sweep.yaml"
+    binary.write_bytes(b"\x80\x81name: x\n")
+    with pytest.raises(ConfigError, match=r"sweep.yaml: not a text file in UTF-8 \(invalid start"):
+        load_sweep(binary)

@@ -556,6 +556,7 @@ def test_bad_sweeps_exit_2_before_anything_starts(
     code = run_cli(run_main, [str(sweep), "--tracking-uri", uri, "--no-report"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and expected in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err  # one line, a single problem's too
     assert not ray.is_initialized()
     assert not (tmp_path / "mlflow.db").exists()  # no MLflow run, not even a store
     deadline = time.time() + 30  # Ray, started beside the pre-flight, went with it
