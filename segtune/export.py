@@ -66,7 +66,7 @@ from segtune.deploy.convert import (
 from segtune.deploy.registry import register
 from segtune.errors import ConfigError
 from segtune.tracking.names import CHECKPOINT_ARTIFACT, OBJECTIVE, format_metric
-from segtune.tracking.runs import resolve_tracking_uri
+from segtune.tracking.runs import check_tracking_uri, resolve_tracking_uri
 from segtune.tracking.select import Source, best_trial, trial_by_id
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,7 @@ def export(
     if "onnx" in formats:
         onnx_modules()  # fail before any download
     uri = resolve_tracking_uri(tracking_uri)
+    check_tracking_uri(uri)  # one line in seconds, not MLflow's exception or minutes of retries
     client = MlflowClient(uri)
     if run_id:
         source = trial_by_id(client, run_id, experiment)

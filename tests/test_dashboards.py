@@ -351,6 +351,7 @@ def test_no_budget_fits(store: Store, tmp_path: Path) -> None:
         (["--budget", "infer_ms_tpu<=5"], "no metric 'infer_ms_tpu'"),
         (["--ema", "1.5"], "--ema 1.5"),
         (["--run-id", "0" * 32], "no such MLflow run"),
+        (["--tracking-uri", "foo://bar"], "MLflow has no store for foo://"),
     ],
 )
 def test_cli_errors_are_one_line(

@@ -348,6 +348,12 @@ def test_export_errors_exit_2(
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("error: ") and message in err, (args, err)
         assert "Traceback" not in err
+    bad_uri = ["--experiment", EXPERIMENT, "--tracking-uri", "foo://bar", "--out", str(tmp_path)]
+    assert run_cli(export_main, bad_uri) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err.startswith("error: tracking URI 'foo://bar': MLflow has no store") and "\n" not in err
+    )
     assert not (tmp_path / "x").exists()
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "thesis.tex").write_text("mine")

@@ -36,7 +36,7 @@ from segtune.tracking.names import (
     SWEEP_TAG,
     TRIAL_ID_TAG,
 )
-from segtune.tracking.runs import resolve_tracking_uri
+from segtune.tracking.runs import check_tracking_uri, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +242,7 @@ def load_sweep_data(
 ) -> SweepData:
     """The newest sweep of `experiment` (or `sweep_run_id`, or every sweep), trials and histories."""
     uri = resolve_tracking_uri(tracking_uri)
+    check_tracking_uri(uri)  # one line in seconds, not MLflow's exception or minutes of retries
     client = MlflowClient(tracking_uri=uri)
     experiment_id = _experiment(client, experiment, uri)
     sweeps = _sweep_runs(client, experiment, experiment_id, sweep_run_id, all_sweeps)
