@@ -23,7 +23,7 @@ from dashboards.analysis import check_ema
 from dashboards.page import inline, render
 from dashboards.sections import Report, compose
 from dashboards.tables import write_tables
-from segtune.cli import command_parser, run_cli, setup_logging
+from segtune.cli import check_out_folder, command_parser, run_cli, setup_logging
 from segtune.errors import ConfigError
 from segtune.tracking.names import REPORT_DIR
 from segtune.tracking.query import load_sweep_data
@@ -65,11 +65,12 @@ def build_report(
     """Draw every figure of a sweep and write the report (and its tables as CSV into `csv`);
     returns the path of index.html."""
     weight = check_ema(ema)
+    out = Path(out) if out is not None else Path("reports") / experiment
+    check_out_folder(out, "--out")
     constraints = parse_budget(budget) if budget else []
     data = load_sweep_data(experiment, tracking_uri, sweep_run_id, all_sweeps)
     if csv is not None:
         write_tables(data, Path(csv))
-    out = Path(out) if out is not None else Path("reports") / experiment
     report = compose(data, out, weight, constraints)
 
     shown: list[str] = []  # every image the page links to, to log beside it

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 
-from segtune.errors import SegtuneError
+from segtune.errors import ConfigError, SegtuneError
 
 
 def command_parser(
@@ -36,6 +36,16 @@ def setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+
+
+def check_out_folder(path: Path, option: str) -> None:
+    """Refuse in one line, before any work, an output folder that cannot be made: a file, or a
+    path under one. Nothing is created."""
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(f"{option} {path}: {folder} is a file, not a folder")
+            return
 
 
 def process_age() -> float:

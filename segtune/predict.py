@@ -16,7 +16,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
-from segtune.cli import command_parser, run_cli, setup_logging
+from segtune.cli import check_out_folder, command_parser, run_cli, setup_logging
 from segtune.data.dataset import IMAGE_SUFFIXES, read_image
 from segtune.deploy.runtime import ExportedModel, Preprocess, overlay, predict_mask
 from segtune.errors import ConfigError, DatasetError, SegtuneError
@@ -96,6 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     preprocess = Preprocess.from_card(model.card)
     _check_tiles(args.tile, args.overlap, preprocess.multiple)
     images = collect_images(args.inputs)
+    check_out_folder(args.out, "--out")  # made only once a mask exists to write
     written, skipped = 0, 0
     for path in tqdm(images, desc="predict", unit="img", disable=None):
         try:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import get_args
 
 from segtune.checkpoint import atomic_save, best_checkpoint, load_dict
-from segtune.cli import command_parser, run_cli, setup_logging
+from segtune.cli import check_out_folder, command_parser, run_cli, setup_logging
 from segtune.config import Arch, Augment, DataConfig, apply_overrides, trial_config
 from segtune.engine import EpochEnd, fit
 from segtune.errors import ConfigError
@@ -67,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ) from None
     data_cfg = DataConfig(root=args.data, val_split=val_split, cache=not args.no_cache)
     out = Path(args.out)
+    check_out_folder(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
     resume = None
     if args.resume:

@@ -363,6 +363,17 @@ def test_cli_errors_are_one_line(
     assert err.startswith("error: ") and message in err and "\n" not in err
 
 
+def test_an_output_folder_under_a_file_is_one_line(
+    store: Store, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "taken").write_text("mine")
+    out = tmp_path / "taken" / "report"
+    argv = ["--experiment", EXPERIMENT, "--tracking-uri", store.uri, "--out", str(out), "--no-log"]
+    assert run_cli(main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --out {out}: {tmp_path / 'taken'} is a file, not a folder"
+
+
 def test_cli_unknown_experiment(store: Store, tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "dashboards.report", "--tracking-uri", store.uri,

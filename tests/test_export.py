@@ -227,6 +227,11 @@ def test_predict_refuses_a_bomb_and_writes_no_empty_folder(
     assert predict_main([*args, "--out", str(out)]) == 0
     eight, sixteen = (np.asarray(Image.open(out / f"{n}.png")) for n in ("eight", "sixteen"))
     assert (eight == sixteen).all()
+    taken = tmp_path / "taken.txt"  # an output folder that cannot be one: refused before any work
+    taken.write_text("mine")
+    assert run_cli(predict_main, [*args, "--out", str(taken / "masks")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --out {taken / 'masks'}: {taken} is a file, not a folder"
 
 
 def test_tiles_blend_like_the_whole_image(exported: ExportResult) -> None:

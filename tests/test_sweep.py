@@ -648,6 +648,14 @@ def test_an_unfinished_set_value_and_a_missing_resume_are_one_line(
     assert run_cli(train_main, args) == 2
     err = capsys.readouterr().err
     assert err.strip() == f"error: --resume: no file '{tmp_path / 'none' / 'last.pt'}'"
+    (tmp_path / "taken").write_text("mine")
+    args = ["--data", str(synthetic_root), "--out", str(tmp_path / "taken")]
+    assert run_cli(train_main, args) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.strip()
+        == f"error: --out {tmp_path / 'taken'}: {tmp_path / 'taken'} is a file, not a folder"
+    )
 
 
 def test_dry_run_lists_the_grid(synthetic_root: Path, tmp_path: Path) -> None:
