@@ -173,7 +173,9 @@ def trial_config(values: Mapping[str, Any] | TrialConfig) -> TrialConfig:
     try:
         return TrialConfig.model_validate(dict(values))
     except ValidationError as exc:
-        raise ConfigError("invalid trial configuration:\n" + format_validation_error(exc)) from None
+        problems = format_validation_error(exc)
+        sep = "\n" if "\n" in problems else " "  # one problem, one line
+        raise ConfigError(f"invalid trial configuration:{sep}{problems}") from None
 
 
 class _YamlLoader(yaml.SafeLoader):

@@ -127,9 +127,10 @@ def preflight(sweep: SweepConfig, local: bool) -> Scan:
         elif cfg.pretrained != "none" and not Path(cfg.pretrained).is_file():
             missing[f"pretrained: {cfg.pretrained} (no such file)"] = None
     if missing:
+        what = "\n  " + "\n  ".join(missing) if len(missing) > 1 else " " + next(iter(missing))
         raise ModelError(
             "pretrained weights missing (place the torchvision files in $TORCH_HOME/hub/"
-            "checkpoints, or run with --set train.pretrained=none):\n  " + "\n  ".join(missing)
+            f"checkpoints, or run with --set train.pretrained=none):{what}"
         )
     gpu = sweep.tune.resources_per_trial.gpu
     if local and gpu > 0:

@@ -192,6 +192,8 @@ def _expect(root: Path, match: str, **kwargs: object) -> None:
 
 def test_missing_root(tmp_path: Path) -> None:
     _expect(tmp_path / "nowhere", "nowhere.*does not exist")
+    (tmp_path / "afile").write_text("not a dataset")
+    _expect(tmp_path / "afile", "afile is a file; point data.root at the dataset's folder")
 
 
 def test_missing_folder_and_empty_split(tmp_path: Path) -> None:

@@ -527,6 +527,10 @@ BAD_SWEEPS = {
         "arch=deeplabv3",
     ),
     "missing dataset": ({"data": {"root": "/nonexistent/floodnet"}}, "/nonexistent/floodnet"),
+    "missing weights": (
+        {"train": {"pretrained": "/nonexistent/w.pt"}},
+        "train.pretrained=none): pretrained: /nonexistent/w.pt (no such file)",
+    ),
     "gpu on this machine": ({"tune": {"resources_per_trial": {"gpu": 1}}}, "no GPU"),
     "a name that is a folder": ({"name": ".."}, "name: Value error, '..' names a folder"),
     "a size that is not one": ({"bench": {"input": "96by64"}}, "bench.input"),
@@ -648,6 +652,13 @@ def test_an_unfinished_set_value_and_a_missing_resume_are_one_line(
     assert run_cli(train_main, args) == 2
     err = capsys.readouterr().err
     assert err.strip() == f"error: --resume: no file '{tmp_path / 'none' / 'last.pt'}'"
+    args = ["--data", str(synthetic_root), "--out", str(tmp_path / "e0"), "--epochs", "0"]
+    assert run_cli(train_main, args) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err
+        == "error: invalid trial configuration: epochs: Input should be greater than or equal to 1"
+    )
     (tmp_path / "taken").write_text("mine")
     args = ["--data", str(synthetic_root), "--out", str(tmp_path / "taken")]
     assert run_cli(train_main, args) == 2

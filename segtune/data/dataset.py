@@ -247,6 +247,10 @@ def scan_split(
 
 def _existing_root(root: Path | str) -> Path:
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise DatasetError(
+            f"dataset root {root} is a file; point data.root at the dataset's folder"
+        )
     if not root.is_dir():
         raise DatasetError(
             f"dataset root {root} does not exist; point data.root at a folder with "
