@@ -18,7 +18,10 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     sees none is a ConfigError, not a crash deep inside the first forward pass."""
     if name is None or str(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             f"--device {name}: torch sees no CUDA device (torch.cuda.is_available() is False); "

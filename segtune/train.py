@@ -16,6 +16,7 @@ from typing import get_args
 from segtune.checkpoint import atomic_save, best_checkpoint, load_dict
 from segtune.cli import check_out_folder, command_parser, run_cli, setup_logging
 from segtune.config import Arch, Augment, DataConfig, apply_overrides, trial_config
+from segtune.device import resolve_device
 from segtune.engine import EpochEnd, fit
 from segtune.errors import ConfigError
 from segtune.models import check_model_config
@@ -66,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"--val-split {val_split!r}: use auto, val, test or a fraction"
             ) from None
     data_cfg = DataConfig(root=args.data, val_split=val_split, cache=not args.no_cache)
+    resolve_device(args.device)  # a device that cannot be, before any work
     out = Path(args.out)
     check_out_folder(out, "--out")
     out.mkdir(parents=True, exist_ok=True)

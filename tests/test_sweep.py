@@ -659,6 +659,10 @@ def test_an_unfinished_set_value_and_a_missing_resume_are_one_line(
         err
         == "error: invalid trial configuration: epochs: Input should be greater than or equal to 1"
     )
+    args = ["--data", str(synthetic_root), "--out", str(tmp_path / "t"), "--device", "tpu"]
+    assert run_cli(train_main, args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --device tpu: not a device; use auto, cpu, cuda or cuda:N"
     (tmp_path / "taken").write_text("mine")
     args = ["--data", str(synthetic_root), "--out", str(tmp_path / "taken")]
     assert run_cli(train_main, args) == 2
