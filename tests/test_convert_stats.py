@@ -143,6 +143,10 @@ def test_stats_cli_table_and_plot(
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(plot) as img:
         assert img.size[0] > 300 and img.size[1] > 200
+    under_a_file = plot / "again.png"
+    assert run_cli(stats.main, [str(synthetic_root), "--plot", str(under_a_file)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --plot {plot}: {plot} is a file, not a folder"
 
 
 def test_stats_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from segtune.classes import CLASS_NAMES, IGNORE_COLOR, PALETTE
-from segtune.cli import command_parser, run_cli, setup_logging
+from segtune.cli import check_out_folder, command_parser, run_cli, setup_logging
 from segtune.data.dataset import SPLITS, available_splits, scan_split
 from segtune.errors import DatasetError
 
@@ -149,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    if args.plot:
+        check_out_folder(args.plot.parent, "--plot")  # before the whole dataset is read
     stats = compute_stats(args.root, progress=not args.quiet)
     print(format_stats(stats))
     if args.plot:
