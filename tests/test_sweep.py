@@ -583,6 +583,8 @@ def test_bad_yaml_from_the_command_line(tmp_path: Path) -> None:
     [
         ("http://127.0.0.1:9", "no answer within 5 s"),
         ("foo://bar", "MLflow has no store for foo://"),
+        ("sqlite:////proc/version/mlflow.db", "/proc/version is a file, not a folder"),
+        ("mssql://u@127.0.0.1:9/db", "its database driver is not installed"),
         ("http://[::1", "not a valid address (Invalid IPv6 URL)"),
     ],
 )
@@ -606,6 +608,38 @@ def test_a_tracking_uri_that_cannot_work_is_refused_at_once(
     # the report, started with the sweep, went with it
     left = [p.cmdline() for p in psutil.Process().children(recursive=True)]
     assert not [c for c in left if "dashboards.report" in c], left
+
+
+def test_a_web_server_that_is_not_mlflow_is_refused() -> None:
+    """A server that answers 404 for /health and for MLflow's REST API is not a tracking
+    server (a proxy that routes only the API is)."""
+    import http.server
+
+    from segtune.errors import ConfigError
+    from segtune.tracking.runs import check_tracking_uri
+
+    class OnlyApi(http.server.BaseHTTPRequestHandler):
+        api = False
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            ok = self.api and self.path.startswith("/api/2.0/mlflow/")
+            self.send_response(200 if ok else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), OnlyApi)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(ConfigError, match="a web server answers, but not MLflow's"):
+            check_tracking_uri(uri)
+        OnlyApi.api = True
+        check_tracking_uri(uri)  # behind a proxy without /health: accepted
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_a_cluster_that_cannot_be_joined_is_one_line(
