@@ -1100,10 +1100,18 @@ def predict_cases(m: Matrix, has_gpu: bool) -> list[Case]:
     ]
 
 
-def export_cases(m: Matrix) -> list[Case]:
-    def e(name: str, *args: Any, **kw: Any) -> Case:
+def _on_store(m: Matrix, group: str, module: str) -> Callable[..., Case]:
+    """Cases of a command that reads MLflow: the fixture's store unless a case names its own."""
+
+    def case(name: str, *args: Any, **kw: Any) -> Case:
         base = ["--tracking-uri", m.db] if "--tracking-uri" not in args else []
-        return m.command("export", name, "segtune.export", *base, *args, **kw)
+        return m.command(group, name, module, *base, *args, **kw)
+
+    return case
+
+
+def export_cases(m: Matrix) -> list[Case]:
+    e = _on_store(m, "export", "segtune.export")
 
     out = m.tmp / "exp"
     return [
@@ -1182,9 +1190,7 @@ def export_cases(m: Matrix) -> list[Case]:
 
 
 def report_cases(m: Matrix) -> list[Case]:
-    def r(name: str, *args: Any, **kw: Any) -> Case:
-        base = ["--tracking-uri", m.db] if "--tracking-uri" not in args else []
-        return m.command("report", name, "dashboards.report", *base, *args, **kw)
+    r = _on_store(m, "report", "dashboards.report")
 
     out = m.tmp / "rep"
     return [
