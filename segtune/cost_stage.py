@@ -22,7 +22,7 @@ import logging
 import os
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,10 +149,14 @@ def measure_alone(model: nn.Module, bench: BenchSection, kind: NodeKind) -> Cost
 
 
 def measure_missing(
-    configs: Sequence[TrialConfig], bench: BenchSection, tracking_uri: str
+    configs: Sequence[TrialConfig],
+    bench: BenchSection,
+    tracking_uri: str,
+    before_timing: Callable[[], None] | None = None,
 ) -> dict[tuple[Any, ...], Cost]:
     """On this node: the cost of each configuration's network, from the cost table where it holds
-    a steady one, else timed now and recorded. Keyed by `model_key`."""
+    a steady one, else timed now and recorded. Keyed by `model_key`. `before_timing` is called
+    once, before the first network is timed (the driver quiets its own processes there)."""
     client = MlflowClient(tracking_uri)
     kind = node_kind(bench.gpu)
     unique = {model_key(cfg): cfg for cfg in configs}
@@ -167,6 +171,9 @@ def measure_missing(
             cost.update(source="reused", run_id=run_id)
             log.info("cost %d/%d %s: reused (cost run %s)", i, len(unique), label, run_id)
         else:
+            if before_timing is not None:
+                before_timing()
+                before_timing = None
             started = time.perf_counter()
             cost = measure_alone(model, bench, kind)
             cost["signature"] = sig
@@ -186,18 +193,26 @@ def measure_missing(
 
 
 def run_cost_stage(
-    configs: Sequence[TrialConfig], bench: BenchSection, tracking_uri: str, *, joined: bool
+    configs: Sequence[TrialConfig],
+    bench: BenchSection,
+    tracking_uri: str,
+    *,
+    joined: bool,
+    before_timing: Callable[[], None] | None = None,
 ) -> tuple[dict[tuple[Any, ...], Cost], dict[str, str]]:
     """The cost stage of a sweep, before its first trial: every network of `configs` on every
     kind of node, in the driver for its own machine, else one Ray task per node kind that
     holds all of that node's CPUs and GPUs. Returns the costs of the first node kind by
     `model_key` (to order the trials), and `measured` or `reused` by signature (for the
-    trials' record)."""
+    trials' record). `before_timing` is called before anything is timed on the driver's
+    machine: before the first network timed here, or before the tasks of a cluster."""
     if not configs:
         return {}, {}
     if not joined:
-        results = [measure_missing(configs, bench, tracking_uri)]
+        results = [measure_missing(configs, bench, tracking_uri, before_timing)]
     else:
+        if before_timing is not None:  # the driver's machine may be one of the nodes
+            before_timing()
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 

@@ -321,13 +321,16 @@ def fit(
             },
         }
 
-        def build_state(snapshot: State = snapshot) -> State:
+        def build_state(snapshot: State = snapshot, best_now: bool = is_best) -> State:
+            weights = model.state_dict()
             return {
-                "model": model.state_dict(),
+                "model": weights,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
                 **snapshot,
+                # the same tensors: torch.save writes the weights of a best epoch once
+                **({"best_model": weights} if best_now else {}),
             }
 
         event = EpochEnd(

@@ -84,7 +84,10 @@ def evaluate_best(
     examples = out_dir / "examples"
     examples.mkdir(exist_ok=True)
     index = {sample.id: i for i, sample in enumerate(dataset.samples)}
+    stems: dict[str, list[str]] = {}  # an image picked for several reasons is predicted once
     for stem, sample_id in pick_examples(table).items():
+        stems.setdefault(sample_id, []).append(stem)
+    for sample_id, names in stems.items():
         i = index[sample_id]
         item = dataset[i]
         image, truth = dataset.load(i)
@@ -96,5 +99,7 @@ def evaluate_best(
             prediction = np.asarray(
                 Image.fromarray(prediction).resize((width, height), Image.NEAREST)
             )
-        Image.fromarray(composite(image, prediction, truth)).save(examples / f"{stem}.png")
+        picture = Image.fromarray(composite(image, prediction, truth))
+        for stem in names:
+            picture.save(examples / f"{stem}.png")
     return scores

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import socket
 
 import ray
 
@@ -47,6 +48,28 @@ class DefaultAuthNotice(logging.Filter):
 AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
+def check_head(address: str, timeout: float = 5.0) -> None:
+    """A HOST:PORT that nothing answers at is one line in seconds: Ray itself would retry its
+    connection to the head's GCS for a minute. `auto` and `ray://` are Ray's to resolve."""
+    if address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--address {address}: not HOST:PORT (or auto); e.g. 10.0.0.5:6379")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except TimeoutError:
+        reason = f"no answer within {timeout:g} s"
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+    else:
+        return
+    raise ConfigError(
+        f"--address {address}: no Ray head answers there ({reason}); start one "
+        "(ray start --head --port PORT) or give its GCS address"
+    )
+
+
 def start_ray(address: str | None, tracking_uri: str, outage_s: float, stop: StopSignals) -> None:
     """`ray.init` in this (the main) thread: Ray ties its processes to the thread that starts
     them. A signal meanwhile is the sweep's (`stop.starting_ray`); a cluster that cannot be
@@ -59,11 +82,16 @@ def start_ray(address: str | None, tracking_uri: str, outage_s: float, stop: Sto
     if not any(isinstance(f, DefaultAuthNotice) for f in logging.getLogger(AUTH_LOGGER).filters):
         logging.getLogger(AUTH_LOGGER).addFilter(DefaultAuthNotice())
     log.info("starting Ray (%s)", address or "this machine")
+    if address:
+        check_head(address)
     try:
         with stop.starting_ray():
             ray.init(
                 address=address,
                 include_dashboard=False,
+                # a Ray of its own: no idle task workers started with it (trials are actors,
+                # which never use them), whose imports took CPU from the pre-flight
+                _system_config=None if address else {"prestart_worker_first_driver": False},
                 runtime_env={"env_vars": env},
                 configure_logging=False,
                 log_to_driver=True,

@@ -5,9 +5,9 @@ start), pre-flight (dataset, pretrained weights, schedulable resources), then on
 run and a Tuner; at the end a summary table, the report (`python -m dashboards.report`, run as
 its own command), and exit 1 if any trial failed.
 
-The report's process starts first: its imports (about 3 s) run beside the driver's, whose heavy
-imports (torch, Ray, MLflow) come inside the functions, after it. The driver waits for them to
-end before the cost stage times anything; the report draws once it reads the sweep run's id.
+The report's process starts first, at the lowest CPU priority: its imports (about 3 s of CPU) take
+what the driver, Ray's start and the trials leave idle. The driver waits for them to end only
+before its cost stage times a network; the report draws once it reads the sweep run's id.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import contextlib
 import importlib
 import logging
 import math
+import os
 import shlex
 import signal
 import subprocess
@@ -157,7 +158,7 @@ PREFLIGHT_IMPORTS = (
 )
 
 
-def _checked(sweep: SweepConfig, local: bool, report: EarlyReport | None) -> tuple[Scan, float]:
+def _checked(sweep: SweepConfig, local: bool) -> tuple[Scan, float]:
     """The pre-flight with the driver's heavy imports (PREFLIGHT_IMPORTS), run in a thread while
     Ray starts: the checked dataset and its colour-only floor."""
     for name in PREFLIGHT_IMPORTS:
@@ -168,8 +169,6 @@ def _checked(sweep: SweepConfig, local: bool, report: EarlyReport | None) -> tup
     scan = preflight(sweep, local)
     train, val, _ = split_samples(sweep.data, int(sweep.train.get("seed", 0)), scan=scan)
     floor = colour_floor(train, val, sweep.data.rgb_masks)["miou"]
-    if report is not None:
-        report.wait_imported()  # nothing of ours competes with the cost stage's timing
     return scan, floor
 
 
@@ -207,7 +206,7 @@ def _sweep(args: argparse.Namespace, sweep: SweepConfig, report: EarlyReport | N
     with StopSignals() as stop, ThreadPoolExecutor(1, "pre-flight") as pool:
         try:
             try:  # Ray starts in this thread while the pool's imports and checks what it needs
-                checked = pool.submit(_checked, sweep, args.address is None, report)
+                checked = pool.submit(_checked, sweep, args.address is None)
                 start_ray(args.address, tracking_uri, sweep.mlflow.outage_s, stop)
                 scan, floor = checked.result()
             except SweepInterrupted as exc:  # a signal before the sweep's runs exist
@@ -228,6 +227,8 @@ def _sweep(args: argparse.Namespace, sweep: SweepConfig, report: EarlyReport | N
                 scan=scan,
                 floor_miou=floor,
                 trials_done=report.draw if report is not None else None,
+                # nothing of ours competes with the cost stage's timing
+                before_timing=report.wait_imported if report is not None else None,
             )
         except SweepInterrupted as exc:
             then = (
@@ -344,8 +345,9 @@ def print_time_account(
 
 class EarlyReport:
     """`python -m dashboards.report --run-id -`, started with the driver so that both import
-    at once, in a session of its own (a Ctrl-C is the driver's to handle); it draws when
-    `build` hands it the sweep run's id, and is killed if the sweep never gets that far."""
+    at once, in a session of its own (a Ctrl-C is the driver's to handle) and at the lowest CPU
+    priority (nice 19: it never slows the pre-flight, Ray's start or a trial); it draws when
+    `draw` hands it the sweep run's id, and is killed if the sweep never gets that far."""
 
     def __init__(self, experiment: str, tracking_uri: str | None) -> None:
         command = [sys.executable, "-m", "dashboards.report", "--experiment", experiment]
@@ -354,6 +356,8 @@ class EarlyReport:
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             start_new_session=True,
         )  # fmt: skip
+        with contextlib.suppress(OSError):  # it ended already: `index` says so
+            os.setpriority(os.PRIO_PROCESS, self.process.pid, 19)
 
     def __enter__(self) -> EarlyReport:
         return self

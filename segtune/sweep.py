@@ -179,13 +179,15 @@ def run_sweep(
     scan: Scan | None = None,
     floor_miou: float | None = None,
     trials_done: Callable[[str], None] | None = None,
+    before_timing: Callable[[], None] | None = None,
 ) -> SweepOutcome:
     """Run the sweep on the Ray the caller started (`segtune.ray_start`; stopped here once the
     trials end, before the runs are closed): cost stage, checks, Tuner. `stop` routes the
     caller's signals. `scan` is the driver's check of the dataset,
     handed to every trial (on every node the dataset has the same paths, checked first);
     `floor_miou` the colour-only floor of its validation split, kept on the sweep run;
-    `trials_done` is called with the sweep run's id once every trial has ended, before Ray stops.
+    `trials_done` is called with the sweep run's id once every trial has ended, before Ray stops;
+    `before_timing` before the cost stage times anything on this machine.
 
     One driver per sweep name and run storage holds the sweep's lock; once the node checks pass
     it closes what the storage's previous driver of the name left RUNNING, and on SIGINT or
@@ -207,7 +209,7 @@ def run_sweep(
         outcome = SweepOutcome("", 0, 1)
         try:
             _fit(sweep, tracking_uri, storage, lock, stop, outcome, address, resume, sweep_yaml,
-                 scan, floor_miou, trials_done)  # fmt: skip
+                 scan, floor_miou, trials_done, before_timing)  # fmt: skip
         except SegtuneError:
             if not stop.stopped:
                 raise
@@ -236,6 +238,7 @@ def _fit(
     scan: Scan | None,
     floor_miou: float | None,
     trials_done: Callable[[str], None] | None,
+    before_timing: Callable[[], None] | None,
 ) -> None:
     """The cost stage and the Tuner on the started Ray, filling `outcome` as they go (the parent
     run first, so that an interruption can close it); Ray stops at the end."""
@@ -245,7 +248,9 @@ def _fit(
     try:  # Ray stops here (finally), whatever happens
         started = time.perf_counter()
         if not joined:  # this machine alone: Ray's processes are up, and idle until the trials
-            costs, measured = run_cost_stage(configs, sweep.bench, tracking_uri, joined=False)
+            costs, measured = run_cost_stage(
+                configs, sweep.bench, tracking_uri, joined=False, before_timing=before_timing
+            )
             phases["cost_stage_s"] = time.perf_counter() - started
         started = time.perf_counter()
         check_cluster(sweep)
@@ -266,7 +271,9 @@ def _fit(
         phases["nodes_s"] = time.perf_counter() - started
         if joined:  # one task per node kind, each holding its node while nothing else runs
             started = time.perf_counter()
-            costs, measured = run_cost_stage(configs, sweep.bench, tracking_uri, joined=True)
+            costs, measured = run_cost_stage(
+                configs, sweep.bench, tracking_uri, joined=True, before_timing=before_timing
+            )
             phases["cost_stage_s"] = time.perf_counter() - started
         started = time.perf_counter()
         grid = len(configs) if sweep.tune.search == "grid" else 1

@@ -81,6 +81,25 @@ def test_resume_continues_exactly(synthetic_root: Path) -> None:
         )
 
 
+def test_a_best_epochs_state_holds_its_weights_once(synthetic_root: Path) -> None:
+    """Every epoch's state goes to a checkpoint: at a best epoch the best weights are the
+    model's own tensors, which torch.save writes once (and torch.load shares again)."""
+    cfg = trial_config({**TINY_UNET, "epochs": 2, "augment": "none"})
+    sizes: list[tuple[bool, bool]] = []
+
+    def save(event: EpochEnd) -> None:
+        buffer = io.BytesIO()
+        torch.save(event.build_state(), buffer)
+        state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+        shared = all(
+            state["best_model"][k].data_ptr() == v.data_ptr() for k, v in state["model"].items()
+        )
+        sizes.append((event.is_best, shared))
+
+    _fit(cfg, synthetic_root, callbacks=[save])
+    assert sizes and all(best == shared for best, shared in sizes), sizes
+
+
 def test_training_learns_and_reports_every_key(synthetic_root: Path) -> None:
     cfg = trial_config({**TINY_UNET, "epochs": 3, "augment": "none"})
     seen: list[EpochEnd] = []
@@ -182,3 +201,26 @@ def test_train_cli_errors_are_one_line(tmp_path: Path) -> None:
     assert (
         proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
     )
+
+
+def test_the_evaluation_writes_every_pick_and_predicts_each_image_once(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    """An image picked for several reasons (best overall and best for a class) is one forward
+    pass: the best weights' evaluation is on each trial's path to its end."""
+    import pandas as pd
+
+    from segtune.evaluation import evaluate_best, pick_examples
+
+    cfg = trial_config(TINY_UNET)
+    data = build_data(DataConfig(root=str(synthetic_root)), cfg, progress=False)
+    model = build_model(cfg).eval()
+    images: list[int] = []
+    model.register_forward_hook(lambda _m, args, _out: images.append(args[0].shape[0]))
+    scores = evaluate_best(model, data.val, tmp_path, torch.device("cpu"), None, cfg.batch_size)
+    table = pd.read_csv(tmp_path / "per_image.csv", dtype={"id": str})
+    picks = pick_examples(table)
+    assert len(table) == len(data.val) and 0.0 <= scores["boundary_miou"] <= 1.0
+    assert {p.stem for p in (tmp_path / "examples").glob("*.png")} == set(picks)
+    assert len(set(picks.values())) < len(picks)  # this split has images picked twice
+    assert sum(images) == len(data.val) + len(set(picks.values()))

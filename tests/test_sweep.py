@@ -610,6 +610,18 @@ def test_a_tracking_uri_that_cannot_work_is_refused_at_once(
     assert not [c for c in left if "dashboards.report" in c], left
 
 
+def test_the_early_report_runs_at_the_lowest_priority_and_goes_with_the_sweep(
+    tmp_path: Path,
+) -> None:
+    """The report's process imports on the CPU the pre-flight, Ray and the trials leave idle
+    (nice 19), and a sweep that ends before drawing it kills it."""
+    from segtune.run import EarlyReport
+
+    with EarlyReport("nothing", f"sqlite:///{tmp_path / 'mlflow.db'}") as report:
+        assert os.getpriority(os.PRIO_PROCESS, report.process.pid) == 19
+    assert report.process.returncode == -signal.SIGKILL
+
+
 def test_a_web_server_that_is_not_mlflow_is_refused() -> None:
     """A server that answers 404 for /health and for MLflow's REST API is not a tracking
     server (a proxy that routes only the API is)."""
@@ -642,28 +654,40 @@ def test_a_web_server_that_is_not_mlflow_is_refused() -> None:
         server.server_close()
 
 
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("auto", "error: --address auto: Could not find any running Ray instance"),
+        # loopback only: nothing listens on port 9 (discard); Ray would retry for a minute
+        ("127.0.0.2:9", "error: --address 127.0.0.2:9: no Ray head answers there (Connection"),
+    ],
+)
 def test_a_cluster_that_cannot_be_joined_is_one_line(
+    address: str,
+    expected: str,
     synthetic_root: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Ray starts while the pre-flight runs: `--address auto` with no cluster to join ends in
-    one line and exit 2, its pre-flight thread and its report gone with it."""
+    """Ray starts while the pre-flight runs: a cluster that cannot be joined ends in one line
+    and exit 2 within seconds, its pre-flight thread and its report gone with it."""
     import ray
 
     from segtune.cli import run_cli
 
-    if Path("/tmp/ray/ray_current_cluster").exists():
+    if address == "auto" and Path("/tmp/ray/ray_current_cluster").exists():
         pytest.skip("a Ray cluster of this machine answers --address auto")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sweep = write_sweep(tmp_path / "join.yaml", synthetic_root)
-    code = run_cli(run_main, [str(sweep), "--tracking-uri", uri, "--address", "auto"])
+    started = time.perf_counter()
+    code = run_cli(run_main, [str(sweep), "--tracking-uri", uri, "--address", address])
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]  # after the pre-flight's progress bars
     assert code == 2 and "Traceback" not in err and err.count("error: ") == 1, err
-    assert last.startswith("error: --address auto: Could not find any running Ray instance"), err
+    assert last.startswith(expected), err
+    assert time.perf_counter() - started < 30
     assert not ray.is_initialized() and not (tmp_path / "mlflow.db").exists()
     assert not [t for t in threading.enumerate() if t.name.startswith("pre-flight")]
     left = [p.cmdline() for p in psutil.Process().children(recursive=True)]
