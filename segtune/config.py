@@ -157,13 +157,36 @@ class DataConfig(BaseModel):
     eval_resize: Literal["pad", "resize", "none"] = "pad"
 
 
+def _union_member(part: int | str) -> bool:
+    """A location part that names a member of a union type (pydantic tries each), not a key."""
+    return isinstance(part, str) and (any(c in part for c in "[]'(") or part in UNION_TAGS)
+
+
+UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
 def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
-    """One line per problem, each naming its key path."""
-    lines = []
-    for err in exc.errors():
-        path = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
-        lines.append(f"{path or '<root>'}: {err['msg']}")
-    return "\n".join(lines)
+    """One line per problem, each naming its key path; a value that no member of a union type
+    accepts (`mode: max | [max, min]`) is one problem, with what each member wanted."""
+    errors = exc.errors()
+    # a member that got inside the value (a list, for [max, up]) is the member meant: the others'
+    # complaints about the value's shape are dropped
+    members = [next((i for i, p in enumerate(e["loc"]) if _union_member(p)), -1) for e in errors]
+    inside = {
+        e["loc"][:i] for e, i in zip(errors, members, strict=True) if -1 < i < len(e["loc"]) - 1
+    }
+    problems: dict[str, list[str]] = {}
+    for err, i in zip(errors, members, strict=True):
+        if i == len(err["loc"]) - 1 and err["loc"][:i] in inside:
+            continue
+        parts = (prefix, *(p for p in err["loc"] if not _union_member(p)))
+        path = ".".join(str(p) for p in parts if p != "") or "<root>"
+        if err["msg"] not in problems.setdefault(path, []):
+            problems[path].append(err["msg"])
+    return "\n".join(
+        f"{path}: {first}" + "".join(f" (or: {m[0].lower()}{m[1:]})" for m in more)
+        for path, (first, *more) in problems.items()
+    )
 
 
 def trial_config(values: Mapping[str, Any] | TrialConfig) -> TrialConfig:

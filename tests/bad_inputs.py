@@ -540,12 +540,13 @@ def sweep_cases(m: Matrix, has_gpu: bool) -> list[Case]:
             setting((gm, [{"arch": "deeplabv3", "backbone": "none"}])),
             expect=("needs a backbone",),
         ),
-        s(
+        s(  # aspp is DeepLab's head switch, True by default: every UNet trial carries it, and
+            # its label drops it (unet-none); so an explicit one is accepted, not refused
             g,
-            "aspp: true on unet",
+            "aspp: true on unet: accepted",
             setting((gm, [{"arch": "unet", "backbone": "none", "aspp": True}])),
             dry=True,
-            expect=("aspp",),
+            control=True,
         ),
         s(g, "bench.input: 96by64", setting(("bench.input", "96by64")), expect=("bench.input",)),
         s(
@@ -839,8 +840,16 @@ def solo_cases(m: Matrix) -> list[Case]:
             solo=True,
             timeout=180,
         ),
-        # no `--address 127.0.0.1:9`: Ray replaces 127.0.0.1 by the machine's interface address
-        # and keeps trying it for minutes, and a test sends nothing beyond loopback
+        # not 127.0.0.1: Ray would replace it by the machine's interface address, and a test
+        # sends nothing beyond loopback; the driver's probe refuses 127.0.0.2:9 before Ray starts
+        s(
+            g,
+            "--address 127.0.0.2:9 (no Ray head there)",
+            extra=["--address", "127.0.0.2:9"],
+            expect=("--address 127.0.0.2:9",),
+            max_s=20,
+        ),
+        s(g, "--address of no port", extra=["--address", "headnode"], expect=("HOST:PORT",)),
         s(
             g,
             "resources_per_trial.cpu: 64 on 2 cores",

@@ -130,3 +130,20 @@ def test_a_sweep_file_that_is_a_folder_or_not_text_is_named_as_such(tmp_path: Pa
     binary.write_bytes(b"\x80\x81name: x\n")
     with pytest.raises(ConfigError, match=r"sweep.yaml: not a text file in UTF-8 \(invalid start"):
         load_sweep(binary)
+
+
+@pytest.mark.parametrize(
+    ("tune", "line"),
+    [  # a value no member of a union type takes is one problem, not one per member
+        ({"mode": "maximize"}, "tune.mode: Input should be 'max' or 'min' (or: input should be a"),
+        ({"metric": 5}, "tune.metric: Input should be a valid string (or: input should be a valid"),
+        ({"mode": ["max", "up"]}, "tune.mode.1: Input should be 'max' or 'min'"),  # the list's
+    ],
+)
+def test_a_value_of_a_union_type_is_one_problem(tune: dict[str, object], line: str) -> None:
+    from segtune.sweepfile import validate_sweep
+
+    with pytest.raises(ConfigError) as caught:
+        validate_sweep({"name": "x", "tune": tune})
+    assert str(caught.value).startswith(f"invalid sweep: {line}")
+    assert "\n" not in str(caught.value)

@@ -31,6 +31,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 SIGNATURES = {".jpg": b"\xff\xd8\xff", ".jpeg": b"\xff\xd8\xff", ".png": b"\x89PNG\r\n\x1a\n"}
 # more pixels than this is a decompression bomb or a mistake (FloodNet's originals: 12 MP)
 MAX_PIXELS = 100_000_000
+UNREADABLE = (UnidentifiedImageError, OSError, Image.DecompressionBombError)
+SCAN_BLOCK = 1024  # bytes the JPEG decoder is fed at a time while an image is checked
 SPLITS = ("train", "val", "test")
 _VALID_MASK_VALUES = np.zeros(256, dtype=bool)
 _VALID_MASK_VALUES[:NUM_CLASSES] = True
@@ -128,10 +130,38 @@ def read_image(path: Path | str) -> np.ndarray:
             if img.mode == "F":
                 raise DatasetError(f"{path}: floating-point image; save it as 8-bit RGB")
             return np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+    except UNREADABLE as exc:
         raise DatasetError(
             f"{path}: unreadable image ({exc}); replace it or remove the pair"
         ) from None
+
+
+def check_image(path: Path) -> None:
+    """Decode the image whole, as `read_image` does. A JPEG body of other bytes behind an intact
+    header decodes too (libjpeg only warns), into noise; its decoder then stops far from the
+    end-of-image marker, which a JPEG's own scan data always reaches."""
+    if path.suffix.lower() not in (".jpg", ".jpeg"):
+        read_image(path)
+        return
+    try:
+        with path.open("rb") as f, Image.open(f) as img:
+            _check_pixels(path, img.size)
+            img.decodermaxblock = SCAN_BLOCK  # what it read tells where it stopped
+            img.load()
+            stopped = f.tell()
+            f.seek(max(0, stopped - 2 * SCAN_BLOCK))
+            near = f.read(3 * SCAN_BLOCK)
+            size = f.seek(0, 2)
+    except UNREADABLE as exc:
+        raise DatasetError(
+            f"{path}: unreadable image ({exc}); replace it or remove the pair"
+        ) from None
+    if b"\xff\xd9" not in near:  # a second picture may follow the first's marker (MPF)
+        raise DatasetError(
+            f"{path}: corrupt JPEG (its decoder stops {size - stopped} bytes before the "
+            "end-of-image marker: the body is not the one its header describes); replace it "
+            "or remove the pair"
+        )
 
 
 def read_mask(path: Path | str, rgb_masks: bool = False) -> np.ndarray:
@@ -153,7 +183,7 @@ def read_mask(path: Path | str, rgb_masks: bool = False) -> np.ndarray:
                     f"{path}: mask mode {img.mode} unsupported; save it as 8-bit 'L'"
                 )
             mask = np.asarray(img)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+    except UNREADABLE as exc:
         raise DatasetError(
             f"{path}: unreadable mask ({exc}); replace it or remove the pair"
         ) from None
@@ -170,7 +200,7 @@ def _check_pair(sample: Sample, rgb_masks: bool) -> Sample:
     """Decode the image fully (a corrupt body behind an intact header and end marker fails
     here, not in a trial), check the mask's size and values; return the sample with its class
     pixel counts."""
-    read_image(sample.image_path)
+    check_image(sample.image_path)
     mask = read_mask(sample.mask_path, rgb_masks)
     if mask.shape != (sample.height, sample.width):
         raise DatasetError(
