@@ -157,35 +157,47 @@ class DataConfig(BaseModel):
     eval_resize: Literal["pad", "resize", "none"] = "pad"
 
 
-def _union_member(part: int | str) -> bool:
-    """A location part that names a member of a union type (pydantic tries each), not a key."""
-    return isinstance(part, str) and (any(c in part for c in "[]'(") or part in UNION_TAGS)
+# how pydantic names the member of a union type it tried, in an error's location
+UNION_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+KEY_ERRORS = ("extra_forbidden", "missing")  # their location ends with a key the user wrote
 
 
-UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+def _union_tags(err: Mapping[str, Any]) -> list[int]:
+    """Where the error's location names a member of a union type, not a key."""
+    loc = err["loc"]
+    keys_end = len(loc) - 1 if err["type"] in KEY_ERRORS else len(loc)
+    return [
+        i
+        for i, part in enumerate(loc[:keys_end])
+        if isinstance(part, str) and (any(c in part for c in "[]'(") or part in UNION_TAGS)
+    ]
 
 
 def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     """One line per problem, each naming its key path; a value that no member of a union type
     accepts (`mode: max | [max, min]`) is one problem, with what each member wanted."""
     errors = exc.errors()
-    # a member that got inside the value (a list, for [max, up]) is the member meant: the others'
-    # complaints about the value's shape are dropped
-    members = [next((i for i, p in enumerate(e["loc"]) if _union_member(p)), -1) for e in errors]
+    tags = [_union_tags(e) for e in errors]
+    # a member that got inside the value (a list, for [max, up]) is the member meant: the
+    # others' complaints about the value's shape are dropped
     inside = {
-        e["loc"][:i] for e, i in zip(errors, members, strict=True) if -1 < i < len(e["loc"]) - 1
+        e["loc"][: t[0]]
+        for e, t in zip(errors, tags, strict=True)
+        if t and t[-1] < len(e["loc"]) - 1
     }
-    problems: dict[str, list[str]] = {}
-    for err, i in zip(errors, members, strict=True):
-        if i == len(err["loc"]) - 1 and err["loc"][:i] in inside:
+    problems: dict[tuple[str, int], list[str]] = {}  # the members of one union share a line
+    for n, (err, at) in enumerate(zip(errors, tags, strict=True)):
+        loc = err["loc"]
+        if at and at[-1] == len(loc) - 1 and loc[: at[0]] in inside:
             continue
-        parts = (prefix, *(p for p in err["loc"] if not _union_member(p)))
+        parts = (prefix, *(p for i, p in enumerate(loc) if i not in at))
         path = ".".join(str(p) for p in parts if p != "") or "<root>"
-        if err["msg"] not in problems.setdefault(path, []):
-            problems[path].append(err["msg"])
+        said = problems.setdefault((path, -1 if at else n), [])
+        if err["msg"] not in said:
+            said.append(err["msg"])
     return "\n".join(
         f"{path}: {first}" + "".join(f" (or: {m[0].lower()}{m[1:]})" for m in more)
-        for path, (first, *more) in problems.items()
+        for (path, _), (first, *more) in problems.items()
     )
 
 

@@ -5,6 +5,7 @@ of the study's Task 4 (best and worst images, and each class's best and worst im
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,8 @@ def evaluate_best(
             prediction = np.asarray(
                 Image.fromarray(prediction).resize((width, height), Image.NEAREST)
             )
-        picture = Image.fromarray(composite(image, prediction, truth))
-        for stem in names:
-            picture.save(examples / f"{stem}.png")
+        first, *others = (examples / f"{stem}.png" for stem in names)
+        Image.fromarray(composite(image, prediction, truth)).save(first)
+        for path in others:
+            shutil.copyfile(first, path)
     return scores

@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     written, skipped = 0, 0
     for path in tqdm(images, desc="predict", unit="img", disable=None):
         try:
-            image = read_image(path)
+            image = read_image(path, strict=True)  # a JPEG body that decodes into noise, too
         except DatasetError as exc:
             log.warning("%s, skipped", exc)
             skipped += 1

@@ -50,12 +50,15 @@ AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 def check_head(address: str, timeout: float = 5.0) -> None:
     """A HOST:PORT that nothing answers at is one line in seconds: Ray itself would retry its
-    connection to the head's GCS for a minute. `auto` and `ray://` are Ray's to resolve."""
-    if address == "auto" or "://" in address:
+    connection to the head's GCS for a minute. `auto`, `local` and `ray://` are Ray's."""
+    if address in ("auto", "local") or "://" in address:
         return
     host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"--address {address}: not HOST:PORT (or auto); e.g. 10.0.0.5:6379")
+    bare_ipv6 = ":" in host and not host.startswith("[")
+    if not host or bare_ipv6 or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            f"--address {address}: not HOST:PORT (or auto); e.g. 10.0.0.5:6379 or [fd00::5]:6379"
+        )
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except TimeoutError:
@@ -82,19 +85,24 @@ def start_ray(address: str | None, tracking_uri: str, outage_s: float, stop: Sto
     if not any(isinstance(f, DefaultAuthNotice) for f in logging.getLogger(AUTH_LOGGER).filters):
         logging.getLogger(AUTH_LOGGER).addFilter(DefaultAuthNotice())
     log.info("starting Ray (%s)", address or "this machine")
-    if address:
-        check_head(address)
+    options = dict(
+        address=address,
+        include_dashboard=False,
+        runtime_env={"env_vars": env},
+        configure_logging=False,
+        log_to_driver=True,
+    )
     try:
         with stop.starting_ray():
-            ray.init(
-                address=address,
-                include_dashboard=False,
-                # a Ray of its own: no idle task workers started with it (trials are actors,
-                # which never use them), whose imports took CPU from the pre-flight
-                _system_config=None if address else {"prestart_worker_first_driver": False},
-                runtime_env={"env_vars": env},
-                configure_logging=False,
-                log_to_driver=True,
-            )
+            if address:
+                ray.init(**options)
+                return
+            try:  # a Ray of its own starts no idle task workers: trials are actors, which never
+                # take them, and their imports took CPU from the pre-flight
+                ray.init(**options, _system_config={"prestart_worker_first_driver": False})
+            except ValueError as exc:  # Ray joins the cluster RAY_ADDRESS or `ray start` names
+                if "_system_config" not in str(exc):
+                    raise
+                ray.init(**options)
     except ConnectionError as exc:
         raise ConfigError(f"--address {address}: {str(exc).strip().splitlines()[0]}") from None

@@ -192,7 +192,7 @@ def _sweep(args: argparse.Namespace, sweep: SweepConfig, report: EarlyReport | N
     """Checks, the sweep, its summary, the report and the time account; the exit status."""
     import ray
 
-    from segtune.ray_start import start_ray
+    from segtune.ray_start import check_head, start_ray
     from segtune.tracking.outage import use_driver_retries
     from segtune.tracking.runs import check_tracking_uri, resolve_tracking_uri
 
@@ -200,6 +200,8 @@ def _sweep(args: argparse.Namespace, sweep: SweepConfig, report: EarlyReport | N
         sweep, resolve_tracking_uri(args.tracking_uri or sweep.mlflow.tracking_uri)
     )
     check_tracking_uri(tracking_uri)  # seconds, not the minutes of MLflow's retries
+    if args.address:
+        check_head(args.address)  # seconds, not Ray's minute of retries
     use_driver_retries(tracking_uri, sweep.mlflow.outage_s)
     phases = {"checks_s": process_age()}
     started = time.perf_counter()
@@ -346,7 +348,8 @@ def print_time_account(
 class EarlyReport:
     """`python -m dashboards.report --run-id -`, started with the driver so that both import
     at once, in a session of its own (a Ctrl-C is the driver's to handle) and at the lowest CPU
-    priority (nice 19: it never slows the pre-flight, Ray's start or a trial); it draws when
+    priority (nice 19: it takes next to nothing from the pre-flight, Ray's start or a trial,
+    and on a busy machine may finish its imports only in the trials' tail); it draws when
     `draw` hands it the sweep run's id, and is killed if the sweep never gets that far."""
 
     def __init__(self, experiment: str, tracking_uri: str | None) -> None:

@@ -608,7 +608,7 @@ def sweep_cases(m: Matrix, has_gpu: bool) -> list[Case]:
             g,
             "a directory instead of a file",
             path=m.tmp / "sweeps",
-            expect=("director", "not a file"),
+            expect=("director", "not a file", "a folder, not a sweep file"),
         ),
         s(g, "train: a list, not a mapping", setting(("train", [1, 2])), expect=("train",)),
         s(g, "grid_search of nothing", setting((gm, [])), expect=("non-empty",)),

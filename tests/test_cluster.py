@@ -232,6 +232,25 @@ def cluster() -> Iterator[Cluster]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def test_ray_address_in_the_environment_is_joined_without_a_traceback(cluster: Cluster) -> None:
+    """Without --address, Ray itself joins the cluster RAY_ADDRESS names; the driver's setting
+    for a Ray of its own (no idle task workers) must then not be passed, or ray.init raises."""
+    probe = (
+        "from segtune.interrupt import StopSignals\n"
+        "from segtune.ray_start import start_ray\n"
+        "import ray\n"
+        "with StopSignals() as stop:\n"
+        f"    start_ray(None, {cluster.tracking_uri!r}, 60, stop)\n"
+        "print(sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']))\n"
+        "ray.shutdown()\n"
+    )
+    env = {**cluster.env, "RAY_ADDRESS": cluster.address}
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                          timeout=120, check=False)  # fmt: skip
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == str(sorted([HEAD, WORKER])), done.stdout
+
+
 def test_a_head_local_setup_is_refused_on_every_count(cluster: Cluster) -> None:
     """Local run storage, a dataset only on the head, a sqlite store: three lines, exit 2."""
     real = cluster.root / "data" / "real"  # hidden from the worker by its tmpfs

@@ -138,6 +138,7 @@ def test_a_sweep_file_that_is_a_folder_or_not_text_is_named_as_such(tmp_path: Pa
         ({"mode": "maximize"}, "tune.mode: Input should be 'max' or 'min' (or: input should be a"),
         ({"metric": 5}, "tune.metric: Input should be a valid string (or: input should be a valid"),
         ({"mode": ["max", "up"]}, "tune.mode.1: Input should be 'max' or 'min'"),  # the list's
+        ({"list": 1}, "tune.list: Extra inputs are not permitted"),  # a key, not a member
     ],
 )
 def test_a_value_of_a_union_type_is_one_problem(tune: dict[str, object], line: str) -> None:

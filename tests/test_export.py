@@ -209,16 +209,24 @@ def test_predict_refuses_a_bomb_and_writes_no_empty_folder(
     capsys: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A 20000x20000 PNG alone: skipped with its name, exit 2, and no output folder; a 16-bit
-    image is scaled to 8 bits, so its mask is the mask of its 8-bit twin."""
+    """A 20000x20000 PNG and a JPEG whose body decodes into noise: skipped with their names,
+    exit 2, and no output folder; a 16-bit image is scaled to 8 bits, so its mask is the mask
+    of its 8-bit twin."""
     bomb = tmp_path / "bomb.png"
     Image.new("1", (20000, 20000)).save(bomb)
+    noise = tmp_path / "noise.jpg"
+    Image.new("RGB", (256, 192), (90, 140, 60)).save(noise, "JPEG")
+    data = noise.read_bytes()
+    body = data.index(b"\xff\xda") + 14  # past the start-of-scan header
+    filler = np.random.default_rng(0).integers(0, 255, 4000, dtype=np.uint8).tobytes()
+    noise.write_bytes(data[:body] + filler + b"\xff\xd9")
     out = tmp_path / "masks"
     with caplog.at_level(logging.WARNING):
-        assert run_cli(predict_main, [str(exported.out), str(bomb), "--out", str(out)]) == 2
+        code = run_cli(predict_main, [str(exported.out), str(bomb), str(noise), "--out", str(out)])
     err = capsys.readouterr().err
-    assert "no readable image among 1 file(s)" in err and "Traceback" not in err
+    assert code == 2 and "no readable image among 2 file(s)" in err and "Traceback" not in err
     assert "bomb.png: unreadable image (Image size (400000000 pixels) exceeds" in caplog.text
+    assert "noise.jpg: corrupt JPEG (Corrupt JPEG data:" in caplog.text
     assert not out.exists()
     rgb = np.random.default_rng(1).integers(0, 256, (64, 96), dtype=np.uint8)
     Image.fromarray(rgb).convert("RGB").save(tmp_path / "eight.png")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
@@ -32,7 +33,6 @@ SIGNATURES = {".jpg": b"\xff\xd8\xff", ".jpeg": b"\xff\xd8\xff", ".png": b"\x89P
 # more pixels than this is a decompression bomb or a mistake (FloodNet's originals: 12 MP)
 MAX_PIXELS = 100_000_000
 UNREADABLE = (UnidentifiedImageError, OSError, Image.DecompressionBombError)
-SCAN_BLOCK = 1024  # bytes the JPEG decoder is fed at a time while an image is checked
 SPLITS = ("train", "val", "test")
 _VALID_MASK_VALUES = np.zeros(256, dtype=bool)
 _VALID_MASK_VALUES[:NUM_CLASSES] = True
@@ -103,10 +103,12 @@ def _image_size(path: Path) -> tuple[int, int]:
         with Image.open(path) as img:
             _check_pixels(path, img.size)
             return img.size
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        raise DatasetError(
-            f"{path}: unreadable image ({exc}); replace it or remove the pair"
-        ) from None
+    except UNREADABLE as exc:
+        raise _unreadable(path, exc) from None
+
+
+def _unreadable(path: Path, exc: BaseException) -> DatasetError:
+    return DatasetError(f"{path}: unreadable image ({exc}); replace it or remove the pair")
 
 
 def _to_rgb8(path: Path, values: np.ndarray) -> np.ndarray:
@@ -119,9 +121,25 @@ def _to_rgb8(path: Path, values: np.ndarray) -> np.ndarray:
     return np.repeat(scaled[..., None], 3, axis=-1) if scaled.ndim == 2 else scaled
 
 
-def read_image(path: Path | str) -> np.ndarray:
-    """Decode an image as RGB uint8 (H, W, 3); 16-bit images are scaled down to 8 bits."""
+def read_image(path: Path | str, strict: bool = False) -> np.ndarray:
+    """Decode an image as RGB uint8 (H, W, 3); 16-bit images are scaled down to 8 bits.
+    `strict` (the pre-flight, predict): a JPEG decoded with libjpeg's warnings taken as
+    errors, as a body of other bytes behind an intact header decodes too, into noise, with
+    only a warning ("premature end of data segment", "extraneous bytes before marker") that
+    Pillow never shows."""
     path = Path(path)
+    if strict and path.suffix.lower() in (".jpg", ".jpeg"):
+        data = path.read_bytes()
+        try:
+            height, width, colours, _ = simplejpeg.decode_jpeg_header(data)
+            _check_pixels(path, (width, height))
+            if colours not in ("CMYK", "YCCK"):  # libjpeg-turbo turns no CMYK into RGB
+                return simplejpeg.decode_jpeg(data, "RGB", strict=True)
+            simplejpeg.decode_jpeg(data, "CMYK", strict=True)  # checked; Pillow converts it
+        except ValueError as exc:
+            raise DatasetError(
+                f"{path}: corrupt JPEG ({exc}); re-save or replace it, or remove the pair"
+            ) from None
     try:
         with Image.open(path) as img:
             _check_pixels(path, img.size)
@@ -131,37 +149,7 @@ def read_image(path: Path | str) -> np.ndarray:
                 raise DatasetError(f"{path}: floating-point image; save it as 8-bit RGB")
             return np.asarray(img.convert("RGB"))
     except UNREADABLE as exc:
-        raise DatasetError(
-            f"{path}: unreadable image ({exc}); replace it or remove the pair"
-        ) from None
-
-
-def check_image(path: Path) -> None:
-    """Decode the image whole, as `read_image` does. A JPEG body of other bytes behind an intact
-    header decodes too (libjpeg only warns), into noise; its decoder then stops far from the
-    end-of-image marker, which a JPEG's own scan data always reaches."""
-    if path.suffix.lower() not in (".jpg", ".jpeg"):
-        read_image(path)
-        return
-    try:
-        with path.open("rb") as f, Image.open(f) as img:
-            _check_pixels(path, img.size)
-            img.decodermaxblock = SCAN_BLOCK  # what it read tells where it stopped
-            img.load()
-            stopped = f.tell()
-            f.seek(max(0, stopped - 2 * SCAN_BLOCK))
-            near = f.read(3 * SCAN_BLOCK)
-            size = f.seek(0, 2)
-    except UNREADABLE as exc:
-        raise DatasetError(
-            f"{path}: unreadable image ({exc}); replace it or remove the pair"
-        ) from None
-    if b"\xff\xd9" not in near:  # a second picture may follow the first's marker (MPF)
-        raise DatasetError(
-            f"{path}: corrupt JPEG (its decoder stops {size - stopped} bytes before the "
-            "end-of-image marker: the body is not the one its header describes); replace it "
-            "or remove the pair"
-        )
+        raise _unreadable(path, exc) from None
 
 
 def read_mask(path: Path | str, rgb_masks: bool = False) -> np.ndarray:
@@ -200,7 +188,7 @@ def _check_pair(sample: Sample, rgb_masks: bool) -> Sample:
     """Decode the image fully (a corrupt body behind an intact header and end marker fails
     here, not in a trial), check the mask's size and values; return the sample with its class
     pixel counts."""
-    check_image(sample.image_path)
+    read_image(sample.image_path, strict=True)
     mask = read_mask(sample.mask_path, rgb_masks)
     if mask.shape != (sample.height, sample.width):
         raise DatasetError(
