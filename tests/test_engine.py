@@ -85,7 +85,7 @@ def test_a_best_epochs_state_holds_its_weights_once(synthetic_root: Path) -> Non
     """Every epoch's state goes to a checkpoint: at a best epoch the best weights are the
     model's own tensors, which torch.save writes once (and torch.load shares again)."""
     cfg = trial_config({**TINY_UNET, "epochs": 2, "augment": "none"})
-    sizes: list[tuple[bool, bool]] = []
+    seen: list[tuple[bool, bool]] = []
 
     def save(event: EpochEnd) -> None:
         buffer = io.BytesIO()
@@ -94,10 +94,10 @@ def test_a_best_epochs_state_holds_its_weights_once(synthetic_root: Path) -> Non
         shared = all(
             state["best_model"][k].data_ptr() == v.data_ptr() for k, v in state["model"].items()
         )
-        sizes.append((event.is_best, shared))
+        seen.append((event.is_best, shared))
 
     _fit(cfg, synthetic_root, callbacks=[save])
-    assert sizes and all(best == shared for best, shared in sizes), sizes
+    assert seen[0] == (True, True) and all(best == shared for best, shared in seen), seen
 
 
 def test_training_learns_and_reports_every_key(synthetic_root: Path) -> None:
