@@ -20,9 +20,10 @@ from segtune.interrupt import StopSignals
 from segtune.tracking.outage import trial_retry_env
 
 # What ray.init imports on its own, imported with this module: the pre-flight thread imports
-# beside ray.init, and no module is then imported by both threads at once (tests/test_layers.py)
+# beside ray.init, and no module is then imported by both threads at once (tests/test_layers.py;
+# frozenlist brings Cython 3.1's shared module, which simplejpeg's also needs)
 RAY_INIT_IMPORTS = ("ctypes.util", "email.policy", "socketserver", "timeit",
-                    "ray._common.usage.usage_lib", "ray.dashboard")  # fmt: skip
+                    "ray._common.usage.usage_lib", "ray.dashboard", "frozenlist")  # fmt: skip
 for _name in RAY_INIT_IMPORTS:
     importlib.import_module(_name)
 
@@ -48,10 +49,10 @@ class DefaultAuthNotice(logging.Filter):
 AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
-def check_head(address: str, timeout: float = 5.0) -> None:
+def check_head(address: str | None, timeout: float = 5.0) -> None:
     """A HOST:PORT that nothing answers at is one line in seconds: Ray itself would retry its
     connection to the head's GCS for a minute. `auto`, `local` and `ray://` are Ray's."""
-    if address in ("auto", "local") or "://" in address:
+    if address is None or address in ("auto", "local") or "://" in address:
         return
     host, _, port = address.rpartition(":")
     bare_ipv6 = ":" in host and not host.startswith("[")

@@ -200,8 +200,7 @@ def _sweep(args: argparse.Namespace, sweep: SweepConfig, report: EarlyReport | N
         sweep, resolve_tracking_uri(args.tracking_uri or sweep.mlflow.tracking_uri)
     )
     check_tracking_uri(tracking_uri)  # seconds, not the minutes of MLflow's retries
-    if args.address:
-        check_head(args.address)  # seconds, not Ray's minute of retries
+    check_head(args.address)  # seconds, not Ray's minute of retries
     use_driver_retries(tracking_uri, sweep.mlflow.outage_s)
     phases = {"checks_s": process_age()}
     started = time.perf_counter()
