@@ -14,7 +14,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from segtune.errors import ConfigError
+from segtune.errors import ConfigError, problems_message
 
 Arch = Literal["unet", "deeplabv3", "deeplabv3plus"]
 Augment = Literal["none", "basic", "strong"]
@@ -208,9 +208,8 @@ def trial_config(values: Mapping[str, Any] | TrialConfig) -> TrialConfig:
     try:
         return TrialConfig.model_validate(dict(values))
     except ValidationError as exc:
-        problems = format_validation_error(exc)
-        sep = "\n" if "\n" in problems else " "  # one problem, one line
-        raise ConfigError(f"invalid trial configuration:{sep}{problems}") from None
+        problems = format_validation_error(exc).splitlines()
+        raise ConfigError(problems_message("invalid trial configuration", problems)) from None
 
 
 class _YamlLoader(yaml.SafeLoader):

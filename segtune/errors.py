@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+
+def problems_message(head: str, problems: Sequence[str]) -> str:
+    """`head: problem` when there is one, so a single problem is always one line; else `head:`
+    and one indented line per problem."""
+    if len(problems) == 1:
+        return f"{head}: {problems[0]}"
+    return f"{head}:\n  " + "\n  ".join(problems)
+
 
 class SegtuneError(Exception):
     """Base of every error a user can cause; CLIs print its message on one line and exit 2."""

@@ -24,7 +24,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from segtune.config import DataConfig
 from segtune.data.dataset import fingerprint
 from segtune.data.pipeline import ensure_dataset
-from segtune.errors import ConfigError, SegtuneError
+from segtune.errors import ConfigError, SegtuneError, problems_message
 from segtune.storage import RunStorage
 from segtune.tracking.server import server_health
 
@@ -147,7 +147,7 @@ def check_nodes(
     log.info("pre-flight of %d nodes took %.1f s", len(nodes), time.perf_counter() - started)
     if problems:
         raise ConfigError(
-            f"the cluster cannot run this sweep ({len(nodes)} nodes):\n  " + "\n  ".join(problems)
+            problems_message(f"the cluster cannot run this sweep ({len(nodes)} nodes)", problems)
         )
 
 

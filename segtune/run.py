@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from segtune.cli import command_parser, process_age, run_cli, setup_logging
-from segtune.errors import ConfigError, ModelError
+from segtune.errors import ConfigError, ModelError, problems_message
 from segtune.interrupt import StopSignals, SweepInterrupted
 from segtune.storage import RunStorage
 from segtune.sweepfile import SweepConfig, load_sweep
@@ -128,11 +128,9 @@ def preflight(sweep: SweepConfig, local: bool) -> Scan:
         elif cfg.pretrained != "none" and not Path(cfg.pretrained).is_file():
             missing[f"pretrained: {cfg.pretrained} (no such file)"] = None
     if missing:
-        what = "\n  " + "\n  ".join(missing) if len(missing) > 1 else " " + next(iter(missing))
-        raise ModelError(
-            "pretrained weights missing (place the torchvision files in $TORCH_HOME/hub/"
-            f"checkpoints, or run with --set train.pretrained=none):{what}"
-        )
+        head = ("pretrained weights missing (place the torchvision files in $TORCH_HOME/hub/"
+                "checkpoints, or run with --set train.pretrained=none)")  # fmt: skip
+        raise ModelError(problems_message(head, list(missing)))
     gpu = sweep.tune.resources_per_trial.gpu
     if local and gpu > 0:
         import torch

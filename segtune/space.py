@@ -17,7 +17,7 @@ from typing import Any
 from ray import tune
 
 from segtune.config import TrialConfig, trial_config
-from segtune.errors import ConfigError
+from segtune.errors import ConfigError, problems_message
 from segtune.models import check_model_config
 from segtune.sweepfile import SweepConfig, is_group, search_form
 
@@ -91,10 +91,9 @@ def check_combinations(sweep: SweepConfig) -> None:
             check_model_config(resolve_trial(sweep, combo))
         except ConfigError as exc:
             problems[f"search_space: {combo_label(combo)}: {exc}"] = None
-    if len(problems) == 1:  # one line, as every single problem is
-        raise ConfigError(f"impossible combination: {next(iter(problems))}")
     if problems:
-        raise ConfigError("impossible combinations:\n  " + "\n  ".join(problems))
+        head = "impossible combination" + "s" * (len(problems) > 1)
+        raise ConfigError(problems_message(head, list(problems)))
 
 
 def combo_label(combo: Mapping[str, Any]) -> str:

@@ -25,7 +25,7 @@ from segtune.config import (
     format_validation_error,
     parse_yaml,
 )
-from segtune.errors import ConfigError
+from segtune.errors import ConfigError, problems_message
 from segtune.tracking.names import EPOCH_SCORES
 
 SEARCH_FORMS = ("grid_search", "choice", "uniform", "loguniform", "randint")
@@ -238,10 +238,7 @@ def validate_sweep(raw: Mapping[str, Any]) -> SweepConfig:
     if sweep is not None:
         problems.extend(_check_tune(sweep))
     if problems:
-        unique = list(dict.fromkeys(problems))
-        if len(unique) == 1:  # one problem, one line
-            raise ConfigError(f"invalid sweep: {unique[0]}")
-        raise ConfigError("invalid sweep:\n  " + "\n  ".join(unique))
+        raise ConfigError(problems_message("invalid sweep", list(dict.fromkeys(problems))))
     assert sweep is not None
     return sweep
 

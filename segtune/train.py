@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"--val-split {val_split!r}: use auto, val, test or a fraction"
             ) from None
     data_cfg = DataConfig(root=args.data, val_split=val_split, cache=not args.no_cache)
-    resolve_device(args.device)  # a device that cannot be, before any work
+    device = resolve_device(args.device)  # a device that cannot be, before any work
     out = Path(args.out)
     check_out_folder(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data.val_loader,
         cfg,
         loss_fn,
-        device=args.device,
+        device=device,
         callbacks=[report],
         resume=resume,
     )
