@@ -248,7 +248,7 @@ def _cmd_tracking(args: argparse.Namespace) -> int:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from segtune.tracking import load, server
+    from segtune.tracking import address, load, server
 
     loggers = check_count("--loggers", args.loggers, 1)
     epochs = check_count("--epochs", args.epochs, 1)
@@ -260,7 +260,7 @@ def _cmd_tracking(args: argparse.Namespace) -> int:
         contextlib.ExitStack() as stack,
     ):
         if args.tracking_uri:
-            uri = server.check_tracking_uri(args.tracking_uri)
+            uri = server.check_server_uri(args.tracking_uri)
             backend = "server"
             target = f"running server {uri} (backend, workers: not known here)"
         else:
@@ -268,7 +268,7 @@ def _cmd_tracking(args: argparse.Namespace) -> int:
             backend = server.backend_kind(store)
             stack.enter_context(_sigterm_as_exit())
             uri = stack.enter_context(server.tracking_server(store, Path(tmp), workers)).url
-            target = f"mlflow server, workers {workers}, backend {server.public_uri(store)}"
+            target = f"mlflow server, workers {workers}, backend {address.public_uri(store)}"
             # the server's settings that decide what it sustains (its connection pool...)
             settings = sorted(k for k in os.environ if k.startswith(server.SERVER_SETTINGS))
             target += "".join(f", {k}={os.environ[k]}" for k in settings)

@@ -38,12 +38,8 @@ import yaml
 
 from segtune.cli import command_parser, run_cli, setup_logging
 from segtune.errors import ConfigError
-from segtune.tracking.server import (
-    SERVER_POOL,
-    server_command,
-    server_health,
-    stop_process_group,
-)
+from segtune.tracking.address import server_health
+from segtune.tracking.server import SERVER_POOL, server_command, stop_process_group
 
 log = logging.getLogger(__name__)
 

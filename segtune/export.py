@@ -65,8 +65,8 @@ from segtune.deploy.convert import (
 )
 from segtune.deploy.registry import register
 from segtune.errors import ConfigError
+from segtune.tracking.address import check_tracking_uri, resolve_tracking_uri
 from segtune.tracking.names import CHECKPOINT_ARTIFACT, OBJECTIVE, format_metric
-from segtune.tracking.runs import check_tracking_uri, resolve_tracking_uri
 from segtune.tracking.select import Source, best_trial, trial_by_id
 
 log = logging.getLogger(__name__)

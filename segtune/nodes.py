@@ -26,7 +26,7 @@ from segtune.data.dataset import fingerprint
 from segtune.data.pipeline import ensure_dataset
 from segtune.errors import ConfigError, SegtuneError, problems_message
 from segtune.storage import RunStorage
-from segtune.tracking.server import server_health
+from segtune.tracking.address import server_health
 
 log = logging.getLogger(__name__)
 

@@ -191,8 +191,8 @@ def _sweep(args: argparse.Namespace, sweep: SweepConfig, report: EarlyReport | N
     import ray
 
     from segtune.ray_start import check_head, start_ray
+    from segtune.tracking.address import check_tracking_uri, resolve_tracking_uri
     from segtune.tracking.outage import use_driver_retries
-    from segtune.tracking.runs import check_tracking_uri, resolve_tracking_uri
 
     sweep, tracking_uri = absolute_paths(
         sweep, resolve_tracking_uri(args.tracking_uri or sweep.mlflow.tracking_uri)

@@ -12,10 +12,9 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.experiment import Trial
 
+from segtune.tracking.address import is_server, server_health
 from segtune.tracking.names import EARLY_STOP_TAG, ERROR_TAG, QUALITY_METRICS, TRAIN_COSTS
-from segtune.tracking.outage import is_server
 from segtune.tracking.runs import TrialRun, find_trial_run
-from segtune.tracking.server import server_health
 
 log = logging.getLogger(__name__)
 

@@ -32,6 +32,7 @@ CORE = (
     "segtune.prepare",
     "segtune.storage",
     "segtune.sweepfile",
+    "segtune.tracking.address",
     "segtune.tracking.names",
     "segtune.train",
 )

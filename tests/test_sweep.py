@@ -622,38 +622,6 @@ def test_the_early_report_runs_at_the_lowest_priority_and_goes_with_the_sweep(
     assert report.process.returncode == -signal.SIGKILL
 
 
-def test_a_web_server_that_is_not_mlflow_is_refused() -> None:
-    """A server that answers 404 for /health and for MLflow's REST API is not a tracking
-    server (a proxy that routes only the API is)."""
-    import http.server
-
-    from segtune.errors import ConfigError
-    from segtune.tracking.runs import check_tracking_uri
-
-    class OnlyApi(http.server.BaseHTTPRequestHandler):
-        api = False
-
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            ok = self.api and self.path.startswith("/api/2.0/mlflow/")
-            self.send_response(200 if ok else 404)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), OnlyApi)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    uri = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
-        with pytest.raises(ConfigError, match="a web server answers, but not MLflow's"):
-            check_tracking_uri(uri)
-        OnlyApi.api = True
-        check_tracking_uri(uri)  # behind a proxy without /health: accepted
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 @pytest.mark.parametrize(
     ("address", "expected"),
     [

@@ -8,7 +8,6 @@ import importlib.metadata
 import logging
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import torch
 import yaml
@@ -19,6 +18,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from segtune.config import TrialConfig
 from segtune.deploy.bundle import CARD_FILE, CARD_FORMAT, CHECKSUMS_FILE, TORCHSCRIPT_FILE
+from segtune.tracking.address import public_uri
 from segtune.tracking.names import (
     COST_KEYS,
     COST_TAG_PREFIX,
@@ -33,16 +33,6 @@ from segtune.tracking.runs import finite_metrics
 from segtune.tracking.select import Source
 
 log = logging.getLogger(__name__)
-
-
-def public_uri(uri: str) -> str:
-    """The tracking URI without credentials, fit for a file that travels."""
-    parts = urlsplit(uri)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        netloc = f"{host}:{parts.port}" if parts.port else host
-        return urlunsplit(parts._replace(netloc=netloc))
-    return uri
 
 
 def sweep_info(client: MlflowClient, run: Run, dst: Path) -> dict[str, Any]:

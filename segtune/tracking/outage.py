@@ -16,9 +16,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from urllib.parse import urlsplit
 
-from segtune.tracking.server import server_health
+from segtune.tracking.address import is_server, server_health
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +61,6 @@ def use_driver_retries(tracking_uri: str, outage_s: float) -> None:
     """Size this process's (the driver's) MLflow retries to just outlast its watch."""
     if is_server(tracking_uri):
         os.environ.update(retry_env(outage_s + DRIVER_MARGIN_S))
-
-
-def is_server(tracking_uri: str) -> bool:
-    return urlsplit(tracking_uri).scheme in ("http", "https")
 
 
 @contextmanager

@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from segtune.errors import SegtuneError
+from segtune.tracking.address import check_tracking_uri, resolve_tracking_uri
 from segtune.tracking.names import (
     CONFIG_LABEL_TAG,
     COST_TAG_PREFIX,
@@ -36,7 +37,6 @@ from segtune.tracking.names import (
     SWEEP_TAG,
     TRIAL_ID_TAG,
 )
-from segtune.tracking.runs import check_tracking_uri, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 

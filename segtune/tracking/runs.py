@@ -7,7 +7,6 @@ trial on any Ray node writes to its own run, and a retried trial writes to the s
 from __future__ import annotations
 
 import contextlib
-import http.client
 import logging
 import math
 import os
@@ -20,13 +19,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import mlflow
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from segtune.cli import check_out_folder
-from segtune.errors import ConfigError
 from segtune.tracking.names import (
     ATTEMPTS_TAG,
     CONFIG_LABEL_TAG,
@@ -49,83 +45,6 @@ from segtune.tracking.names import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def resolve_tracking_uri(cli_value: str | None = None) -> str:
-    """`--tracking-uri`, else MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db)."""
-    if cli_value:
-        return cli_value
-    return os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
-
-
-STORE_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
-
-
-def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
-    """Refuse a tracking URI that cannot work, before anything starts: a scheme MLflow has no
-    store for, a malformed address, a server that does not answer within `timeout` seconds
-    (MLflow's own client would retry for minutes)."""
-    try:
-        parsed = urllib.parse.urlsplit(uri)
-        parsed.port  # noqa: B018 - parses the port, and raises on a bad one
-    except ValueError as exc:
-        raise ConfigError(f"tracking URI {uri!r}: not a valid address ({exc})") from None
-    scheme = parsed.scheme.split("+")[0]
-    if scheme and scheme not in STORE_SCHEMES and len(scheme) > 1:  # C:\... is a path
-        raise ConfigError(
-            f"tracking URI {uri!r}: MLflow has no store for {parsed.scheme}://; use "
-            "http(s)://HOST:PORT, sqlite:///PATH, file:PATH or a database URI"
-        )
-    if scheme == "sqlite" and ":///" in uri:  # the database's folder (made when missing)
-        check_out_folder(Path(uri.split(":///", 1)[1]).parent, "tracking URI")
-    elif scheme in ("postgresql", "mysql", "mssql"):
-        _check_driver(uri)
-    if scheme not in ("http", "https"):
-        return
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
-            return
-    except urllib.error.HTTPError as exc:  # it answers: a server, maybe behind a proxy
-        if exc.code == 404 and not _answers_mlflow(uri, timeout):
-            raise ConfigError(
-                f"tracking URI {uri}: a web server answers, but not MLflow's (404 for /health "
-                "and for its REST API); point --tracking-uri at the mlflow server"
-            ) from None
-        return
-    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise ConfigError(
-            f"tracking URI {uri}: no answer within {timeout:g} s ({reason}); start the server "
-            "(mlflow server --host 127.0.0.1 --port PORT) or fix --tracking-uri"
-        ) from None
-
-
-def _answers_mlflow(uri: str, timeout: float) -> bool:
-    """Whether MLflow's REST API is there (a proxy may route it and not /health)."""
-    try:
-        url = f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1"
-        with urllib.request.urlopen(url, timeout=timeout):
-            return True
-    except urllib.error.HTTPError as exc:
-        return exc.code != 404  # 401 or 403: a server that wants credentials
-    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError):
-        return False
-
-
-def _check_driver(uri: str) -> None:
-    """A database URI whose Python driver is not installed: one line, not SQLAlchemy's error
-    after the trials' start."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        make_url(uri).get_dialect().import_dbapi()
-    except ImportError as exc:
-        raise ConfigError(
-            f"tracking URI {uri!r}: its database driver is not installed ({exc}); install it, "
-            "or name an installed one in the scheme (e.g. postgresql+psycopg2://)"
-        ) from None
-    except Exception as exc:  # noqa: BLE001 - a URI SQLAlchemy cannot read
-        raise ConfigError(f"tracking URI {uri!r}: not a database URI ({exc})") from None
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:

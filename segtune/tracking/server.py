@@ -8,7 +8,6 @@ measurement, so it also waits until its start-up work is done and removes what i
 from __future__ import annotations
 
 import contextlib
-import http.client
 import logging
 import os
 import shutil
@@ -17,14 +16,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from segtune.errors import ConfigError
+from segtune.tracking.address import check_tracking_uri, is_server, public_uri, server_health
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +49,6 @@ def backend_kind(uri: str) -> str:
     return scheme
 
 
-def public_uri(uri: str) -> str:
-    """`uri` without its password, fit for a log line or a table."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{netloc}"))
-
-
 def server_command(
     host: str, port: int, backend_uri: str, artifacts: Path, workers: int
 ) -> list[str]:
@@ -70,30 +59,12 @@ def server_command(
             "--serve-artifacts", "--workers", str(workers), "--allowed-hosts", allowed]  # fmt: skip
 
 
-def server_health(url: str, timeout: float = 5.0) -> str | None:
-    """None when the tracking server at `url` answers /health (a 401 or 403 is an answer: it
-    asks for credentials), else why not, naming the server without its credentials."""
-    parts = urlsplit(url)
-    base = f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}{parts.path.rstrip('/')}"
-    try:
-        with urllib.request.urlopen(f"{base}/health", timeout=timeout):
-            return None
-    except urllib.error.HTTPError as exc:
-        return None if exc.code in (401, 403) else f"HTTP {exc.code} from {base}"
-    except (OSError, ValueError, http.client.HTTPException) as exc:  # e.g. a half-started server
-        return f"{base} does not answer ({getattr(exc, 'reason', None) or exc})"
-
-
-def check_tracking_uri(url: str) -> str:
+def check_server_uri(url: str) -> str:
     """An http(s) URL of a tracking server that answers now: the test needs a server, not a
     file store, and an unreachable one would fail 64 x 50 times instead of once."""
-    if urlsplit(url).scheme not in ("http", "https"):
+    if not is_server(url):
         raise ConfigError(f"--tracking-uri {public_uri(url)}: must be the http(s) URL of a server")
-    problem = server_health(url)
-    if problem is not None:
-        raise ConfigError(
-            f"--tracking-uri {public_uri(url)}: no tracking server answers ({problem})"
-        )
+    check_tracking_uri(url)
     return url.rstrip("/")
 
 

@@ -1,0 +1,119 @@
+"""The tracking URI: which one a command uses, what of it may be printed, and whether the
+store behind it can work, asked once in seconds (MLflow's own client retries for minutes).
+
+One health rule for every caller: the pre-flight of each command, the sweep's watch over an
+outage, the cluster's supervisor and the node checks all ask `server_health`.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from segtune.cli import check_out_folder
+from segtune.errors import ConfigError
+
+STORE_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
+START_HINT = "start the server (mlflow server --host 127.0.0.1 --port PORT) or fix --tracking-uri"
+
+
+def resolve_tracking_uri(cli_value: str | None = None) -> str:
+    """`--tracking-uri`, else MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db)."""
+    if cli_value:
+        return cli_value
+    import mlflow  # here: the supervisor and the load test import this module without MLflow
+
+    return os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+
+
+def public_uri(uri: str) -> str:
+    """`uri` with its password as ***, fit for a message, a table or a file that travels."""
+    try:
+        parts = urllib.parse.urlsplit(uri)
+    except ValueError:  # not an address (a bracket left open): shown as the user wrote it
+        return uri
+    if parts.password is None:
+        return uri
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
+def is_server(tracking_uri: str) -> bool:
+    return urllib.parse.urlsplit(tracking_uri).scheme in ("http", "https")
+
+
+def server_health(url: str, timeout: float = 5.0) -> str | None:
+    """None when the tracking server at `url` answers, else why not, naming it without its
+    credentials. It answers when /health does, when it asks for credentials (401, 403), or,
+    behind a proxy that routes only MLflow's REST API, when that API does."""
+    parts = urllib.parse.urlsplit(url)
+    base = f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}{parts.path.rstrip('/')}"
+    try:
+        with urllib.request.urlopen(f"{base}/health", timeout=timeout):
+            return None
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403) or (exc.code == 404 and _answers_mlflow(base, timeout)):
+            return None
+        if exc.code == 404:
+            return f"a web server answers at {base}, but not MLflow's (404 for /health and its API)"
+        return f"HTTP {exc.code} from {base}"
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # e.g. a half-started server
+        reason = getattr(exc, "reason", None) or exc
+        return f"no answer within {timeout:g} s from {base} ({reason})"
+
+
+def _answers_mlflow(base: str, timeout: float) -> bool:
+    """Whether MLflow's REST API is there (a proxy may route it and not /health)."""
+    try:
+        url = f"{base}/api/2.0/mlflow/experiments/search?max_results=1"
+        with urllib.request.urlopen(url, timeout=timeout):
+            return True
+    except urllib.error.HTTPError as exc:
+        return exc.code != 404  # 401 or 403: a server that wants credentials
+    except (OSError, ValueError, http.client.HTTPException):
+        return False
+
+
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
+    """Refuse a tracking URI that cannot work, before anything starts: a scheme MLflow has no
+    store for, a malformed address, a database whose driver is missing, a server that does not
+    answer within `timeout` seconds."""
+    shown = public_uri(uri)
+    try:
+        parsed = urllib.parse.urlsplit(uri)
+        parsed.port  # noqa: B018 - parses the port, and raises on a bad one
+    except ValueError as exc:
+        raise ConfigError(f"tracking URI {shown!r}: not a valid address ({exc})") from None
+    scheme = parsed.scheme.split("+")[0]
+    if scheme and scheme not in STORE_SCHEMES and len(scheme) > 1:  # C:\... is a path
+        raise ConfigError(
+            f"tracking URI {shown!r}: MLflow has no store for {parsed.scheme}://; use "
+            "http(s)://HOST:PORT, sqlite:///PATH, file:PATH or a database URI"
+        )
+    if scheme == "sqlite" and ":///" in uri:  # the database's folder (made when missing)
+        check_out_folder(Path(uri.split(":///", 1)[1]).parent, "tracking URI")
+    elif scheme in ("postgresql", "mysql", "mssql"):
+        _check_driver(uri, shown)
+    problem = server_health(uri, timeout) if is_server(uri) else None
+    if problem is not None:
+        raise ConfigError(f"tracking URI {shown}: {problem}; {START_HINT}")
+
+
+def _check_driver(uri: str, shown: str) -> None:
+    """A database URI whose Python driver is not installed: one line, not SQLAlchemy's error
+    after the trials' start."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        make_url(uri).get_dialect().import_dbapi()
+    except ImportError as exc:
+        raise ConfigError(
+            f"tracking URI {shown!r}: its database driver is not installed ({exc}); install it, "
+            "or name an installed one in the scheme (e.g. postgresql+psycopg2://)"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - a URI SQLAlchemy cannot read
+        raise ConfigError(f"tracking URI {shown!r}: not a database URI ({exc})") from None

@@ -1,0 +1,85 @@
+"""One rule for whether a tracking server answers, asked of real HTTP servers: the pre-flight,
+the outage watch and the cluster's checks all use it, and no message shows a password."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from segtune.errors import ConfigError
+from segtune.tracking.address import check_tracking_uri, public_uri, server_health
+
+
+class Answers(http.server.BaseHTTPRequestHandler):
+    """/health answers `health`, MLflow's REST API answers `api`."""
+
+    health, api = 200, 404
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        code = self.api if self.path.startswith("/api/2.0/mlflow/") else self.health
+        code = code if self.path.startswith(("/health", "/api/")) else 404
+        self.send_response(code)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def web_server() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answers)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("health", "api", "expected"),
+    [
+        (200, 404, None),
+        (401, 401, None),  # a server that asks for credentials is there
+        (404, 200, None),  # a proxy that routes MLflow's API and not /health
+        (404, 404, "a web server answers at http://{host}, but not MLflow's"),
+        (502, 502, "HTTP 502 from http://{host}"),  # a proxy whose server is gone
+    ],
+)
+def test_a_server_answers_by_one_rule(
+    web_server: str, health: int, api: int, expected: str | None
+) -> None:
+    Answers.health, Answers.api = health, api
+    uri = f"http://me:secret@{web_server}"
+    problem = server_health(uri, timeout=2)
+    if expected is None:
+        assert problem is None
+        check_tracking_uri(uri)  # the pre-flight accepts what the watch accepts
+        return
+    assert problem is not None and problem.startswith(expected.format(host=web_server)), problem
+    with pytest.raises(ConfigError) as raised:
+        check_tracking_uri(uri)
+    message = str(raised.value)
+    assert problem in message and f"http://me:***@{web_server}" in message, message
+    assert "secret" not in message
+
+
+def test_nothing_listening_is_refused_in_seconds() -> None:
+    with pytest.raises(ConfigError, match=r"no answer within 1 s from http://127\.0\.0\.1:9 "):
+        check_tracking_uri("http://u:pw@127.0.0.1:9", timeout=1)
+
+
+@pytest.mark.parametrize(
+    ("uri", "shown"),
+    [
+        ("postgresql://me:secret@db:5432/x", "postgresql://me:***@db:5432/x"),
+        ("http://me@host:5000", "http://me@host:5000"),  # no password, nothing to hide
+        ("sqlite:///mlflow.db", "sqlite:///mlflow.db"),
+        ("http://[::1", "http://[::1"),  # no address: shown as written
+    ],
+)
+def test_public_uri_hides_only_the_password(uri: str, shown: str) -> None:
+    assert public_uri(uri) == shown
