@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType, TracebackType
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 TUNE_STOP = signal.SIGUSR1  # Ray Tune's graceful stop (tune.run installs its handler)
+RESEND_S = 0.05  # a signal a finalizer swallowed is sent again after this, outside it
 
 
 class SweepInterrupted(SegtuneError):
@@ -48,6 +51,7 @@ class StopSignals:
         self._graceful = False
         self._previous: dict[int, Any] = {}
         self._tune_env: str | None = None
+        self._unraisable_hook: Any = None
 
     def __enter__(self) -> StopSignals:
         # Tune's own SIGINT handler would hide SIGINT from us and ignore SIGTERM
@@ -57,6 +61,7 @@ class StopSignals:
         # a handler an earlier Tune run left must not take our first signal: Tune installs its
         # own when it starts
         signal.signal(TUNE_STOP, signal.SIG_DFL)
+        self._unraisable_hook, sys.unraisablehook = sys.unraisablehook, self._swallowed
         self.install()
         return self
 
@@ -82,6 +87,22 @@ class StopSignals:
             raise SweepInterrupted("interrupted by SIGTERM", 128 + signal.SIGTERM) from None
         finally:
             self.install()
+
+    def _swallowed(self, unraisable: Any) -> None:
+        """A handler runs between any two bytecodes of the main thread, also inside a finalizer
+        or a weakref callback (importlib drops its module locks in one), where Python prints
+        the handler's exception and goes on: the signal would be lost. It is sent again from
+        another thread, a moment later (sent from here, it would run its handler here)."""
+        exc = unraisable.exc_value
+        if isinstance(exc, SweepInterrupted) and exc.exit_code > 128:
+            signum = exc.exit_code - 128
+        elif isinstance(exc, SystemExit) and exc.code == signal.SIGTERM:  # Ray's handler
+            signum = signal.SIGTERM
+        else:
+            self._unraisable_hook(unraisable)
+            return
+        log.debug("%s landed in a finalizer; sent again", signal.Signals(signum).name)
+        threading.Timer(RESEND_S, os.kill, (os.getpid(), signum)).start()
 
     def give_up(self, reason: str) -> bool:
         """From any thread: stop the trials as a first signal would (Tune saves its state),
@@ -123,6 +144,7 @@ class StopSignals:
     ) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+        sys.unraisablehook = self._unraisable_hook
         if self._tune_env is None:
             os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
         else:
