@@ -12,6 +12,7 @@ import pandas as pd
 
 from dashboards.interactive import configuration, write_plotly_js
 from dashboards.sections import FAILED, Picture, Report
+from segtune.tracking.address import is_server, public_uri
 from segtune.tracking.names import COLUMNS, OBJECTIVE, format_metric
 from segtune.tracking.query import PARAM_PREFIX
 from segtune.tracking.runs import run_page, runs_page
@@ -152,11 +153,11 @@ def render(report: Report, src: Callable[[str], str]) -> str:
     header = [
         f"<h1>{html.escape(data.experiment)}</h1>",
         f"<p>Sweep{'s' if len(data.sweeps) > 1 else ''}: {html.escape(sweeps)}. "
-        f"{len(trials)} trials: {html.escape(status)}. Tracking URI: <code>{html.escape(data.tracking_uri)}</code>.</p>",
+        f"{len(trials)} trials: {html.escape(status)}. Tracking URI: <code>{html.escape(public_uri(data.tracking_uri))}</code>.</p>",
     ]
     one_sweep = data.sweeps["run_id"].iloc[0] if len(data.sweeps) == 1 else None
     page = runs_page(data.tracking_uri, data.experiment_id, one_sweep)
-    if data.tracking_uri.startswith(("http://", "https://")):
+    if is_server(data.tracking_uri):
         header.append(
             f'<p>The runs in MLflow: <a href="{html.escape(page)}">{html.escape(page)}</a></p>'
         )

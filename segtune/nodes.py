@@ -26,7 +26,7 @@ from segtune.data.dataset import fingerprint
 from segtune.data.pipeline import ensure_dataset
 from segtune.errors import ConfigError, SegtuneError, problems_message
 from segtune.storage import RunStorage
-from segtune.tracking.address import server_health
+from segtune.tracking.address import public_uri, server_health
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +60,6 @@ def _is_loopback(host: str | None) -> bool:
         return False
 
 
-def tracking_reachable(uri: str, timeout: float = 5.0) -> str | None:
-    """None when the tracking server answers its health check, else why not."""
-    if urlsplit(uri).scheme not in ("http", "https"):
-        return None  # a file or database store: nothing to reach
-    return server_health(uri, timeout)
-
-
 def _inspect(data: DataConfig, storage: RunStorage, marker: str, token: str, uri: str) -> dict:
     """What one node sees; runs there as a Ray task."""
     report: dict[str, Any] = {"node": node_name(), "versions": versions()}
@@ -81,7 +74,7 @@ def _inspect(data: DataConfig, storage: RunStorage, marker: str, token: str, uri
         storage.delete(MARKER_DIR, mine)
     except SegtuneError as exc:
         report["storage_error"] = str(exc)
-    report["tracking_error"] = tracking_reachable(uri)
+    report["tracking_error"] = server_health(uri)
     return report
 
 
@@ -106,14 +99,14 @@ def check_nodes(
     host = urlsplit(tracking_uri).hostname
     if multi and scheme in ("", "file", "sqlite"):
         problems.append(
-            f"--tracking-uri {tracking_uri}: a store on one node's disk; each node of the "
+            f"--tracking-uri {public_uri(tracking_uri)}: a store on one node's disk; each node of the "
             "cluster would write its own. Run an MLflow server on the head "
             "(mlflow server --host HEAD_IP --serve-artifacts) and pass --tracking-uri "
             "http://HEAD_IP:5000"
         )
     elif multi and _is_loopback(host) and not all(_is_loopback(n) for n in names):
         problems.append(
-            f"--tracking-uri {tracking_uri}: a loopback address, which no other node reaches; "
+            f"--tracking-uri {public_uri(tracking_uri)}: a loopback address, which no other node reaches; "
             "use the head's private address"
         )
     marker, token = f"check-{secrets.token_hex(4)}", secrets.token_hex(8)
@@ -175,7 +168,7 @@ def _problems(
         )
     if report["tracking_error"]:
         found.append(
-            f"{node}: --tracking-uri {uri}: {report['tracking_error']}; start the server on an "
+            f"{node}: --tracking-uri {public_uri(uri)}: {report['tracking_error']}; start the server on an "
             "address this node reaches (mlflow server --host HEAD_PRIVATE_IP)"
         )
     for package, version in report["versions"].items():

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.experiment import Trial
 
-from segtune.tracking.address import is_server, server_health
+from segtune.tracking.address import server_health
 from segtune.tracking.names import EARLY_STOP_TAG, ERROR_TAG, QUALITY_METRICS, TRAIN_COSTS
 from segtune.tracking.runs import TrialRun, find_trial_run
 
@@ -36,7 +36,7 @@ class CloseRuns(tune.Callback):
     def _reachable(self, trial: Trial) -> bool:
         """Whether the store answers now: on a lost server MLflow's retries would hold Tune's
         loop for minutes (segtune.tracking.outage); the next driver closes the run instead."""
-        problem = server_health(self.tracking_uri) if is_server(self.tracking_uri) else None
+        problem = server_health(self.tracking_uri)
         if problem is not None:
             log.warning("run of trial %s left open: %s", trial.trial_id, problem)
         return problem is None

@@ -328,7 +328,7 @@ def test_killed_driver_resumes_from_s3(cluster: Cluster) -> None:
             and cluster.in_saved_state("resume", second[0].data.tags["ray.trial_id"])
         ):
             assert driver.poll() is None, cluster.output(sweep)[-3000:]
-            assert time.monotonic() < deadline, "the second trial never started"
+            assert time.monotonic() < deadline, "S3's state never named a started second trial"
             time.sleep(0.3)
     first = next(r for r in cluster.trials("resume") if r.info.status == "FINISHED")
     cluster.wait_idle()  # the killed driver's trials are gone from the cluster

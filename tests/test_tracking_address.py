@@ -83,3 +83,9 @@ def test_nothing_listening_is_refused_in_seconds() -> None:
 )
 def test_public_uri_hides_only_the_password(uri: str, shown: str) -> None:
     assert public_uri(uri) == shown
+
+
+@pytest.mark.parametrize("uri", ["sqlite:///mlflow.db", "file:./mlruns", "postgresql://u:pw@db/x"])
+def test_a_store_without_a_server_has_nothing_to_reach(uri: str) -> None:
+    """The sweep's run closing and the node checks ask every store; only a server is probed."""
+    assert server_health(uri, timeout=0.1) is None

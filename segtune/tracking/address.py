@@ -47,9 +47,12 @@ def is_server(tracking_uri: str) -> bool:
 
 
 def server_health(url: str, timeout: float = 5.0) -> str | None:
-    """None when the tracking server at `url` answers, else why not, naming it without its
-    credentials. It answers when /health does, when it asks for credentials (401, 403), or,
-    behind a proxy that routes only MLflow's REST API, when that API does."""
+    """None when the tracking server at `url` answers, or `url` is a file or database store
+    (no server to reach), else why not, naming it without its credentials. A server answers
+    when /health does, when it asks for credentials (401, 403), or, behind a proxy that routes
+    only MLflow's REST API, when that API does."""
+    if not is_server(url):
+        return None
     parts = urllib.parse.urlsplit(url)
     base = f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}{parts.path.rstrip('/')}"
     try:
@@ -98,7 +101,7 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
         check_out_folder(Path(uri.split(":///", 1)[1]).parent, "tracking URI")
     elif scheme in ("postgresql", "mysql", "mssql"):
         _check_driver(uri, shown)
-    problem = server_health(uri, timeout) if is_server(uri) else None
+    problem = server_health(uri, timeout)
     if problem is not None:
         raise ConfigError(f"tracking URI {shown}: {problem}; {START_HINT}")
 

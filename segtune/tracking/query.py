@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from segtune.errors import SegtuneError
-from segtune.tracking.address import check_tracking_uri, resolve_tracking_uri
+from segtune.tracking.address import check_tracking_uri, public_uri, resolve_tracking_uri
 from segtune.tracking.names import (
     CONFIG_LABEL_TAG,
     COST_TAG_PREFIX,
@@ -121,11 +121,13 @@ def _experiment(client: MlflowClient, name: str, uri: str) -> str:
     try:
         experiment = client.get_experiment_by_name(name)
     except MlflowException as exc:
-        raise TrackingError(f"cannot read MLflow at {uri}: {exc.message.splitlines()[0]}") from None
+        raise TrackingError(
+            f"cannot read MLflow at {public_uri(uri)}: {exc.message.splitlines()[0]}"
+        ) from None
     if experiment is None:
         known = sorted(e.name for e in client.search_experiments())
         raise TrackingError(
-            f"experiment {name!r} not found at tracking URI {uri} "
+            f"experiment {name!r} not found at tracking URI {public_uri(uri)} "
             f"(experiments there: {', '.join(known) or 'none'}); "
             "pass --tracking-uri or the sweep's experiment name"
         )

@@ -12,9 +12,7 @@ import math
 import os
 import socket
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from segtune.tracking.address import is_server
 from segtune.tracking.names import (
     ATTEMPTS_TAG,
     CONFIG_LABEL_TAG,
@@ -69,7 +68,7 @@ def runs_page(tracking_uri: str, experiment_key: str, sweep_run_id: str | None =
     view = f"#/experiments/{experiment_key}/runs?" + urllib.parse.urlencode(
         query, quote_via=urllib.parse.quote
     )
-    if tracking_uri.startswith(("http://", "https://")):
+    if is_server(tracking_uri):
         return f"{tracking_uri.rstrip('/')}/{view}"
     return f"mlflow ui --backend-store-uri {tracking_uri}, then http://127.0.0.1:5000/{view}"
 
@@ -77,7 +76,7 @@ def runs_page(tracking_uri: str, experiment_key: str, sweep_run_id: str | None =
 def run_page(tracking_uri: str, experiment_key: str, run_id: str) -> str | None:
     """The page of one run on the tracking server; None for a file or database store, which
     has no page until `mlflow ui` serves it."""
-    if not tracking_uri.startswith(("http://", "https://")):
+    if not is_server(tracking_uri):
         return None
     return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_key}/runs/{run_id}"
 
