@@ -210,6 +210,10 @@ def run_sweep(
         try:
             _fit(sweep, tracking_uri, storage, lock, stop, outcome, address, resume, sweep_yaml,
                  scan, floor_miou, trials_done, before_timing)  # fmt: skip
+            if not stop.stopped:  # a store that fails here (disk full) is a fault like any other
+                MlflowClient(tracking_uri).set_terminated(
+                    outcome.parent, "FAILED" if outcome.failed else "FINISHED"
+                )
         except SegtuneError:
             if not stop.stopped:
                 raise
@@ -219,9 +223,6 @@ def run_sweep(
             log.debug("stopping (%s): %s", stop.lost or stop.received, exc)
         if stop.stopped:  # stopped gracefully by Tune (state saved), or at once
             end_stopped(sweep, tracking_uri, storage, outcome.parent, stop)
-        MlflowClient(tracking_uri).set_terminated(
-            outcome.parent, "FAILED" if outcome.failed else "FINISHED"
-        )
     return outcome
 
 
