@@ -15,6 +15,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from segtune.errors import ConfigError, problems_message
+from segtune.tracking.names import EPOCH_SCORES
 
 Arch = Literal["unet", "deeplabv3", "deeplabv3plus"]
 Augment = Literal["none", "basic", "strong"]
@@ -47,9 +48,13 @@ def check_hw(input_hw: Sequence[int]) -> tuple[int, int]:
 
 
 class TrialConfig(BaseModel):
-    """Everything one trial receives; the keys are the flat trial keys of docs/design.md."""
+    """Everything one trial receives; the keys are the flat trial keys of docs/design.md.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Its fields are the one statement of what a trial key takes: the sweep file's search space
+    is checked against them too (segtune.sweepfile), bounds and choices alike."""
+
+    # no key means anything by inf or nan, and a sampler given one fails inside Ray
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     LABEL_KEYS: ClassVar[tuple[str, ...]] = ("arch", "backbone", "aspp", "augment")
 
     # model
@@ -96,6 +101,16 @@ class TrialConfig(BaseModel):
     def _yaml_off(cls, value: Any) -> Any:
         """YAML reads a bare `off` as false (and `on` as true): take them as meant."""
         return {False: "off", True: "auto"}.get(value, value) if isinstance(value, bool) else value
+
+    @field_validator("select_metric")
+    @classmethod
+    def _epoch_score(cls, value: str) -> str:
+        """engine.fit picks the best epoch by this score of each epoch: any other name would
+        fail every trial at the end of its first epoch."""
+        if value not in EPOCH_SCORES:
+            raise ValueError(f"{value!r} is not a score of each epoch: use one of "
+                             f"{', '.join(EPOCH_SCORES)}")  # fmt: skip
+        return value
 
     def model_label(self) -> str:
         """The network alone: `deeplabv3-mobilenet_v3_small-aspp`, `unet-none`."""

@@ -1,10 +1,11 @@
 """The sweep file's search-space grammar, turned into a Ray Tune `param_space`.
 
 Grammar (per `search_space` key): a scalar, or one of `grid_search`, `choice` (lists),
-`uniform`, `loguniform` ([low, high]), `randint` ([low, high], both inclusive). A key that is
-not a trial key is a *group*: a `grid_search` or `choice` over mappings of trial keys, which
+`uniform`, `loguniform` ([low, high] of a float key), `randint` ([low, high] of an int key, both
+inclusive). A key that is not a trial key is a *group*: a `grid_search` or `choice` over mappings of trial keys, which
 expresses non-Cartesian sets such as the study's Task 3 (UNet, and DeepLab over three backbones).
-The grammar itself (`search_form`, `is_group`) and its validation live in `segtune.sweepfile`.
+The grammar itself (`search_form`, `is_group`) and its validation live in `segtune.sweepfile`,
+which also bounds the sweep's size, so that what is enumerated here is at most 100 000 points.
 Impossible combinations (e.g. deeplabv3 without a backbone) are rejected before anything starts.
 """
 

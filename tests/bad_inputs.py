@@ -684,6 +684,7 @@ def sweep_cases(m: Matrix, has_gpu: bool) -> list[Case]:
             expect=("eval_resize",),
         ),
     ]
+    cases += space_cases(m)
     g = "sweep pre-flight"
     cases += [
         s(
@@ -764,6 +765,235 @@ def sweep_cases(m: Matrix, has_gpu: bool) -> list[Case]:
         ),
     ]
     return cases
+
+
+def space_cases(m: Matrix) -> list[Case]:
+    """Issue 23 (7, 8): each search-space value against its trial key, the metric names and the
+    sweep's size, refused by the sweep file's check before Ray starts (most as --dry-run, which
+    runs the same check; the first two without)."""
+    g, s, inf = "sweep schema", m.sweep, float("inf")
+
+    def space(key: str, spec: Any, search: str = "random") -> Callable[[dict[str, Any]], None]:
+        return setting(("tune.search", search), (f"search_space.{key}", spec))
+
+    def lists(form: str, search: str, **sizes: int) -> Callable[[dict[str, Any]], None]:
+        """`form` lists of 1..n over the keys given, under tune.search `search`."""
+        pairs = ((f"search_space.{k}", {form: list(range(1, n + 1))}) for k, n in sizes.items())
+        return setting(("tune.search", search), *pairs)
+
+    dry = {"dry": True, "max_s": 60}
+    return [
+        s(
+            g,
+            "before Ray: lr loguniform [1e-4, .inf]",
+            space("lr", {"loguniform": [1e-4, inf]}),
+            expect=("finite",),
+        ),
+        s(
+            g,
+            "before Ray: batch_size grid_search [8, 0]",
+            space("batch_size", {"grid_search": [8, 0]}, "grid"),
+            expect=("batch_size.grid_search[1]",),
+        ),
+        s(
+            g,
+            "before Ray: lr uniform [.nan, 0.1]",
+            space("lr", {"uniform": [float("nan"), 0.1]}),
+            expect=("finite",),
+            **dry,
+        ),
+        s(
+            g,
+            "before Ray: lr loguniform from -0.001",
+            space("lr", {"loguniform": [-1e-3, 1e-2]}),
+            expect=("0 < low",),
+            **dry,
+        ),
+        s(
+            g,
+            "before Ray: weight_decay loguniform from 0",
+            space("weight_decay", {"loguniform": [0, 1e-3]}),
+            expect=("0 < low",),
+            **dry,
+        ),
+        s(
+            g,
+            "before Ray: batch_size randint [16, 2] (reversed)",
+            space("batch_size", {"randint": [16, 2]}),
+            expect=("low < high",),
+            **dry,
+        ),
+        s(
+            g,
+            "before Ray: randint on a float key (lr)",
+            space("lr", {"randint": [1, 5]}),
+            expect=("uniform or loguniform",),
+            **dry,
+        ),
+        s(
+            g,
+            "before Ray: uniform on an int key (batch_size)",
+            space("batch_size", {"uniform": [2, 16]}),
+            expect=("randint",),
+            **dry,
+        ),
+        s(
+            g,
+            "before Ray: uniform over arch",
+            space("arch", {"uniform": [0, 1]}),
+            expect=("arch takes one of",),
+            **dry,
+        ),
+        s(
+            g,
+            "before Ray: randint over output_stride (8, 16, 32)",
+            space("output_stride", {"randint": [8, 32]}),
+            expect=("output_stride",),
+            **dry,
+        ),
+        s(
+            g,
+            "before Ray: choice of nothing",
+            space("lr", {"choice": []}),
+            expect=("non-empty",),
+            **dry,
+        ),
+        s(
+            g,
+            "before Ray: quniform (no such form)",
+            space("lr", {"quniform": [1e-4, 1e-2, 1e-5]}),
+            expect=("quniform",),
+            **dry,
+        ),
+        s(
+            g,
+            "before Ray: uniform with one bound",
+            space("lr", {"uniform": [1e-4]}),
+            expect=("[low, high]",),
+            **dry,
+        ),
+        s(
+            g,
+            "before Ray: randint [1, 4.5] on epochs",
+            space("epochs", {"randint": [1, 4.5]}),
+            expect=("two integers",),
+            **dry,
+        ),
+        s(
+            g,
+            "before Ray: two forms in one entry",
+            space("lr", {"loguniform": [1e-4, 1e-2], "choice": [1e-3]}),
+            expect=("search_space.lr",),
+            **dry,
+        ),
+        s(
+            g,
+            "before Ray: a typo for a trial key (lrr)",
+            space("lrr", {"loguniform": [1e-4, 1e-2]}),
+            expect=("did you mean lr",),
+            **dry,
+        ),
+        s(
+            g,
+            "before Ray: lr .inf in a group's mapping",
+            setting(
+                (
+                    "search_space.model.grid_search",
+                    [{"arch": "unet", "backbone": "none", "lr": inf}],
+                )
+            ),
+            expect=("finite",),
+            **dry,
+        ),
+        s(
+            g,
+            "before Ray: train.lr .nan",
+            setting(("train.lr", float("nan"))),
+            expect=("finite",),
+            **dry,
+        ),
+        s(
+            g,
+            "before Ray: tune.metric val_mIoU (not reported)",
+            setting(("tune.metric", "val_mIoU")),
+            expect=("did you mean val_miou",),
+            **dry,
+        ),
+        s(
+            g,
+            "before Ray: tune.metric [] (none)",
+            setting(("tune.metric", []), ("tune.mode", [])),
+            expect=("tune.metric",),
+            **dry,
+        ),
+        s(
+            g,
+            "before Ray: asha on an unreported metric",
+            setting(("tune.scheduler", "asha"), ("tune.metric", "miou")),
+            expect=("not a metric trials report",),
+            **dry,
+        ),
+        s(
+            g,
+            "before Ray: train.select_metric miou",
+            setting(("train.select_metric", "miou")),
+            expect=("select_metric",),
+            **dry,
+        ),
+        s(
+            g,
+            "before Ray: tune.repeats 1000000000",
+            setting(("tune.repeats", 10**9)),
+            expect=("1,000,000,000 trials",),
+            dry=True,
+            max_s=10,
+        ),
+        s(
+            g,
+            "before Ray: tune.num_samples 10^12",
+            setting(("tune.search", "random"), ("tune.num_samples", 10**12)),
+            expect=("1,000,000,000,000 trials",),
+            dry=True,
+            max_s=10,
+        ),
+        s(
+            g,
+            "before Ray: grids of 20 x 20 x 20 x 10 values",
+            lists("grid_search", "grid", epochs=20, batch_size=20, seed=20, num_workers=10),
+            expect=("80,000 trials",),
+            dry=True,
+            max_s=10,
+        ),
+        s(
+            g,
+            "before Ray: choices of 10^6 combinations",
+            lists(
+                "choice",
+                "random",
+                epochs=10,
+                batch_size=10,
+                seed=10,
+                num_workers=10,
+                eval_multiple=10,
+                warmup_epochs=10,
+            ),
+            expect=("combinations",),
+            dry=True,
+            max_s=10,
+        ),
+        s(
+            g,
+            "before Ray: a valid sampled space: accepted",
+            setting(
+                ("tune.search", "random"),
+                ("search_space.lr", {"loguniform": [1e-4, 1e-2]}),
+                ("search_space.batch_size", {"randint": [2, 4]}),
+                ("search_space.dropout", {"uniform": [0.0, 0.5]}),
+            ),
+            dry=True,
+            control=True,
+        ),
+    ]
 
 
 def cli_cases(m: Matrix) -> list[Case]:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import os
+import subprocess
+import sys
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -148,3 +153,240 @@ def test_a_value_of_a_union_type_is_one_problem(tune: dict[str, object], line: s
         validate_sweep({"name": "x", "tune": tune})
     assert str(caught.value).startswith(f"invalid sweep: {line}")
     assert "\n" not in str(caught.value)
+
+
+RANDOM = {"search": "random"}
+
+
+@pytest.mark.parametrize(
+    ("key", "spec", "line"),
+    [  # each value and bound against the trial key's own field: one line each, its key path
+        (
+            "lr",
+            {"loguniform": [1e-4, math.inf]},
+            "lr.loguniform[1]: Input should be a finite number",
+        ),
+        ("lr", {"uniform": [math.nan, 0.1]}, "lr.uniform[0]: Input should be a finite number"),
+        ("lr", {"uniform": [0.1, 0.01]}, "lr.uniform: need low < high; got [0.1, 0.01]"),
+        ("lr", {"uniform": [0, 0.1]}, "lr.uniform[0]: Input should be greater than 0"),
+        (
+            "weight_decay",
+            {"loguniform": [0, 1e-3]},
+            "weight_decay.loguniform: need 0 < low < high on a log scale; got [0, 0.001]",
+        ),
+        ("dropout", {"uniform": [0.1, 1.0]}, "dropout.uniform[1]: Input should be less than 1"),
+        (
+            "batch_size",
+            {"randint": [0, 4]},
+            "batch_size.randint[0]: Input should be greater than or equal to 1",
+        ),
+        ("batch_size", {"randint": [4, 4]}, "batch_size.randint: need low < high; got [4, 4]"),
+        (
+            "lr",
+            {"randint": [1, 5]},
+            "lr.randint: lr takes real numbers, not what randint samples: use uniform or loguniform",
+        ),
+        (
+            "epochs",
+            {"uniform": [2, 8]},
+            "epochs.uniform: epochs takes integers, not what uniform samples: use randint [low, high]",
+        ),
+        (
+            "arch",
+            {"uniform": [0, 1]},
+            "arch.uniform: arch takes one of unet, deeplabv3, "
+            "deeplabv3plus, not a range of numbers: list its values with choice or grid_search",
+        ),
+        ("aspp", {"randint": [0, 1]}, "aspp.randint: aspp takes true or false, not a range"),
+        (
+            "output_stride",
+            {"randint": [8, 32]},
+            "output_stride.randint: output_stride takes one of 8, 16, 32, not a range",
+        ),
+        (
+            "epochs",
+            {"randint": [1, 4.5]},
+            "epochs.randint: expected [low, high], two integers; got [1, 4.5]",
+        ),
+        ("epochs", {"randint": [True, 4]}, "epochs.randint: expected [low, high], two integers"),
+        ("lr", {"uniform": [1e-4, 1e-3, 1e-2]}, "lr.uniform: expected [low, high], two numbers"),
+        ("lr", {"uniform": 0.1}, "lr.uniform: expected [low, high], two numbers; got 0.1"),
+        ("lr", {"choice": []}, "lr.choice: expected a non-empty list"),
+        (
+            "batch_size",
+            {"grid_search": [8, 0]},
+            "batch_size.grid_search[1]: Input should be greater than or equal to 1",
+        ),
+        ("lr", {"choice": [1e-3, math.inf]}, "lr.choice[1]: Input should be a finite number"),
+        (
+            "lr",
+            {"quniform": [1e-4, 1e-2, 1e-5]},
+            "lr: unknown form 'quniform'; expected a value "
+            "or one of grid_search, choice, uniform, loguniform, randint",
+        ),
+        ("lr", {"uniform": [1e-4, 1e-2], "choice": [1e-3]}, "lr: a mapping of 2 keys; expected"),
+        (
+            "lrr",
+            {"loguniform": [1e-4, 1e-2]},
+            "lrr: 'lrr' is not a trial key (did you mean lr?); a group key must hold a list",
+        ),
+        (
+            "model",
+            {"choice": [{"arch": "unet", "lr": math.inf}]},
+            "model.choice[0].lr: Input should be a finite number",
+        ),
+        (
+            "select_metric",
+            {"choice": ["val_miou", "miou"]},
+            "select_metric.choice[1]: Value error, 'miou' is not a score of each epoch: use one of "
+            "train_loss, val_loss, val_miou,",
+        ),
+    ],
+)
+def test_each_search_space_value_is_checked_against_its_trial_key(
+    key: str, spec: dict[str, object], line: str
+) -> None:
+    from segtune.sweepfile import validate_sweep
+
+    search = {"search": "grid"} if "grid_search" in spec else RANDOM
+    with pytest.raises(ConfigError) as caught:
+        validate_sweep({"name": "x", "search_space": {key: spec}, "tune": search})
+    assert str(caught.value).startswith(f"invalid sweep: search_space.{line}")
+    assert "\n" not in str(caught.value)
+
+
+def test_a_valid_sampled_space_passes_and_keeps_its_bounds() -> None:
+    from segtune.sweepfile import validate_sweep
+
+    space = {
+        "lr": {"loguniform": [1e-4, 1e-2]},
+        "weight_decay": {"uniform": [0, 1e-3]},  # 0 is a weight decay, not a log-scale bound
+        "batch_size": {"randint": [2, 4]},
+        "seed": {"randint": [-5, 5]},
+        "dropout": {"uniform": [0.0, 0.5]},
+        "arch": {"choice": ["unet", "deeplabv3plus"]},
+    }
+    domains = param_space(validate_sweep({"name": "x", "search_space": space, "tune": RANDOM}))
+    assert (domains["lr"].lower, domains["lr"].upper) == (1e-4, 1e-2)
+    assert (domains["batch_size"].lower, domains["batch_size"].upper) == (2, 5)
+    assert domains["arch"].categories == ["unet", "deeplabv3plus"]
+
+
+@pytest.mark.parametrize(
+    ("sweep", "line"),
+    [  # every metric name the sweep uses against what trials report (tracking.names)
+        (
+            {"tune": {"metric": "val_mIoU"}},
+            "tune.metric: 'val_mIoU' is not a metric trials report (did you mean val_miou?); one of "
+            "train_loss, val_loss, val_miou,",
+        ),
+        (
+            {
+                "tune": {
+                    "metric": ["val_miou", "latency"],
+                    "mode": ["max", "min"],
+                    "search": "optuna",
+                },
+                "search_space": {},
+            },
+            "tune.metric: 'latency' is not a metric trials report; one of",
+        ),
+        (
+            {"tune": {"metric": [], "mode": []}},
+            "tune.metric: name the metric to optimise, e.g. val_miou",
+        ),
+        (
+            {"tune": {"scheduler": "asha", "metric": "miou"}},  # said once, not twice
+            "tune.metric: 'miou' is not a metric trials report",
+        ),
+        (
+            {"train": {"select_metric": "best_val_miou"}},  # reported, but not by each epoch
+            "train.select_metric: Value error, 'best_val_miou' is not a score of each epoch",
+        ),
+    ],
+)
+def test_metric_names_are_those_trials_report(sweep: dict[str, object], line: str) -> None:
+    from segtune.sweepfile import validate_sweep
+
+    with pytest.raises(ConfigError) as caught:
+        validate_sweep({"name": "x", **sweep})
+    assert str(caught.value).startswith(f"invalid sweep: {line}")
+    assert "\n" not in str(caught.value)
+    for metric in ("best_val_miou", "infer_ms_cpu", "val_iou_water", "train_img_s"):
+        validate_sweep({"name": "x", "tune": {"metric": metric, "mode": "max"}})
+
+
+@pytest.mark.parametrize(
+    ("sweep", "line"),
+    [  # counted by arithmetic: a billion seeds take no memory to refuse
+        (
+            {"tune": {"repeats": 10**9}},
+            "sweep size: 1,000,000,000 trials (num_samples 1 x 1 grid point x repeats "
+            "1,000,000,000), more than the 10,000 one sweep holds (each is a Ray trial and an "
+            "MLflow run): split the study into several sweeps",
+        ),
+        (
+            {"tune": {"search": "random", "num_samples": 10**30}},
+            "sweep size: about 10^30 trials (num_samples about 10^30 x 1 grid point x repeats 1)",
+        ),
+        (
+            {
+                "search_space": {
+                    k: {"grid_search": list(range(1, 21))} for k in ("epochs", "batch_size", "seed")
+                },
+                "tune": {"num_samples": 2},
+            },
+            "sweep size: 16,000 trials (num_samples 2 x 8,000 grid points x repeats 1)",
+        ),
+        (
+            {
+                "search_space": {
+                    k: {"choice": list(range(1, 21))}
+                    for k in ("epochs", "batch_size", "seed", "num_workers")
+                },
+                "tune": RANDOM,
+            },
+            "search_space: 160,000 combinations of grid_search and choice values (and seeds), more "
+            "than the 100,000 the pre-flight checks one by one",
+        ),
+    ],
+)
+def test_the_sweep_size_is_bounded(sweep: dict[str, object], line: str) -> None:
+    from segtune.sweepfile import validate_sweep
+
+    tracemalloc.start()
+    with pytest.raises(ConfigError) as caught:
+        validate_sweep({"name": "x", **sweep})
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert str(caught.value).startswith(f"invalid sweep: {line}")
+    assert "\n" not in str(caught.value)
+    assert peak < 10_000_000  # bytes: nothing enumerated
+    # at the bound itself, the sweep is valid
+    validate_sweep({"name": "x", "tune": {"search": "random", "num_samples": 10_000}})
+
+
+def test_a_bad_space_is_refused_before_ray_and_mlflow(tmp_path: Path) -> None:
+    """The issue's two commands: one line, exit 2, no Ray session, no store, no run folder."""
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(
+        "name: s\nsearch_space: {lr: {loguniform: [1e-4, .inf]}}\ntune: {search: random}\n"
+    )
+    env = {**os.environ, "RAY_TMPDIR": str(tmp_path / "ray")}
+    base = [sys.executable, "-m", "segtune.run", str(sweep), "--no-report"]
+    base += ["--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
+    base += ["--set", f"tune.storage_path={tmp_path}/runs"]
+    done = subprocess.run(base, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        f"error: {sweep}: invalid sweep: search_space.lr.loguniform[1]: "
+        "Input should be a finite number"
+    ]
+    huge = [*base, "--set", "search_space.lr=0.001", "--set", "tune.repeats=1000000000"]
+    done = subprocess.run(
+        [*huge, "--dry-run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2, done.stderr
+    assert "sweep size: 1,000,000,000 trials" in done.stderr
+    assert len(done.stderr.splitlines()) == 1 and done.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]  # no ray/, mlflow.db, runs/

@@ -59,6 +59,9 @@ COST_KEYS = (*MODEL_COSTS, *TRAIN_COSTS)
 # the cost table, or a timing), and the evaluation of the best weights with its artifacts
 TRIAL_TIMES = ("setup_s", "cost_s", "eval_s")
 FINAL_METRICS = (*QUALITY_METRICS, *COST_KEYS)
+# what a trial reports to Ray Tune: each epoch's metrics, then the final ones; the names a
+# sweep's `tune.metric` may take
+REPORTED_METRICS = (*EPOCH_METRICS, *FINAL_METRICS)
 # the study's quality-against-cost pictures (its Pictures 5, 6 and 7), one cost each
 PARETO_COSTS = ("train_time_min", "infer_ms_gpu", "infer_ms_cpu")
 
