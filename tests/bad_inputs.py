@@ -929,7 +929,7 @@ def space_cases(m: Matrix) -> list[Case]:
         s(
             g,
             "before Ray: asha on an unreported metric",
-            setting(("tune.scheduler", "asha"), ("tune.metric", "miou")),
+            setting(("tune.scheduler", "asha"), ("tune.metric", "miou"), ("train.epochs", 3)),
             expect=("not a metric trials report",),
             **dry,
         ),

@@ -25,6 +25,7 @@ CORE = (
     "segtune.data.synthetic",
     "segtune.device",
     "segtune.engine",
+    "segtune.grammar",
     "segtune.evaluation",
     "segtune.losses",
     "segtune.metrics",
