@@ -137,6 +137,9 @@ def _check_range(key: str, form: str, values: Any, where: str, problems: list[st
         problems.append(f"{where}: expected [low, high], two {what}; got {reprlib.repr(values)}")
         return
     low, high = values
+    if form == "randint" and (low < -(2**63) or high >= 2**63 - 1):  # numpy's int64, high + 1
+        problems.append(f"{where}: randint samples 64-bit integers; got {reprlib.repr(values)}")
+        return
     if form == "loguniform" and low <= 0:
         problems.append(f"{where}: need 0 < low < high on a log scale; got {reprlib.repr(values)}")
         return

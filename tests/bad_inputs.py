@@ -881,6 +881,13 @@ def space_cases(m: Matrix) -> list[Case]:
         ),
         s(
             g,
+            "before Ray: seed randint [0, 10^30]",
+            space("seed", {"randint": [0, 10**30]}),
+            expect=("64-bit",),
+            **dry,
+        ),
+        s(
+            g,
             "before Ray: two forms in one entry",
             space("lr", {"loguniform": [1e-4, 1e-2], "choice": [1e-3]}),
             expect=("search_space.lr",),

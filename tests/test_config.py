@@ -209,6 +209,7 @@ RANDOM = {"search": "random"}
             "epochs.randint: expected [low, high], two integers; got [1, 4.5]",
         ),
         ("epochs", {"randint": [True, 4]}, "epochs.randint: expected [low, high], two integers"),
+        ("seed", {"randint": [0, 10**30]}, "seed.randint: randint samples 64-bit integers"),
         ("lr", {"uniform": [1e-4, 1e-3, 1e-2]}, "lr.uniform: expected [low, high], two numbers"),
         ("lr", {"uniform": 0.1}, "lr.uniform: expected [low, high], two numbers; got 0.1"),
         ("lr", {"choice": []}, "lr.choice: expected a non-empty list"),
