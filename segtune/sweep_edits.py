@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from pydantic import ValidationError
 
+from segtune.config import format_validation_error
 from segtune.errors import ConfigError
 from segtune.sweepfile import SweepConfig
 
@@ -199,8 +200,13 @@ def _saved_sweep(text: str, where: str) -> SweepConfig:
         if not isinstance(raw, dict):
             raise ValueError("not a mapping of a sweep's sections")
         return SweepConfig.model_validate(raw)
-    except (yaml.YAMLError, ValueError, ValidationError) as exc:
-        reason = str(exc).splitlines()[0]
+    except (yaml.YAMLError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+        lines = (
+            format_validation_error(exc).splitlines()
+            if isinstance(exc, ValidationError)
+            else str(exc).splitlines()[:1]
+        )
+        reason = "; ".join(lines)
         raise ConfigError(
             f"--resume: the saved copy of the sweep's file, {where}, is damaged ({reason}); "
             f"delete it to resume without checking edits, or {START_NEW}"
