@@ -138,8 +138,15 @@ def rule(key: str, table: dict[str, str]) -> str | None:
 
 
 def _state(storage: RunStorage, name: str) -> dict[str, Any]:
+    """The sweep's state file, {} where there is none; a damaged one is one line."""
     text = storage.read_text(name, SWEEP_STATE_FILE)
-    return json.loads(text) if text else {}
+    try:
+        return json.loads(text) if text else {}
+    except ValueError as exc:
+        raise ConfigError(
+            f"--resume: the sweep's state file, {storage.path(name, SWEEP_STATE_FILE)}, is "
+            f"damaged ({exc}); {START_NEW}"
+        ) from None
 
 
 def check_edits(sweep: SweepConfig, accept: bool) -> Edits:
