@@ -29,8 +29,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-import yaml
-
 from segtune.cli import command_parser, process_age, run_cli, setup_logging
 from segtune.errors import ConfigError, ModelError, problems_message
 from segtune.interrupt import StopSignals, SweepInterrupted
@@ -58,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--address", help="join a running Ray cluster: auto or HOST:PORT")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    p.add_argument(
+        "--accept-changes",
+        action="store_true",
+        help="with --resume: run the trials an edited sweep file adds (refused otherwise)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the trials or space and exit")
     p.add_argument("--no-report", action="store_true", help="skip the dashboard report")
     return p
@@ -67,6 +70,7 @@ def resume_command(args: argparse.Namespace) -> str:
     """The command that continues this sweep: this interpreter, the same file, overrides, store,
     cluster and flags."""
     words = [sys.executable, "-m", "segtune.run", args.sweep, "--resume"]
+    words += ["--accept-changes"] * args.accept_changes  # harmless once the edits are the sweep's
     for item in args.set:
         words += ["--set", item]
     if args.tracking_uri:
@@ -173,6 +177,11 @@ def _checked(sweep: SweepConfig, local: bool) -> tuple[Scan, float]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(args.verbose)
+    if args.accept_changes and not args.resume:
+        raise ConfigError(
+            "--accept-changes: only with --resume, for a started sweep whose file was edited; "
+            "a new sweep runs its file as it is"
+        )
     sweep = load_sweep(args.sweep, args.set)
     if args.dry_run:
         from segtune.space import check_combinations
@@ -191,12 +200,14 @@ def _sweep(args: argparse.Namespace, sweep: SweepConfig, report: EarlyReport | N
     import ray
 
     from segtune.ray_start import check_head, start_ray
+    from segtune.sweep_edits import check_edits, sweep_text
     from segtune.tracking.address import check_tracking_uri, resolve_tracking_uri
     from segtune.tracking.outage import use_driver_retries
 
     sweep, tracking_uri = absolute_paths(
         sweep, resolve_tracking_uri(args.tracking_uri or sweep.mlflow.tracking_uri)
     )
+    edits = check_edits(sweep, args.accept_changes) if args.resume else None  # before Ray
     check_tracking_uri(tracking_uri)  # seconds, not the minutes of MLflow's retries
     check_head(args.address)  # seconds, not Ray's minute of retries
     use_driver_retries(tracking_uri, sweep.mlflow.outage_s)
@@ -221,13 +232,14 @@ def _sweep(args: argparse.Namespace, sweep: SweepConfig, report: EarlyReport | N
                 tracking_uri,
                 address=args.address,
                 resume=args.resume,
-                sweep_yaml=yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False),
+                sweep_yaml=sweep_text(sweep),
                 stop=stop,
                 scan=scan,
                 floor_miou=floor,
                 trials_done=report.draw if report is not None else None,
                 # nothing of ours competes with the cost stage's timing
                 before_timing=report.wait_imported if report is not None else None,
+                edits=edits,
             )
         except SweepInterrupted as exc:
             then = (

@@ -104,11 +104,17 @@ class RunStorage:
                 return stream.read().decode()
 
     def write_text(self, text: str, *parts: str) -> None:
+        """A small file written whole: a local one under a partial name, then renamed into place
+        (a driver killed meanwhile leaves the old file, never half a new one); an object store
+        writes an object whole by itself."""
         fs, path = self.filesystem[0], self.path(*parts)
+        target = f"{path}.partial-{os.getpid()}" if self.is_local else path
         with self._errors("write"):
             fs.create_dir(posixpath.dirname(path), recursive=True)
-            with fs.open_output_stream(path) as stream:
+            with fs.open_output_stream(target) as stream:
                 stream.write(text.encode())
+            if target != path:
+                fs.move(target, path)
 
     def delete(self, *parts: str) -> None:
         fs, path = self.filesystem[0], self.path(*parts)

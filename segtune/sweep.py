@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import pickle
+import posixpath
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,9 +28,17 @@ from segtune.errors import ConfigError, SegtuneError
 from segtune.interrupt import StopSignals
 from segtune.models import MODEL_KEYS
 from segtune.nodes import check_nodes, node_name
-from segtune.space import discrete_trials, param_space
+from segtune.space import GRID_KEY, discrete_trials, param_space
 from segtune.storage import RunStorage
 from segtune.sweep_callbacks import CloseRuns
+from segtune.sweep_edits import (
+    SWEEP_COPY_FILE,
+    SWEEP_STATE_FILE,
+    Addition,
+    Edits,
+    additions,
+    commit,
+)
 from segtune.sweep_end import end_failed, end_stopped, now
 from segtune.sweep_lock import SweepLock
 from segtune.sweepfile import SweepConfig, search_form
@@ -39,17 +48,18 @@ from segtune.tracking.runs import close_open_runs, start_sweep_run
 from segtune.trial import run_trial
 
 log = logging.getLogger(__name__)
-SWEEP_STATE_FILE = "segtune_sweep.json"  # beside Ray's experiment state: the parent run id
 
 
-def _search_alg(sweep: SweepConfig) -> Any:
+def _search_alg(sweep: SweepConfig, offset: int = 0) -> Any:
+    """Optuna's searcher (None for grid and random: Ray's variant generator); `offset` moves its
+    seed, for trials added to a sweep (`sweep_edits.Addition`)."""
     if sweep.tune.search != "optuna":
-        return None  # grid and random: Ray's variant generator
+        return None
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
     objectives = sweep.objectives()
-    seed = int(sweep.train.get("seed", 0))
+    seed = int(sweep.train.get("seed", 0)) + offset
     sampler = (
         optuna.samplers.NSGAIISampler(seed=seed)
         if sweep.tune.sampler == "nsga2"
@@ -116,6 +126,7 @@ def _parent_run(
         node=node_name(),
     )
     state = json.dumps({"parent_run_id": parent, "tracking_uri": tracking_uri})
+    storage.write_text(sweep_yaml, sweep.name, SWEEP_COPY_FILE)  # what --resume compares with
     storage.write_text(state, sweep.name, SWEEP_STATE_FILE)
     return parent
 
@@ -158,6 +169,71 @@ def _slots(sweep: SweepConfig, trials: int) -> int:
     return max(1, min(limits))
 
 
+def _tuner(
+    sweep: SweepConfig,
+    storage: RunStorage,
+    tracking_uri: str,
+    parent: str,
+    trainable: Any,
+    costs: dict[tuple[Any, ...], Cost],
+    path: str,
+    resume: bool,
+    added: Addition | None,
+) -> tune.Tuner:
+    """The Tuner of one of the sweep's experiments at `path`: the sweep's own (restored on
+    --resume), or the trials `--accept-changes` added (restored once Ray saved their state)."""
+    filesystem, _ = storage.filesystem
+    remote = None if storage.is_local else filesystem
+    if resume if added is None else tune.Tuner.can_restore(path, storage_filesystem=filesystem):
+        try:
+            return tune.Tuner.restore(
+                path, trainable, resume_unfinished=True, storage_filesystem=remote
+            )
+        except (EOFError, pickle.UnpicklingError) as exc:  # Ray writes it in place
+            raise ConfigError(
+                f"--resume: Ray's saved state of sweep {sweep.name} is damaged ({exc}: a "
+                "driver killed while Tune wrote it); run the sweep again without --resume"
+            ) from None
+    run_config = tune.RunConfig(
+        name=posixpath.basename(path),
+        storage_path=posixpath.dirname(path),
+        storage_filesystem=remote,
+        failure_config=tune.FailureConfig(max_failures=sweep.tune.max_failures),
+        # the two latest: Tune uploads its state, which names a trial's latest checkpoint,
+        # every num_to_keep checkpoints, so the one it names stays on disk until a newer
+        # state replaces it. Ranking by a metric would delete it at any epoch, and a killed
+        # driver's --resume would then fail that trial. The best weights travel inside our
+        # own checkpoint (trial.py), not through Ray's ranking.
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        callbacks=[CloseRuns(tracking_uri, sweep.experiment, parent)],
+        verbose=1,
+    )
+    if added is None:
+        space, samples = param_space(sweep, _duration(sweep, costs)), sweep.tune.num_samples
+    elif added.trials is not None:  # a grid's new combinations, each once
+        space, samples = {GRID_KEY: tune.grid_search(added.trials)}, 1
+    else:  # more draws from the same space
+        space, samples = param_space(sweep), added.samples
+    objectives = sweep.objectives()
+    multi = len(objectives) > 1
+    return tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric=None if multi else objectives[0][0],
+            mode=None if multi else objectives[0][1],
+            search_alg=_search_alg(sweep, added.index if added else 0),
+            scheduler=_scheduler(sweep),
+            num_samples=samples,
+            max_concurrent_trials=sweep.tune.max_concurrent_trials,
+            # the next trial runs in the process the last one freed: no 5-7 s of
+            # imports per trial (docs/design.md, "A sweep's schedule")
+            reuse_actors=True,
+        ),
+        run_config=run_config,
+    )
+
+
 @dataclass
 class SweepOutcome:
     """What `run_sweep` tells the command: the parent run, failures, and the time account."""
@@ -180,6 +256,7 @@ def run_sweep(
     floor_miou: float | None = None,
     trials_done: Callable[[str], None] | None = None,
     before_timing: Callable[[], None] | None = None,
+    edits: Edits | None = None,
 ) -> SweepOutcome:
     """Run the sweep on the Ray the caller started (`segtune.ray_start`; stopped here once the
     trials end, before the runs are closed): cost stage, checks, Tuner. `stop` routes the
@@ -187,7 +264,8 @@ def run_sweep(
     handed to every trial (on every node the dataset has the same paths, checked first);
     `floor_miou` the colour-only floor of its validation split, kept on the sweep run;
     `trials_done` is called with the sweep run's id once every trial has ended, before Ray stops;
-    `before_timing` before the cost stage times anything on this machine.
+    `before_timing` before the cost stage times anything on this machine; `edits` the changes
+    `--resume` accepted (`sweep_edits.check_edits`), made the sweep's once the lock is held.
 
     One driver per sweep name and run storage holds the sweep's lock; once the node checks pass
     it closes what the storage's previous driver of the name left RUNNING, and on SIGINT or
@@ -209,7 +287,7 @@ def run_sweep(
         outcome = SweepOutcome("", 0, 1)
         try:
             _fit(sweep, tracking_uri, storage, lock, stop, outcome, address, resume, sweep_yaml,
-                 scan, floor_miou, trials_done, before_timing)  # fmt: skip
+                 scan, floor_miou, trials_done, before_timing, edits)  # fmt: skip
             if not stop.stopped:  # a store that fails here (disk full) is a fault like any other
                 MlflowClient(tracking_uri).set_terminated(
                     outcome.parent, "FAILED" if outcome.failed else "FINISHED"
@@ -240,10 +318,10 @@ def _fit(
     floor_miou: float | None,
     trials_done: Callable[[str], None] | None,
     before_timing: Callable[[], None] | None,
+    edits: Edits | None,
 ) -> None:
     """The cost stage and the Tuner on the started Ray, filling `outcome` as they go (the parent
     run first, so that an interruption can close it); Ray stops at the end."""
-    filesystem, root = storage.filesystem
     joined, configs = address is not None, _cost_stage_configs(sweep)
     phases = outcome.phases
     try:  # Ray stops here (finally), whatever happens
@@ -267,6 +345,8 @@ def _fit(
             log.warning("closed %d run(s) an earlier driver of this sweep left RUNNING", len(left))
         parent = outcome.parent = _parent_run(sweep, storage, tracking_uri, sweep_yaml, resume)
         lock.parent(parent)
+        if edits is not None:
+            commit(edits, sweep, storage, client, parent)
         if floor_miou is not None:
             client.log_metric(parent, FLOOR_METRIC, floor_miou)
         phases["nodes_s"] = time.perf_counter() - started
@@ -294,56 +374,20 @@ def _fit(
         # num_to_keep makes Tune save its state at every checkpoint, as meant (below); its
         # warning about that, every few seconds with short epochs, would bury the progress
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-        objectives = sweep.objectives()
-        multi = len(objectives) > 1
-        if multi:  # costs such as infer_ms_cpu arrive with a trial's final result only
+        # several objectives: costs such as infer_ms_cpu arrive with a trial's final result only
+        if len(sweep.objectives()) > 1:
             os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-        run_config = tune.RunConfig(
-            name=sweep.name,
-            storage_path=root,
-            storage_filesystem=None if storage.is_local else filesystem,
-            failure_config=tune.FailureConfig(max_failures=sweep.tune.max_failures),
-            # the two latest: Tune uploads its state, which names a trial's latest checkpoint,
-            # every num_to_keep checkpoints, so the one it names stays on disk until a newer
-            # state replaces it. Ranking by a metric would delete it at any epoch, and a killed
-            # driver's --resume would then fail that trial. The best weights travel inside our
-            # own checkpoint (trial.py), not through Ray's ranking.
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[CloseRuns(tracking_uri, sweep.experiment, parent)],
-            verbose=1,
-        )
-        if resume:
-            try:
-                tuner = tune.Tuner.restore(
-                    storage.path(sweep.name),
-                    trainable,
-                    resume_unfinished=True,
-                    storage_filesystem=None if storage.is_local else filesystem,
-                )
-            except (EOFError, pickle.UnpicklingError) as exc:  # Ray writes it in place
-                raise ConfigError(
-                    f"--resume: Ray's saved state of sweep {sweep.name} is damaged ({exc}: a "
-                    "driver killed while Tune wrote it); run the sweep again without --resume"
-                ) from None
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                param_space=param_space(sweep, _duration(sweep, costs)),
-                tune_config=tune.TuneConfig(
-                    metric=None if multi else objectives[0][0],
-                    mode=None if multi else objectives[0][1],
-                    search_alg=_search_alg(sweep),
-                    scheduler=_scheduler(sweep),
-                    num_samples=sweep.tune.num_samples,
-                    max_concurrent_trials=sweep.tune.max_concurrent_trials,
-                    # the next trial runs in the process the last one freed: no 5-7 s of
-                    # imports per trial (docs/design.md, "A sweep's schedule")
-                    reuse_actors=True,
-                ),
-                run_config=run_config,
-            )
+        main = storage.path(sweep.name)
+        # the sweep's own experiment, then the trials --accept-changes added, one after another
+        experiments: list[tuple[str, Addition | None]] = [(main, None)]
+        experiments += [(posixpath.join(main, a.name), a) for a in additions(storage, sweep.name)]
+        results = []
         with stop.graceful(), watch_server(tracking_uri, sweep.mlflow.outage_s, stop.give_up):
-            results = tuner.fit()
+            for path, added in experiments:
+                if not stop.stopped:
+                    tuner = _tuner(sweep, storage, tracking_uri, parent, trainable, costs, path,
+                                   resume, added)  # fmt: skip
+                    results += list(tuner.fit())
         phases["tuner_s"] = time.perf_counter() - started
         if trials_done is not None and not stop.stopped:
             trials_done(parent)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import os
 import re
 import shutil
@@ -1035,6 +1036,135 @@ def cli_cases(m: Matrix) -> list[Case]:
     ]
 
 
+def resume_cases(m: Matrix) -> list[Case]:
+    """`--resume` of a started sweep (its storage as its first driver left it: the state file
+    and the saved copy, written by segtune's own functions) after an edit: refused before Ray,
+    no MLflow store made, the saved copy untouched."""
+    from segtune.run import absolute_paths
+    from segtune.storage import RunStorage
+    from segtune.sweep_edits import SWEEP_COPY_FILE, SWEEP_STATE_FILE, sweep_text
+    from segtune.sweepfile import load_sweep
+
+    g = "run CLI"
+
+    def edited(
+        name: str, edit: Callable[[dict[str, Any]], None] | None, *extra: str,
+        copy: str | None = None, start: Callable[[dict[str, Any]], None] | None = None,
+        **kw: Any,
+    ) -> Case:  # fmt: skip
+        """The sweep as `start` leaves the quickstart, started (`copy`: the saved copy's text
+        instead), then resumed after `edit` with `extra` options."""
+        slug = m.slug(name)
+        raw = m.base_sweep(f"mx-{slug}")
+        if start is not None:
+            start(raw)
+        first = m.tmp / "sweeps" / f"{slug}-started.yaml"
+        first.write_text(yaml.safe_dump(raw, sort_keys=False))
+        sweep, _ = absolute_paths(load_sweep(first, [f"tune.storage_path={m.runs}"]), "")
+        storage = RunStorage.of(sweep.tune.storage_path)
+        storage.write_text(json.dumps({"parent_run_id": "0" * 32}), sweep.name, SWEEP_STATE_FILE)
+        saved = m.runs / sweep.name / SWEEP_COPY_FILE
+        if copy != "":  # "": a sweep an older segtune started, with no copy
+            storage.write_text(sweep_text(sweep) if copy is None else copy, sweep.name,
+                               SWEEP_COPY_FILE)  # fmt: skip
+        before = saved.read_text() if saved.exists() else None
+        if edit is not None:
+            edit(raw)
+        db = m.tmp / "db" / f"{slug}.db"
+
+        def untouched() -> str | None:
+            return None if (saved.read_text() if saved.exists() else None) == before else (
+                "the saved copy changed"
+            )  # fmt: skip
+
+        return m.sweep(
+            g, name, text=yaml.safe_dump(raw, sort_keys=False), uri=f"sqlite:///{db}",
+            extra=["--resume", *extra], absent=db, check=untouched, **kw,
+        )  # fmt: skip
+
+    unet = {"arch": "unet", "backbone": "none"}
+    deeplab = {"arch": "deeplabv3", "backbone": "mobilenet_v3_small"}
+    return [
+        m.sweep(
+            g,
+            "--accept-changes without --resume",
+            extra=["--accept-changes"],
+            expect=("--accept-changes",),
+        ),
+        edited(
+            "--resume after adding a grid point",
+            setting(("search_space.model", {"grid_search": [unet, deeplab]})),
+            expect=("search_space.model",),
+        ),
+        edited(
+            "--resume after editing train.epochs",
+            setting(("train.epochs", 2)),
+            expect=("train.epochs",),
+        ),
+        edited(
+            "--resume with another --set train.batch_size",
+            None,
+            "--set",
+            "train.batch_size=4",
+            expect=("train.batch_size",),
+        ),
+        edited(
+            "--resume --accept-changes after editing data.val_split",
+            setting(("data.val_split", 0.25)),
+            "--accept-changes",
+            expect=("data.val_split",),
+        ),
+        edited(
+            "--resume --accept-changes after editing tune.search",
+            setting(("tune.search", "random")),
+            "--accept-changes",
+            expect=("tune.search",),
+        ),
+        edited(
+            "--resume after editing bench.threads",
+            setting(("bench.threads", 2)),
+            expect=("bench.threads",),
+        ),
+        edited(
+            "--resume after editing mlflow.experiment",
+            setting(("mlflow.experiment", "other")),
+            expect=("mlflow.experiment",),
+        ),
+        edited(
+            "--resume --accept-changes that drops the grid point",
+            setting(("search_space.model", {"grid_search": [deeplab]})),
+            "--accept-changes",
+            expect=("drops",),
+        ),
+        edited(
+            "--resume --accept-changes of fewer samples",
+            setting(("tune.num_samples", 1)),
+            "--accept-changes",
+            start=setting(("tune.num_samples", 2)),
+            expect=("drops",),
+        ),
+        edited(
+            "--resume with a saved copy that is not YAML",
+            None,
+            copy="name: [unclosed\n",
+            expect=("damaged",),
+        ),
+        edited(
+            "--resume with a saved copy that is a list",
+            None,
+            copy="- a list\n",
+            expect=("damaged",),
+        ),
+        edited(
+            "--resume --accept-changes of a sweep with no saved copy",
+            None,
+            "--accept-changes",
+            copy="",
+            expect=("no copy",),
+        ),
+    ]
+
+
 def solo_cases(m: Matrix) -> list[Case]:
     """Cases that start Ray or time a refusal: run alone, one after another."""
     g = "run CLI"
@@ -1790,6 +1920,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         fast = [
             *sweep_cases(m, has_gpu),
             *cli_cases(m),
+            *resume_cases(m),
             *dataset_cases(m),
             *train_cases(m, has_gpu),
             *predict_cases(m, has_gpu),

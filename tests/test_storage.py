@@ -32,6 +32,9 @@ def test_a_local_folder_is_made_absolute_and_holds_small_files(
     assert storage.read_text("sweep", "state.json") is None
     storage.write_text('{"parent_run_id": "x"}', "sweep", "state.json")
     assert (tmp_path / "runs" / "sweep" / "state.json").read_text() == '{"parent_run_id": "x"}'
+    storage.write_text("second", "sweep", "state.json")  # replaced whole, no partial file left
+    assert [p.name for p in (tmp_path / "runs" / "sweep").iterdir()] == ["state.json"]
+    assert storage.read_text("sweep", "state.json") == "second"
     storage.delete("sweep", "state.json")
     assert storage.read_text("sweep", "state.json") is None
 

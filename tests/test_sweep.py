@@ -768,3 +768,59 @@ def test_cost_is_timed_once_per_architecture_and_alone(
         sum(r.data.metrics["train_time_min"] * 60 for r in runs)
     )
     assert "of the slot time" in proc.stdout
+
+
+@pytest.mark.launch  # three drivers in turn, about 90 s: make test-cluster, and CI
+def test_an_edited_sweep_is_refused_or_its_new_trials_added_on_resume(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    """A finished sweep whose lr grid gains 0.01: `--resume` refuses in one line naming the key
+    (no run starts); `--resume --accept-changes` runs exactly the new trial under the same sweep
+    run, the description edit with it accepted with a note; a later `--resume` of the edited
+    file runs nothing again."""
+    sweep = write_sweep(
+        tmp_path / "edited.yaml",
+        synthetic_root,
+        train={"epochs": 1},
+        search_space={"lr": {"grid_search": [0.003]}},
+    )
+    proc = run(sweep)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (first,) = trial_runs(tmp_path, "edited")
+    (parent,) = _sweep_runs(tmp_path, "edited")
+    raw = yaml.safe_load(sweep.read_text())
+    raw["search_space"]["lr"]["grid_search"].append(0.01)
+    raw["description"] = "lr 0.01 too"
+    sweep.write_text(yaml.safe_dump(raw))
+
+    proc = run(sweep, "--resume")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        "error: --resume: sweep edited's file changed since it started, in keys that alter its "
+        "trials (search_space.lr); start a new sweep (another name:), or pass --resume "
+        "--accept-changes to run the trials the edit adds"
+    ]
+    assert [r.info.run_id for r in trial_runs(tmp_path, "edited")] == [first.info.run_id]
+
+    proc = run(sweep, "--resume", "--accept-changes")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "--resume: description changed since the sweep started; accepted" in proc.stderr
+    assert "--accept-changes: 1 trial(s) added to sweep edited (search_space.lr)" in proc.stderr
+    runs = trial_runs(tmp_path, "edited")
+    assert sorted(r.data.params["lr"] for r in runs) == ["0.003", "0.01"]
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    old = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(first.info.run_id)
+    assert old.info.end_time == first.info.end_time  # not run again
+    assert steps(tmp_path, first.info.run_id) == [0]
+    (parent,) = _sweep_runs(tmp_path, "edited")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["mlflow.note.content"] == "lr 0.01 too"
+
+    proc = run(sweep, "--resume")  # the edited file is now the sweep's: nothing to run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "changed since" not in proc.stderr and "added" not in proc.stderr
+    again = trial_runs(tmp_path, "edited")
+    assert {r.info.run_id: r.info.end_time for r in again} == {
+        r.info.run_id: r.info.end_time for r in runs
+    }
