@@ -2,8 +2,8 @@
 Ray and a real MLflow store (sqlite), every run read back from MLflow, none left RUNNING, and
 none of the test's Ray processes left behind.
 
-The SIGHUP tests start long drivers and are marked `launch` (make test-cluster), as the SIGTERM
-tests of tests/test_sweep.py, whose helpers they use.
+The SIGHUP tests and the later upload fault start long drivers and are marked `launch` (make
+test-cluster), as the SIGTERM tests of tests/test_sweep.py, whose helpers they use.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from mlflow.tracking import MlflowClient
 from segtune.sweep_end import STOP_FILE
 from segtune.tracking.names import ROLE_TAG, STOPPED_TAG
 from tests.helpers import start_driver
-from tests.test_sweep import EPOCHS_KEPT_RUNNING, _training, write_sweep
+from tests.test_sweep import EPOCHS_KEPT_RUNNING, _training, run, write_sweep
 
 
 @pytest.fixture
@@ -158,3 +158,63 @@ def test_sighup_stops_the_sweep_like_sigterm(
     while left := ray_processes(ray_tmp):
         assert time.time() < deadline, [(p.pid, p.name()) for p in left]
         time.sleep(0.5)
+
+
+def artifact_sweep(tmp_path: Path, synthetic_root: Path, location: Path) -> tuple[Path, str]:
+    """A one-trial sweep whose experiment exists already, its artifacts at `location`."""
+    sweep = write_sweep(
+        tmp_path / "art.yaml", synthetic_root, train={"epochs": 3}, tune={"max_failures": 0}
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri).create_experiment("art", artifact_location=str(location))
+    return sweep, uri
+
+
+def test_a_sweep_run_whose_artifacts_cannot_be_written_is_closed(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    """The experiment's artifact location lies under a file: the sweep run's sweep.yaml cannot be
+    uploaded. The run is closed KILLED with the cause, and the line counts it."""
+    (tmp_path / "afile").write_text("a file, not a folder\n")
+    sweep, uri = artifact_sweep(tmp_path, synthetic_root, tmp_path / "afile" / "artifacts")
+    proc = run(sweep)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: sweep art failed in its driver (NotADirectoryError"), last
+    assert "1 run(s) closed as KILLED" in last and "afile" in last, last
+    (sweep_run,) = all_runs(uri, "art")
+    assert sweep_run.data.tags[ROLE_TAG] == "sweep" and sweep_run.info.status == "KILLED"
+    assert "NotADirectoryError" in sweep_run.data.tags[STOPPED_TAG]
+
+
+@pytest.mark.launch  # a whole sweep with its report, the location changed under it
+def test_artifact_uploads_that_fail_later_leave_no_run_running(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    """The artifact location becomes a file once the sweep run has its sweep.yaml: the trial's
+    checkpoint upload and the report's upload fail. The trial is FAILED with the error, the
+    sweep run FAILED, the report a warning; exit 1."""
+    location = tmp_path / "artifacts"
+    sweep, uri = artifact_sweep(tmp_path, synthetic_root, location)
+    cmd = [sys.executable, "-m", "segtune.run", str(sweep), "--tracking-uri", uri]
+    driver = start_driver(cmd, tmp_path / "driver.log", tmp_path)
+    try:
+        deadline = time.time() + 240
+        while not list(location.glob("*/artifacts/sweep.yaml")):
+            assert time.time() < deadline and driver.poll() is None
+            time.sleep(0.05)
+        location.rename(tmp_path / "artifacts.before")
+        location.write_text("a file where the artifacts were\n")
+        driver.wait(timeout=300)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    out = (tmp_path / "driver.log").read_text()
+    assert driver.returncode == 1, out[-3000:]
+    assert "report not built" in out, out[-3000:]
+    runs = {r.data.tags[ROLE_TAG]: r for r in all_runs(uri, "art")}
+    assert sorted(runs) == ["sweep", "trial"]
+    assert runs["sweep"].info.status == "FAILED"
+    assert runs["trial"].info.status == "FAILED"
+    assert "NotADirectoryError" in runs["trial"].data.tags["segtune.error"]
