@@ -94,6 +94,7 @@ class StopSignals:
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_ONLY)
         try:
             yield
+            self.check()  # Ray's start may have caught our handler's exception
         except SystemExit as exc:
             if exc.code != signal.SIGTERM:
                 raise
@@ -143,8 +144,16 @@ class StopSignals:
                 return
         raise SweepInterrupted(f"interrupted by {name}", 128 + self.received)
 
+    def check(self) -> None:
+        """Stop now if a signal came and its handler's exception was caught on the way (Ray
+        catches every exception in some of its waits): the signal must not be lost."""
+        if self.received is not None:
+            name = signal.Signals(self.received).name
+            raise SweepInterrupted(f"interrupted by {name}", 128 + self.received)
+
     @contextmanager
     def graceful(self) -> Iterator[None]:
+        self.check()  # a signal since the last check stops the sweep before its trials
         self._graceful = True
         try:
             yield

@@ -990,7 +990,9 @@ def signal_cases(m: Matrix) -> list[Case]:
                 to_group=group,
                 times=times,
                 wait_s=1.0 if when == "starting Ray" else 3.0 if when == trials else 0.0,
-                check=functools.partial(stopped_cleanly, db, m.runs / sweep, resumable),
+                check=functools.partial(
+                    stopped_cleanly, db, m.runs / sweep, resumable, when != trials
+                ),
                 solo=True,
                 timeout=300,
             )
@@ -1028,12 +1030,19 @@ def signal_cases(m: Matrix) -> list[Case]:
     return cases
 
 
-def stopped_cleanly(db: Path, folder: Path, resumable: bool) -> str | None:
-    """No run left RUNNING, and the stop's line kept in the sweep's folder of the run storage,
-    with the --resume command where `resumable`."""
+def stopped_cleanly(db: Path, folder: Path, resumable: bool, early: bool) -> str | None:
+    """No run left RUNNING (none at all if stopped `early`, before its trials), and the stop's
+    line kept in the sweep's folder of the run storage, with the --resume command where
+    `resumable`."""
+    import sqlite3
+
     kept = folder / "segtune_stopped.txt"
     text = kept.read_text() if kept.is_file() else ""
     problems = [runs_left_running(db)]
+    if early and db.is_file():
+        with contextlib.closing(sqlite3.connect(db)) as con:
+            (runs,) = con.execute("select count(*) from runs").fetchone()
+        problems.append(f"went on: {runs} run(s) made after the signal" if runs else None)
     if not text:
         problems.append(f"no line kept in {kept}")
     elif resumable and "continue it with" not in text:
