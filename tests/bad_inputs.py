@@ -9,7 +9,8 @@ cores. Everything it writes lies in a temporary folder; nothing in the checkout 
 
 How a case is counted as "one clear line":
 
-- the exit status is 2, stderr holds no `Traceback`, and the command did not time out;
+- the exit status is 2 (128 + N for a case that sends signal N, 1 for a driver fault), stderr
+  holds no `Traceback`, and the command did not time out;
 - stderr has exactly one line starting with `error:`, and nothing after it but log lines
   (`HH:MM:SS LEVEL name: ...`): a message that goes on over further lines is "several lines".
   Log lines, warnings and progress bars before it are allowed (they are not the error);
