@@ -4,6 +4,7 @@ project errors into one line on stderr."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -68,8 +69,29 @@ def run_cli(
     try:
         return int(main(argv) or 0)
     except SegtuneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        say(f"error: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        say("interrupted")
         return 130
+    finally:
+        quiet_gone_streams()
+
+
+def say(line: str) -> None:
+    """`line` on stderr, which a closed terminal or a dropped SSH session may have taken away
+    (EIO, EPIPE): the command still ends with its own exit status."""
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr)
+
+
+def quiet_gone_streams() -> None:
+    """Point stdout and stderr at /dev/null where their reader is gone: Python flushes them at
+    exit, and a failed flush there turns any exit status into 120."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)

@@ -1,13 +1,20 @@
-"""Ctrl-C and SIGTERM during a sweep, and the other reason to stop it early: the tracking
-server gone for longer than the sweep allows (segtune.tracking.outage).
+"""Ctrl-C, SIGTERM, a closed terminal or dropped SSH session (SIGHUP) and Ctrl-\\ (SIGQUIT)
+during a sweep, and the other reason to stop it early: the tracking server gone for longer than
+the sweep allows (segtune.tracking.outage).
 
 While Ray Tune runs the trials, the first signal asks for Tune's graceful stop (its SIGUSR1
 handler: the trials stop and the experiment state is saved, so `--resume` continues); at any
 other moment, or at a second signal, the sweep stops at once with `SweepInterrupted`. Either way
 the driver then closes its MLflow runs as KILLED and exits with 128 + the signal's number
-(130 for SIGINT, 143 for SIGTERM), as shells and CI expect of an interrupted command. A lost
-server stops the trials the same graceful way; the driver then leaves its runs to the next one
-and exits 1.
+(130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP, 131 for SIGQUIT), as shells and CI expect of
+an interrupted command. A lost server stops the trials the same graceful way; the driver then
+leaves its runs to the next one and exits 1.
+
+A terminal sends SIGHUP and SIGQUIT to its whole foreground process group, Ray's GCS and raylet
+included: those would die at once and take the trials with them, before the driver could stop
+them and save Tune's state. Ray's processes are started with both blocked (as Ray itself does
+for SIGINT), so the driver alone takes them and stops Ray in order. A signal the driver was
+started ignoring (`nohup` ignores SIGHUP) stays ignored, by Ray's processes too.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ from segtune.errors import SegtuneError
 
 log = logging.getLogger(__name__)
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+GROUP_ONLY = {signal.SIGHUP, signal.SIGQUIT}  # a terminal's, to the group: not for Ray's processes
 TUNE_STOP = signal.SIGUSR1  # Ray Tune's graceful stop (tune.run installs its handler)
 RESEND_S = 0.05  # a signal a finalizer swallowed is sent again after this, outside it
 
@@ -41,7 +49,7 @@ class SweepInterrupted(SegtuneError):
 
 
 class StopSignals:
-    """`with StopSignals() as stop:` routes SIGINT and SIGTERM; `with stop.graceful():` marks the
+    """`with StopSignals() as stop:` routes SIGNALS; `with stop.graceful():` marks the
     stretch in which Tune can stop gracefully; `stop.received` is the first signal, if any, and
     `stop.lost` why the tracking server was given up (`stop.give_up`)."""
 
@@ -50,6 +58,7 @@ class StopSignals:
         self.lost: str | None = None
         self._graceful = False
         self._previous: dict[int, Any] = {}
+        self._routed: tuple[int, ...] = ()
         self._tune_env: str | None = None
         self._unraisable_hook: Any = None
 
@@ -58,6 +67,8 @@ class StopSignals:
         self._tune_env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
         self._previous = {signum: signal.getsignal(signum) for signum in (*SIGNALS, TUNE_STOP)}
+        # what the driver was started ignoring stays ignored: `nohup` means it
+        self._routed = tuple(s for s in SIGNALS if self._previous[s] is not signal.SIG_IGN)
         # a handler an earlier Tune run left must not take our first signal: Tune installs its
         # own when it starts
         signal.signal(TUNE_STOP, signal.SIG_DFL)
@@ -71,15 +82,19 @@ class StopSignals:
 
     def install(self) -> None:
         """Route the signals here."""
-        for signum in SIGNALS:
+        for signum in self._routed:
             signal.signal(signum, self._handle)
 
     @contextmanager
     def starting_ray(self) -> Iterator[None]:
         """Around `ray.init`, which sets its own SIGTERM handler (`sys.exit(15)`): a SIGTERM that
-        lands there is taken as ours, and ours is back once Ray has started."""
+        lands there is taken as ours, and ours is back once Ray has started. Ray's processes,
+        started from this thread, inherit GROUP_ONLY blocked; a signal of them sent meanwhile
+        reaches the driver through its other threads, or once this ends."""
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_ONLY)
         try:
             yield
+            self.check()  # Ray's start may have caught our handler's exception
         except SystemExit as exc:
             if exc.code != signal.SIGTERM:
                 raise
@@ -87,6 +102,7 @@ class StopSignals:
             raise SweepInterrupted("interrupted by SIGTERM", 128 + signal.SIGTERM) from None
         finally:
             self.install()
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # one held meanwhile lands now
 
     def _swallowed(self, unraisable: Any) -> None:
         """A handler runs between any two bytecodes of the main thread, also inside a finalizer
@@ -128,8 +144,16 @@ class StopSignals:
                 return
         raise SweepInterrupted(f"interrupted by {name}", 128 + self.received)
 
+    def check(self) -> None:
+        """Stop now if a signal came and its handler's exception was caught on the way (Ray
+        catches every exception in some of its waits): the signal must not be lost."""
+        if self.received is not None:
+            name = signal.Signals(self.received).name
+            raise SweepInterrupted(f"interrupted by {name}", 128 + self.received)
+
     @contextmanager
     def graceful(self) -> Iterator[None]:
+        self.check()  # a signal since the last check stops the sweep before its trials
         self._graceful = True
         try:
             yield

@@ -242,12 +242,16 @@ def _sweep(args: argparse.Namespace, sweep: SweepConfig, report: EarlyReport | N
                 edits=edits,
             )
         except SweepInterrupted as exc:
+            from segtune.sweep_end import keep_line
+
             then = (
                 f"continue it with: {resume_command(args)}"
                 if exc.resumable
                 else "Tune saved no state to resume: run it again"
             )
-            raise SweepInterrupted(f"{exc}; {then}", exc.exit_code, exc.resumable) from None
+            where = keep_line(sweep, f"{exc}; {then}")  # the terminal may be gone (SIGHUP)
+            kept = f"; this line is also in {where}" if where else ""
+            raise SweepInterrupted(f"{exc}{kept}; {then}", exc.exit_code, exc.resumable) from None
         finally:
             ray.shutdown()  # where the sweep did not get as far as stopping it
     phases.update(outcome.phases)

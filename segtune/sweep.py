@@ -105,13 +105,20 @@ def check_cluster(sweep: SweepConfig) -> None:
 
 
 def _parent_run(
-    sweep: SweepConfig, storage: RunStorage, tracking_uri: str, sweep_yaml: str, resume: bool
+    sweep: SweepConfig,
+    storage: RunStorage,
+    tracking_uri: str,
+    sweep_yaml: str,
+    resume: bool,
+    outcome: SweepOutcome,
 ) -> str:
     """The sweep's parent run: a new one, or on --resume the one named in the sweep's state
-    file, which lives beside Ray's experiment state so that any machine can resume."""
+    file, which lives beside Ray's experiment state so that any machine can resume. It is in
+    `outcome` from its creation on, so that a fault that follows (its artifact not written)
+    closes it."""
     state = storage.read_text(sweep.name, SWEEP_STATE_FILE) if resume else None
     if state is not None:
-        parent = json.loads(state)["parent_run_id"]
+        parent = outcome.parent = json.loads(state)["parent_run_id"]
         client = MlflowClient(tracking_uri)
         client.update_run(parent, status="RUNNING")
         if STOPPED_TAG in client.get_run(parent).data.tags:  # it goes on: no longer stopped
@@ -124,6 +131,7 @@ def _parent_run(
         sweep_yaml,
         sweep.description,
         node=node_name(),
+        created=lambda run_id: setattr(outcome, "parent", run_id),
     )
     state = json.dumps({"parent_run_id": parent, "tracking_uri": tracking_uri})
     storage.write_text(sweep_yaml, sweep.name, SWEEP_COPY_FILE)  # what --resume compares with
@@ -343,7 +351,9 @@ def _fit(
         )  # fmt: skip
         if left:
             log.warning("closed %d run(s) an earlier driver of this sweep left RUNNING", len(left))
-        parent = outcome.parent = _parent_run(sweep, storage, tracking_uri, sweep_yaml, resume)
+        parent = outcome.parent = _parent_run(
+            sweep, storage, tracking_uri, sweep_yaml, resume, outcome
+        )
         lock.parent(parent)
         if edits is not None:
             commit(edits, sweep, storage, client, parent)

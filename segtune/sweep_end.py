@@ -20,6 +20,7 @@ from segtune.tracking.runs import close_open_runs
 log = logging.getLogger(__name__)
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its workers' messages
+STOP_FILE = "segtune_stopped.txt"  # beside Ray's state: the line of the sweep's latest early end
 
 
 def end_stopped(
@@ -79,6 +80,23 @@ def _close(sweep: SweepConfig, tracking_uri: str, parent: str, reason: str) -> l
     except Exception as exc:  # the store is gone or full too: the next driver closes them
         log.warning("could not close the sweep's runs now (%s); its next driver will", _cause(exc))
         return []
+
+
+def keep_line(sweep: SweepConfig, line: str) -> str | None:
+    """The one line of an early end, kept beside the sweep's state too: after a closed terminal
+    or a dropped SSH session (SIGHUP) it is the only copy of the `--resume` command. Where it
+    lies, or None where the run storage cannot take it (a warning says why)."""
+    partial = f"{STOP_FILE}.partial"  # renamed once whole: a reader never sees half a line
+    try:
+        storage = RunStorage.of(sweep.tune.storage_path, sweep.tune.storage_endpoint)
+        storage.write_text(line + "\n", sweep.name, partial)
+        storage.filesystem[0].move(
+            storage.path(sweep.name, partial), storage.path(sweep.name, STOP_FILE)
+        )
+    except Exception as exc:  # the storage is at fault too: the line must still come out
+        log.warning("could not keep the sweep's last line beside its state (%s)", _cause(exc))
+        return None
+    return f"{storage}/{sweep.name}/{STOP_FILE}"
 
 
 def resumable(sweep: SweepConfig, storage: RunStorage, parent: str) -> bool:

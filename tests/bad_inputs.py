@@ -9,7 +9,8 @@ cores. Everything it writes lies in a temporary folder; nothing in the checkout 
 
 How a case is counted as "one clear line":
 
-- the exit status is 2, stderr holds no `Traceback`, and the command did not time out;
+- the exit status is 2 (128 + N for a case that sends signal N, 1 for a driver fault), stderr
+  holds no `Traceback`, and the command did not time out;
 - stderr has exactly one line starting with `error:`, and nothing after it but log lines
   (`HH:MM:SS LEVEL name: ...`): a message that goes on over further lines is "several lines".
   Log lines, warnings and progress bars before it are allowed (they are not the error);
@@ -66,8 +67,8 @@ LOG_LINE = re.compile(
 )
 PROGRESS = re.compile(r"\d+%\||it/s\]|s/it\]")
 GROUPS = (
-    "control", "sweep schema", "sweep pre-flight", "run CLI", "dataset", "train", "predict",
-    "export", "report", "bench", "data tools",
+    "control", "sweep schema", "sweep pre-flight", "run CLI", "signals", "dataset", "train",
+    "predict", "export", "report", "bench", "data tools",
 )  # fmt: skip
 
 
@@ -89,6 +90,13 @@ class Case:
     solo: bool = False  # runs alone (Ray, timing)
     env: dict[str, str] = field(default_factory=dict)
     skip: str = ""  # why it is not run here
+    exit: int = 2  # the exit status a clean refusal has (128 + N after signal N)
+    before: Callable[[], None] | None = None  # sets the stage, just before the command starts
+    signal: int = 0  # sent once `when` is in its output (to its process group with `to_group`)
+    when: str = ""
+    to_group: bool = False
+    wait_s: float = 0.0  # from `when` to the signal
+    times: int = 1  # how often the signal is sent, a second apart
 
 
 @dataclass
@@ -132,7 +140,7 @@ def judge(case: Case, rc: int | None, seconds: float, stderr: str) -> Result:
     elif rc is not None:
         if rc == 0:
             problems.append("exit 0 (accepted)")
-        elif rc != 2:
+        elif rc != case.exit:
             problems.append(f"exit {rc}")
         argparse_style = (
             not errors and argparse_errors and any(line.startswith("usage:") for line in lines)
@@ -178,6 +186,8 @@ def run_case(case: Case, base_env: dict[str, str], cwd: Path) -> Result:
     if case.skip:
         return Result(case, None, 0.0, "", verdict="skipped", reason=case.skip)
     env = {**base_env, **case.env}
+    if case.before is not None:
+        case.before()
     started = time.monotonic()
     with tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as out:
         proc = subprocess.Popen(
@@ -191,6 +201,8 @@ def run_case(case: Case, base_env: dict[str, str], cwd: Path) -> Result:
         )
         SESSIONS.add(proc.pid)
         try:
+            if case.signal:
+                send_when_seen(case, proc, (out.fileno(), err.fileno()), started)
             proc.communicate(case.stdin.encode(), timeout=case.timeout)
             rc: int | None = proc.returncode
         except subprocess.TimeoutExpired:
@@ -201,7 +213,56 @@ def run_case(case: Case, base_env: dict[str, str], cwd: Path) -> Result:
         seconds = time.monotonic() - started
         err.seek(0)
         stderr = err.read().decode(errors="replace")
-    return judge(case, rc, seconds, stderr)
+    result = judge(case, rc, seconds, stderr)
+    left = session_left(proc.pid) if case.signal and rc is not None else None
+    if left:  # Ray's processes must go with their driver
+        result.reason = "; ".join(filter(None, [result.reason, left]))
+        result.verdict = "FAILED" if case.control else "no"
+    return result
+
+
+def send_when_seen(
+    case: Case, proc: subprocess.Popen[bytes], fds: tuple[int, ...], started: float
+) -> None:
+    """Send the case's signal once its text is in the command's output (read in place: the
+    command shares the files' offsets), to the command alone or to its process group."""
+    while not any(case.when.encode() in os.pread(fd, 1 << 24, 0) for fd in fds):
+        if proc.poll() is not None or time.monotonic() - started > case.timeout:
+            return  # ended (or will time out) without it: judged as it stands
+        time.sleep(0.1)
+    for i in range(case.times):
+        time.sleep(1.0 if i else case.wait_s)
+        with contextlib.suppress(ProcessLookupError):
+            if case.to_group:  # as a terminal does: Ray's processes in the group get it too
+                os.killpg(proc.pid, case.signal)
+            else:
+                os.kill(proc.pid, case.signal)
+
+
+def session_left(session: int, within: float = 30.0) -> str | None:
+    """Processes still in the command's session `within` seconds after it ended (Ray's)."""
+    deadline = time.monotonic() + within
+    while True:
+        left = []
+        for proc in Path("/proc").iterdir():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+                if proc.name.isdigit() and int(fields[3]) == session and fields[0] != "Z":
+                    left.append((proc / "comm").read_text().strip())
+        if not left or time.monotonic() > deadline:
+            return f"left running {within:g} s later: {', '.join(left)}" if left else None
+        time.sleep(0.5)
+
+
+def runs_left_running(db: Path) -> str | None:
+    """The runs of a sweep's store still RUNNING (read with sqlite: no MLflow import here)."""
+    import sqlite3
+
+    if not db.is_file():
+        return None
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        (running,) = con.execute("select count(*) from runs where status = 'RUNNING'").fetchone()
+    return f"{running} run(s) left RUNNING" if running else None
 
 
 # --- files -----------------------------------------------------------------------------------
@@ -1257,6 +1318,114 @@ def solo_cases(m: Matrix) -> list[Case]:
     ]
 
 
+def signal_cases(m: Matrix) -> list[Case]:
+    """A terminal closed or a driver signalled at each moment of a sweep (issue 23): exit 128 +
+    the signal, one line naming it, no run left RUNNING, the line kept beside the sweep's state
+    (with the --resume command once trials ran), and nothing of the driver's session left."""
+    g = "signals"
+    hup, quit_ = signal.SIGHUP, signal.SIGQUIT
+    trials = "Started monitoring system metrics"  # a trial's first line: it trains from here
+    costs = setting(("search_space", {"unet_min_channels": {"grid_search": [4, 6, 8]}}),
+                    ("bench.input", "512x384"), ("bench.repeats", 5))  # fmt: skip
+    cases = []
+    for name, mutate, signum, when, group, times, resumable in (
+        ("SIGHUP while Ray starts", None, hup, "starting Ray", False, 1, False),
+        ("SIGHUP to the group while Ray starts", None, hup, "starting Ray", True, 1, False),
+        ("SIGHUP while the costs are timed", costs, hup, "cost 1/3", False, 1, False),
+        ("SIGHUP to the group while the costs are timed", costs, hup, "cost 1/3", True, 1, False),
+        ("SIGHUP during the trials", None, hup, trials, False, 1, True),
+        ("SIGHUP to the group during the trials (terminal closed)", None, hup, trials, True, 1,
+         True),
+        ("SIGHUP twice during the trials (stop at once)", None, hup, trials, False, 2, False),
+        ("SIGQUIT to the group during the trials (Ctrl-\\)", None, quit_, trials, True, 1, True),
+    ):  # fmt: skip
+        sweep = f"mx-sig-{len(cases)}"
+        db = m.tmp / "db" / f"{sweep}.db"
+        change = mutate or setting()
+        cases.append(
+            m.sweep(
+                g,
+                name,
+                lambda raw, change=change, sweep=sweep: (
+                    change(raw),
+                    setting(("name", sweep), ("train.epochs", 200))(raw),
+                ),
+                uri=f"sqlite:///{db}",
+                expect=(signal.Signals(signum).name,),
+                exit=128 + signum,
+                signal=signum,
+                when=when,
+                to_group=group,
+                times=times,
+                wait_s=1.0 if when == "starting Ray" else 3.0 if when == trials else 0.0,
+                check=functools.partial(
+                    stopped_cleanly, db, m.runs / sweep, resumable, when != trials
+                ),
+                solo=True,
+                timeout=300,
+            )
+        )
+    nohup = m.sweep(
+        "control",
+        "SIGHUP to the group of a driver under nohup: the sweep goes on",
+        setting(("name", "mx-nohup"), ("train.epochs", 20)),
+        uri=f"sqlite:///{m.tmp}/db/mx-nohup.db",
+        control=True,
+        signal=hup,
+        when=trials,
+        to_group=True,
+        check=functools.partial(runs_left_running, m.tmp / "db" / "mx-nohup.db"),
+        solo=True,
+        timeout=300,
+    )
+    nohup.argv = ["nohup", *nohup.argv]
+    under_file = m.tmp / "db" / "mx-art-under-file.db"
+    cases += [
+        nohup,
+        m.sweep(
+            g,
+            "experiment's artifact location under a file",
+            setting(("name", "mx-art")),
+            uri=f"sqlite:///{under_file}",
+            expect=("1 run(s) closed as KILLED",),
+            exit=1,
+            before=functools.partial(experiment_at, under_file, "mx-art", m.afile / "artifacts"),
+            check=functools.partial(runs_left_running, under_file),
+            solo=True,
+            timeout=300,
+        ),
+    ]
+    return cases
+
+
+def stopped_cleanly(db: Path, folder: Path, resumable: bool, early: bool) -> str | None:
+    """No run left RUNNING (none at all if stopped `early`, before its trials), and the stop's
+    line kept in the sweep's folder of the run storage, with the --resume command where
+    `resumable`."""
+    import sqlite3
+
+    kept = folder / "segtune_stopped.txt"
+    text = kept.read_text() if kept.is_file() else ""
+    problems = [runs_left_running(db)]
+    if early and db.is_file():
+        with contextlib.closing(sqlite3.connect(db)) as con:
+            (runs,) = con.execute("select count(*) from runs").fetchone()
+        problems.append(f"went on: {runs} run(s) made after the signal" if runs else None)
+    if not text:
+        problems.append(f"no line kept in {kept}")
+    elif resumable and "continue it with" not in text:
+        problems.append(f"no --resume command in {kept}")
+    return "; ".join(filter(None, problems)) or None
+
+
+def experiment_at(db: Path, name: str, location: Path) -> None:
+    """Experiment `name` in the store `db`, its artifacts at `location`, made before the case."""
+    code = "import sys; from mlflow.tracking import MlflowClient as C; "
+    code += "C(sys.argv[1]).create_experiment(sys.argv[2], artifact_location=sys.argv[3])"
+    subprocess.run([PY, "-c", code, f"sqlite:///{db}", name, str(location)], check=True,
+                   capture_output=True, timeout=120)  # fmt: skip
+
+
 def dataset_cases(m: Matrix) -> list[Case]:
     def drop(path: Path) -> None:
         path.unlink()
@@ -1929,7 +2098,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             *tool_cases(m),
             *controls_late,
         ]
-        solo = solo_cases(m)
+        solo = [*solo_cases(m), *signal_cases(m)]
         for case in solo:  # the web server's port is known only now
             case.argv = [a.replace("{port}", str(m.http_port)) for a in case.argv]
         first = [auto, fixture, export]

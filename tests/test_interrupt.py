@@ -65,3 +65,40 @@ def test_other_errors_in_finalizers_are_reported_as_before() -> None:
     finally:
         sys.unraisablehook = before
     assert [type(u.exc_value) for u in seen] == [ValueError]
+
+
+def test_a_stop_caught_inside_rays_start_still_stops() -> None:
+    """Some of Ray's waits catch every exception, our handler's too: the signal stops the
+    sweep once Ray has started."""
+    with StopSignals() as stop, pytest.raises(SweepInterrupted) as raised, stop.starting_ray():
+        try:
+            signal.raise_signal(signal.SIGINT)
+            go_on()
+        except SweepInterrupted:
+            pass  # as Ray's wait for its GCS does
+    assert raised.value.exit_code == 130 and stop.received == signal.SIGINT
+
+
+def test_a_hangup_while_ray_starts_waits_for_its_end() -> None:
+    """SIGHUP is blocked in the thread that starts Ray (its processes inherit that); one sent to
+    that thread meanwhile stops the sweep as soon as Ray has started."""
+    with StopSignals() as stop, pytest.raises(SweepInterrupted) as raised, stop.starting_ray():
+        signal.raise_signal(signal.SIGHUP)  # held: this thread blocks it
+        go_on()
+        assert stop.received is None
+        assert signal.SIGHUP in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    assert raised.value.exit_code == 129 and stop.received == signal.SIGHUP
+    assert signal.SIGHUP not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
+def test_a_signal_ignored_at_start_stays_ignored() -> None:
+    """Under `nohup` SIGHUP is ignored: the sweep does not take it back."""
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with StopSignals() as stop:
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            signal.raise_signal(signal.SIGHUP)
+            go_on()
+        assert stop.received is None
+    finally:
+        signal.signal(signal.SIGHUP, before)

@@ -13,7 +13,7 @@ import os
 import socket
 import time
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +88,12 @@ def start_sweep_run(
     sweep_yaml: str,
     description: str = "",
     node: str | None = None,
+    created: Callable[[str], None] | None = None,
 ) -> str:
-    """The parent run of one sweep invocation, with the resolved sweep as `sweep.yaml`."""
+    """The parent run of one sweep invocation, with the resolved sweep as `sweep.yaml`.
+
+    `created` gets the run's id before its first artifact: an experiment whose artifact location
+    cannot be written fails that upload, and the caller must know which run to close."""
     experiment_key = experiment_id(client, experiment)
     # an experiment made before segtune tagged its kind opens on MLflow's GenAI overview
     client.set_experiment_tag(experiment_key, EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT)
@@ -103,6 +107,8 @@ def start_sweep_run(
             "mlflow.note.content": description,
         },
     )
+    if created is not None:
+        created(run.info.run_id)
     client.log_text(run.info.run_id, sweep_yaml, SWEEP_ARTIFACT)
     return run.info.run_id
 
