@@ -28,6 +28,7 @@ from segtune.errors import ConfigError, SegtuneError
 from segtune.interrupt import StopSignals
 from segtune.models import MODEL_KEYS
 from segtune.nodes import check_nodes, node_name
+from segtune.search import searcher, trial_scheduler
 from segtune.space import GRID_KEY, discrete_trials, param_space
 from segtune.storage import RunStorage
 from segtune.sweep_callbacks import CloseRuns
@@ -48,48 +49,6 @@ from segtune.tracking.runs import close_open_runs, start_sweep_run
 from segtune.trial import run_trial
 
 log = logging.getLogger(__name__)
-
-
-def _search_alg(sweep: SweepConfig, offset: int = 0) -> Any:
-    """Optuna's searcher (None for grid and random: Ray's variant generator); `offset` moves its
-    seed, for trials added to a sweep (`sweep_edits.Addition`)."""
-    if sweep.tune.search != "optuna":
-        return None
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
-    objectives = sweep.objectives()
-    seed = int(sweep.train.get("seed", 0)) + offset
-    sampler = (
-        optuna.samplers.NSGAIISampler(seed=seed)
-        if sweep.tune.sampler == "nsga2"
-        else optuna.samplers.TPESampler(seed=seed, multivariate=True)
-    )
-    metrics = [m for m, _ in objectives]
-    modes = [m for _, m in objectives]
-    return OptunaSearch(
-        metric=metrics if len(metrics) > 1 else metrics[0],
-        mode=modes if len(modes) > 1 else modes[0],
-        sampler=sampler,
-    )
-
-
-def _scheduler(sweep: SweepConfig) -> Any:
-    if sweep.tune.scheduler != "asha":
-        return None
-    from ray.tune.schedulers import ASHAScheduler
-
-    epochs = int(sweep.train.get("epochs", TrialConfig.model_fields["epochs"].default))
-    # Rungs lie at grace * rf^k <= max_t: below the last epoch, so that a trial is judged while
-    # it still has epochs to save, and never stopped between its last epoch and its final
-    # evaluation and benchmark (which come as one more report).
-    return ASHAScheduler(
-        time_attr="training_iteration",
-        max_t=max(1, epochs - 1),
-        grace_period=sweep.tune.grace_period,
-        reduction_factor=sweep.tune.reduction_factor,
-        stop_last_trials=False,
-    )
 
 
 def check_cluster(sweep: SweepConfig) -> None:
@@ -230,8 +189,8 @@ def _tuner(
         tune_config=tune.TuneConfig(
             metric=None if multi else objectives[0][0],
             mode=None if multi else objectives[0][1],
-            search_alg=_search_alg(sweep, added.index if added else 0),
-            scheduler=_scheduler(sweep),
+            search_alg=searcher(sweep, added.index if added else 0),
+            scheduler=trial_scheduler(sweep),
             num_samples=samples,
             max_concurrent_trials=sweep.tune.max_concurrent_trials,
             # the next trial runs in the process the last one freed: no 5-7 s of

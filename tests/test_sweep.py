@@ -615,7 +615,7 @@ def test_the_early_report_runs_at_the_lowest_priority_and_goes_with_the_sweep(
 ) -> None:
     """The report's process imports on the CPU the pre-flight, Ray and the trials leave idle
     (nice 19), and a sweep that ends before drawing it kills it."""
-    from segtune.run import EarlyReport
+    from segtune.report_process import EarlyReport
 
     with EarlyReport("nothing", f"sqlite:///{tmp_path / 'mlflow.db'}") as report:
         assert os.getpriority(os.PRIO_PROCESS, report.process.pid) == 19
