@@ -86,13 +86,9 @@ def keep_line(sweep: SweepConfig, line: str) -> str | None:
     """The one line of an early end, kept beside the sweep's state too: after a closed terminal
     or a dropped SSH session (SIGHUP) it is the only copy of the `--resume` command. Where it
     lies, or None where the run storage cannot take it (a warning says why)."""
-    partial = f"{STOP_FILE}.partial"  # renamed once whole: a reader never sees half a line
-    try:
+    try:  # written whole or not at all (RunStorage.write_text)
         storage = RunStorage.of(sweep.tune.storage_path, sweep.tune.storage_endpoint)
-        storage.write_text(line + "\n", sweep.name, partial)
-        storage.filesystem[0].move(
-            storage.path(sweep.name, partial), storage.path(sweep.name, STOP_FILE)
-        )
+        storage.write_text(line + "\n", sweep.name, STOP_FILE)
     except Exception as exc:  # the storage is at fault too: the line must still come out
         log.warning("could not keep the sweep's last line beside its state (%s)", _cause(exc))
         return None
