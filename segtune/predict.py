@@ -122,9 +122,12 @@ def plan_outputs(
                 collisions.append(f"{first.image} and {output.image} would both write {names}")
     if collisions:
         more = f" (and {len(collisions) - 1} more)" if len(collisions) > 1 else ""
-        raise ConfigError(
-            f"{collisions[0]}{more}; rename one, or predict them into different --out folders"
+        fix = (
+            "name it once"
+            if "named twice" in collisions[0]
+            else "rename one, or predict them into different --out folders"
         )
+        raise ConfigError(f"{collisions[0]}{more}; {fix}")
     return outputs
 
 
@@ -142,7 +145,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("export_dir", type=Path, help="folder written by python -m segtune.export")
     p.add_argument("inputs", type=Path, nargs="+", metavar="IMAGE_OR_DIR")
-    p.add_argument("--out", type=Path, required=True, help="folder for <stem>.png masks")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="folder for <stem>.png masks (no input folder; an earlier predict's masks there are "
+        "replaced, an input never)",
+    )
     p.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.png")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the mask colours")
     p.add_argument("--onnx", action="store_true", help="run model.onnx with onnxruntime")
@@ -177,12 +186,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             skipped += 1
             continue
         mask = predict_mask(model.forward, image, preprocess, args.tile, args.overlap)
-        args.out.mkdir(parents=True, exist_ok=True)  # only once a mask exists to write
-        _save_png(mask, output.mask)
-        masks += 1
-        if output.overlay is not None:
-            _save_png(overlay(image, mask, args.alpha), output.overlay)
-            overlays += 1
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)  # only once a mask exists to write
+            _save_png(mask, output.mask)
+            masks += 1
+            if output.overlay is not None:
+                _save_png(overlay(image, mask, args.alpha), output.overlay)
+                overlays += 1
+        except OSError as exc:  # a full disk: say what was written before
+            raise SegtuneError(
+                f"--out {args.out}: cannot write ({exc}); {masks} mask(s) and {overlays} "
+                "overlay(s) written before, each whole"
+            ) from None
     if not masks:
         raise SegtuneError(f"no readable image among {len(images)} file(s); nothing written")
     print(
