@@ -426,7 +426,7 @@ def test_export_never_deletes_a_users_files(
     )
     assert export_to(sweep, exported, downloads, "--force") == 2  # their SHA256SUMS is theirs
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"error: --out {downloads}: SHA256SUMS there is no file of a segtune")
+    assert err.startswith(f"error: --out {downloads}: SHA256SUMS there is not from a segtune")
     assert "even --force never overwrites a file segtune did not write" in err
     assert snapshot(downloads) == users
 
@@ -528,3 +528,27 @@ def test_predict_counts_the_files_it_wrote(
         assert "skipped 1 unreadable" in printed
         names = sorted(p.name for p in out.iterdir())
         assert names == ["a.png", "a_overlay.png", "b.png", "b_overlay.png"]
+
+    # a full disk (a file size limit that a mask fits under and an overlay does not): one line
+    # that counts what was written, each file whole
+    shutil.rmtree(out)
+    limit = 1024  # a class-id mask of 32x24 fits; an overlay of a noise image (2 KB) does not
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    argv = [sys.executable, "-m", "segtune.predict", str(exported.out), str(inputs)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(
+        [*argv, "--out", str(out), "--overlay"],
+        env=env,
+        preexec_fn=limited,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and last.startswith(f"error: --out {out}: cannot write ("), last
+    assert last.endswith("1 mask(s) and 0 overlay(s) written before, each whole"), last
+    assert sorted(p.name for p in out.iterdir()) == ["a.png"]  # no partial file left

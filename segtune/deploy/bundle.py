@@ -178,10 +178,12 @@ def check_out(out: Path, force: bool) -> OutFolder:
         )
     taken = [name for name in others if name in EXPORT_FILES]
     if taken:
+        one = len(taken) == 1
         raise ExportError(
-            f"--out {out}: {', '.join(taken)} there is no file of a segtune export (no model "
-            "card and SHA256SUMS there verify it); even --force never overwrites a file segtune "
-            "did not write: move it, or choose another --out"
+            f"--out {out}: {', '.join(taken)} there {'is' if one else 'are'} not from a segtune "
+            f"export (no model card and SHA256SUMS there verify {'it' if one else 'them'}); "
+            "even --force never overwrites a file segtune did not write: move "
+            f"{'it' if one else 'them'}, or choose another --out"
         )
     return OutFolder(out, exists=True, ours=ours, others=others)
 
