@@ -7,8 +7,6 @@ way this project reads any weights file: checkpoints, training states, pretraine
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ import torch
 from segtune.classes import CLASS_NAMES, IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, PALETTE
 from segtune.config import TrialConfig
 from segtune.errors import ModelError
+from segtune.paths import atomic_write
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("model", "config", "class_names", "palette", "mean", "std", "metrics")
@@ -27,15 +26,7 @@ def atomic_save(obj: Any, path: Path | str) -> Path:
     """torch.save to a temporary file and rename, so a crash never leaves half a checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def best_checkpoint(

@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 
 from segtune.errors import ConfigError, SegtuneError
+from segtune.paths import path_kind
 
 
 def command_parser(
@@ -40,12 +41,12 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def check_out_folder(path: Path, option: str) -> None:
-    """Refuse in one line, before any work, an output folder that cannot be made: a file, or a
-    path under one. Nothing is created."""
+    """Refuse in one line, before any work, an output folder that cannot be made: a file, a
+    device, a broken symlink, or a path under one. Nothing is created."""
     for folder in (path, *path.parents):
-        if folder.exists():
+        if folder.exists() or folder.is_symlink():
             if not folder.is_dir():
-                raise ConfigError(f"{option} {path}: {folder} is a file, not a folder")
+                raise ConfigError(f"{option} {path}: {folder} is {path_kind(folder)}, not a folder")
             return
 
 

@@ -27,11 +27,13 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -80,6 +82,28 @@ def download_checkpoint(client: MlflowClient, run_id: str, dst: Path) -> Path:
         raise ExportError(f"run {run_id}: cannot download {CHECKPOINT_ARTIFACT} ({exc})") from None
 
 
+HOLDER_PID = "segtune-export.pid"  # in the folder an export is written in: whose it is
+
+
+def holder_prefix(out: Path) -> str:
+    return f".{out.name}.segtune-export-"
+
+
+def remove_stale_holders(out: Path) -> None:
+    """Remove what a killed export to `out` left beside it: folders by our prefix whose pid
+    file names a process that is gone (a folder without one is not proven ours: kept)."""
+    for holder in out.parent.iterdir():
+        if not holder.name.startswith(holder_prefix(out)):
+            continue
+        try:
+            pid = int((holder / HOLDER_PID).read_text())
+        except (OSError, ValueError):
+            continue
+        if not psutil.pid_exists(pid):
+            log.info("removing %s, left by an interrupted export", holder)
+            shutil.rmtree(holder, ignore_errors=True)
+
+
 @dataclass
 class ExportResult:
     out: Path
@@ -99,6 +123,7 @@ def export(
     register_as: str | None = None,
     tracking_uri: str | None = None,
     all_sweeps: bool = False,
+    force: bool = False,
 ) -> ExportResult:
     """Choose the trial, write the export folder, and optionally register the model."""
     if experiment is None and run_id is None:
@@ -116,18 +141,31 @@ def export(
     else:
         assert experiment is not None
         source = best_trial(client, experiment, uri, metric, mode, budget, all_sweeps)
-    out = out or Path("exports") / source.experiment
-    check_out(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    (staging / "download").mkdir(parents=True)
+    out = check_out(out or Path("exports") / source.experiment, force).path
     try:
-        card, module = _write(client, uri, source, staging, formats)
-        shutil.rmtree(staging / "download")
-        publish(staging, out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_holders(out)
+        # a name created exclusively: never a user's file, and ours to remove
+        holder = Path(tempfile.mkdtemp(dir=out.parent, prefix=holder_prefix(out)))
+        (holder / HOLDER_PID).write_text(str(os.getpid()))
+    except OSError as exc:
+        raise ExportError(f"--out {out}: cannot write beside it ({exc})") from None
+    staging = holder / "new"
+    try:
+        try:
+            (staging / "download").mkdir(parents=True)
+            card, module = _write(client, uri, source, staging, formats)
+            shutil.rmtree(staging / "download")
+        except OSError as exc:  # a full disk, a file size limit
+            raise ExportError(
+                f"--out {out}: writing the export failed ({exc}); --out is unchanged"
+            ) from None
+        try:
+            publish(staging, out, force, holder / "old")
+        except OSError as exc:
+            raise ExportError(f"--out {out}: cannot put the export in place ({exc})") from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(holder, ignore_errors=True)
     log.info("exported run %s to %s", source.run.info.run_id, out)
     version = register(uri, register_as, module, card, out / CARD_FILE) if register_as else None
     return ExportResult(out, card, version)
@@ -202,6 +240,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, help="export folder (default: exports/EXPERIMENT)")
     p.add_argument(
+        "--force",
+        action="store_true",
+        help="also write into a folder that holds other files: the export's files go in beside "
+        "them (an earlier export's files there are replaced); no other file is ever deleted or "
+        "overwritten, and a file of an export's name that segtune did not write is refused",
+    )
+    p.add_argument(
         "--format",
         default=",".join(FORMATS),
         help="comma-separated: torchscript, onnx (default both)",
@@ -228,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         register_as=args.register,
         tracking_uri=args.tracking_uri,
         all_sweeps=args.all_sweeps,
+        force=args.force,
     )
     card = result.card
     check = card["export"]["verification"]

@@ -19,7 +19,7 @@ How a case is counted as "one clear line":
 - the error line names what the case expects (the key, the file or the problem, any one of a
   few words); otherwise it is "wrong message";
 - some cases add a check: refused within a time, no output folder left behind, stderr not
-  echoing a 10 MB input.
+  echoing a 10 MB input, a user's folder byte for byte the same afterwards.
 
 Control cases (valid inputs that must work: the fixture sweep and export, a 16-bit PNG image)
 are listed apart and are not counted among the bad inputs.
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import re
@@ -91,7 +92,8 @@ class Case:
     env: dict[str, str] = field(default_factory=dict)
     skip: str = ""  # why it is not run here
     exit: int = 2  # the exit status a clean refusal has (128 + N after signal N)
-    before: Callable[[], None] | None = None  # sets the stage, just before the command starts
+    setup: Callable[[], None] | None = None  # makes its files just before it runs (fixtures exist)
+    unchanged: Path | None = None  # every file under it byte for byte the same afterwards
     signal: int = 0  # sent once `when` is in its output (to its process group with `to_group`)
     when: str = ""
     to_group: bool = False
@@ -122,7 +124,18 @@ def meaningful_lines(text: str) -> list[str]:
     return lines
 
 
-def judge(case: Case, rc: int | None, seconds: float, stderr: str) -> Result:
+def digests(folder: Path) -> dict[str, str]:
+    """Every file under `folder` (symlinks as their targets' names) by its SHA-256."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink():
+            out[str(path)] = f"-> {os.readlink(path)}"
+        elif path.is_file():
+            out[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def judge(case: Case, rc: int | None, seconds: float, stderr: str, changed: bool = False) -> Result:
     lines = meaningful_lines(stderr)
     result = Result(case, rc, seconds, stderr, len(lines), "Traceback" in stderr)
     errors = [i for i, line in enumerate(lines) if ERROR_LINE.match(line)]
@@ -167,6 +180,8 @@ def judge(case: Case, rc: int | None, seconds: float, stderr: str) -> Result:
         problems.append(f"stderr of {len(stderr)} characters (echoes the input?)")
     if case.absent is not None and case.absent.exists():
         problems.append(f"left {case.absent.name} behind")
+    if changed and case.unchanged is not None:
+        problems.append(f"changed the files in {case.unchanged.name}")
     if case.check is not None and rc is not None:
         with contextlib.suppress(Exception):
             extra = case.check()
@@ -186,8 +201,9 @@ def run_case(case: Case, base_env: dict[str, str], cwd: Path) -> Result:
     if case.skip:
         return Result(case, None, 0.0, "", verdict="skipped", reason=case.skip)
     env = {**base_env, **case.env}
-    if case.before is not None:
-        case.before()
+    if case.setup is not None:
+        case.setup()
+    before = digests(case.unchanged) if case.unchanged is not None else None
     started = time.monotonic()
     with tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as out:
         proc = subprocess.Popen(
@@ -213,7 +229,10 @@ def run_case(case: Case, base_env: dict[str, str], cwd: Path) -> Result:
         seconds = time.monotonic() - started
         err.seek(0)
         stderr = err.read().decode(errors="replace")
-    result = judge(case, rc, seconds, stderr)
+    changed = (
+        before is not None and case.unchanged is not None and digests(case.unchanged) != before
+    )
+    result = judge(case, rc, seconds, stderr, changed)
     left = session_left(proc.pid) if case.signal and rc is not None else None
     if left:  # Ray's processes must go with their driver
         result.reason = "; ".join(filter(None, [result.reason, left]))
@@ -1389,7 +1408,7 @@ def signal_cases(m: Matrix) -> list[Case]:
             uri=f"sqlite:///{under_file}",
             expect=("1 run(s) closed as KILLED",),
             exit=1,
-            before=functools.partial(experiment_at, under_file, "mx-art", m.afile / "artifacts"),
+            setup=functools.partial(experiment_at, under_file, "mx-art", m.afile / "artifacts"),
             check=functools.partial(runs_left_running, under_file),
             solo=True,
             timeout=300,
@@ -1642,6 +1661,127 @@ def predict_cases(m: Matrix, has_gpu: bool) -> list[Case]:
             m.out("j"),
             expect=("ok.png", "both"),
         ),
+        *output_cases(m),
+    ]
+
+
+def output_cases(m: Matrix) -> list[Case]:
+    """Issue 23: predict never writes over an input or one path twice, and a device or a pipe
+    is named for what it is; each refused before any work, the inputs untouched."""
+    p = m.predict
+
+    def photos(name: str) -> Path:
+        """A case's own folder of PNG inputs: their masks would have their names."""
+        folder = m.tmp / name
+        folder.mkdir()
+        for photo in ("photo.png", "field.png"):
+            shutil.copy(m.inputs / "gray8.png", folder / photo)
+        return folder
+
+    own, linked, dotted, hardlinked = (photos(f"own-{n}") for n in ("a", "b", "c", "d"))
+    (m.tmp / "own-link").symlink_to(linked)
+    hard = m.tmp / "hard-out"
+    hard.mkdir()
+    shutil.copy(m.inputs / "ok.jpg", m.tmp / "other.jpg")
+    os.link(hardlinked / "photo.png", hard / "other.png")  # other.jpg's mask is the photo
+    pair = m.tmp / "overlay-pair"
+    pair.mkdir()
+    for name in ("a.jpg", "a_overlay.jpg"):
+        shutil.copy(m.inputs / "ok.jpg", pair / name)
+    cases = m.tmp / "case-pair"
+    cases.mkdir()
+    for name in ("A.jpg", "a.jpg"):
+        shutil.copy(m.inputs / "ok.jpg", cases / name)
+    (m.tmp / "zero.jpg").symlink_to("/dev/zero")
+    os.mkfifo(m.tmp / "pipe.png")
+    (m.tmp / "broken-out").symlink_to(m.tmp / "nowhere")
+    taken = m.tmp / "taken-out"
+    (taken / "ok.png").mkdir(parents=True)
+    pair_out, case_out = m.out("overlay pair"), m.out("case pair")
+    return [
+        p("--out is the input folder", own, "--out", own, expect=("input folder",), unchanged=own),
+        p(
+            "--out a symlink to the input folder",
+            linked,
+            "--out",
+            m.tmp / "own-link",
+            expect=("input folder",),
+            unchanged=linked,
+        ),
+        p(
+            "--out the folder of an input file named with ..",
+            dotted / "photo.png",
+            "--out",
+            dotted / ".." / dotted.name,
+            expect=("is the input",),
+            unchanged=dotted,
+        ),
+        p(
+            "an output that is a hard link of an input",
+            hardlinked / "photo.png",
+            m.tmp / "other.jpg",
+            "--out",
+            hard,
+            expect=("is the input",),
+            unchanged=hardlinked,
+        ),
+        p(
+            "a.jpg and a_overlay.jpg with --overlay",
+            pair,
+            "--out",
+            pair_out,
+            "--overlay",
+            expect=("a_overlay.png",),
+            absent=pair_out,
+        ),
+        p(
+            "two names that differ only in case",
+            cases,
+            "--out",
+            case_out,
+            expect=("A.png and a.png",),
+            absent=case_out,
+        ),
+        p(
+            "an input named twice",
+            m.inputs / "ok.jpg",
+            m.inputs / "ok.jpg",
+            "--out",
+            m.out("twice"),
+            expect=("named twice",),
+        ),
+        p("an input that is /dev/null", "/dev/null", "--out", m.out("k"), expect=("device",)),
+        p(
+            "an image that is a symlink to /dev/zero",
+            m.tmp / "zero.jpg",
+            "--out",
+            m.out("l"),
+            expect=("symlink to /dev/zero",),
+        ),
+        p("a FIFO as input", m.tmp / "pipe.png", "--out", m.out("m"), expect=("FIFO",), max_s=60),
+        p("--out /dev/null", m.inputs / "ok.jpg", "--out", "/dev/null", expect=("device",)),
+        p(
+            "--out a broken symlink",
+            m.inputs / "ok.jpg",
+            "--out",
+            m.tmp / "broken-out",
+            expect=("leads nowhere",),
+        ),
+        p(
+            "--out an input image file",
+            m.inputs / "ok.jpg",
+            "--out",
+            m.inputs / "ok.jpg",
+            expect=("is a file",),
+            unchanged=m.inputs,
+        ),
+        p(
+            "a mask's name taken by a folder in --out",
+            m.inputs / "ok.jpg",
+            "--out",
+            taken,
+            expect=("is a folder",),
+        ),
     ]
 
 
@@ -1731,6 +1871,85 @@ def export_cases(m: Matrix) -> list[Case]:
             out / "i",
             expect=("foo",),
         ),
+        *export_out_cases(m, e),
+    ]
+
+
+def export_out_cases(m: Matrix, e: Callable[..., Case]) -> list[Case]:
+    """Issue 23: an export never deletes or overwrites a file it did not write; each case's
+    folder byte for byte the same afterwards."""
+    downloads = m.tmp / "downloads"  # a user's folder with a SHA256SUMS of its own
+    downloads.mkdir()
+    (downloads / "debian.iso").write_bytes(os.urandom(100_000))
+    (downloads / "thesis.tex").write_text("\\documentclass{article}\n")
+    (downloads / "SHA256SUMS").write_text(
+        hashlib.sha256((downloads / "debian.iso").read_bytes()).hexdigest() + "  debian.iso\n"
+    )
+    plus, edited = m.tmp / "export-plus-notes", m.tmp / "export-edited"
+
+    def copy_export(folder: Path, change: Callable[[Path], None]) -> Callable[[], None]:
+        def setup() -> None:
+            shutil.copytree(m.export, folder)
+            change(folder)
+
+        return setup
+
+    def add_notes(folder: Path) -> None:
+        (folder / "notes.txt").write_text("mine\n")
+
+    def edit_readme(folder: Path) -> None:
+        with (folder / "README.md").open("a") as f:
+            f.write("my notes\n")
+
+    locked = m.tmp / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    best = ("--experiment", "mx-good", "--format", "torchscript", "--out")
+    return [
+        e(
+            "--out a folder with a user's own SHA256SUMS",
+            *best,
+            downloads,
+            expect=("--force",),
+            unchanged=downloads,
+        ),
+        e(
+            "--out a folder with a user's own SHA256SUMS, --force",
+            *best,
+            downloads,
+            "--force",
+            expect=("SHA256SUMS",),
+            unchanged=downloads,
+        ),
+        e(
+            "--out an old export plus a user's file",
+            *best,
+            plus,
+            expect=("notes.txt",),
+            setup=copy_export(plus, add_notes),
+            unchanged=plus,
+        ),
+        e(
+            "--out an export whose README.md a user edited, --force",
+            *best,
+            edited,
+            "--force",
+            expect=("README.md",),
+            setup=copy_export(edited, edit_readme),
+            unchanged=edited,
+        ),
+        e(
+            "--out a folder it cannot write",
+            *best,
+            locked,
+            expect=("not writable",),
+            unchanged=locked,
+            skip="root writes into any folder" if os.geteuid() == 0 else "",
+        ),
+        e("--out in /proc/sys (not writable)", *best, "/proc/sys/segtune", expect=("writable",)),
+        e("--out /dev/null", *best, "/dev/null", expect=("device",)),
+        e("--out under a file", *best, m.afile / "x", expect=("afile",)),
+        e("--out a broken symlink", *best, m.tmp / "broken-out", expect=("leads nowhere",)),
     ]
 
 

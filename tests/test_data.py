@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import cv2
@@ -291,6 +292,19 @@ def test_a_self_looping_symlink_is_named_as_such(small_root: Path) -> None:
     path.unlink()
     path.symlink_to(path.name)  # a link to itself
     _expect(small_root, r"t5\.jpg: a symlink that leads to no file \(broken, or a loop\)")
+
+
+def test_a_device_or_pipe_is_named_as_such_not_as_missing(small_root: Path) -> None:
+    """A mask that is a symlink to /dev/null would be skipped, and its image then reported
+    "has no mask": the error names what the file is."""
+    mask = small_root / "train" / "mask" / "t5.png"
+    mask.unlink()
+    mask.symlink_to("/dev/null")
+    _expect(small_root, r"t5\.png: a symlink to /dev/null, a character device, not an image or")
+    mask.unlink()
+    os.mkfifo(mask)
+    _expect(small_root, r"t5\.png: a FIFO \(named pipe\), not an image or mask file")
+    _expect(Path("/dev/null"), "dataset root /dev/null is a character device; point data.root")
 
 
 def test_a_decompression_bomb_is_refused_by_name(small_root: Path) -> None:

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import resource
 import shutil
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +28,7 @@ from segtune.checkpoint import load_checkpoint
 from segtune.classes import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, PALETTE
 from segtune.cli import run_cli
 from segtune.data.dataset import read_image, read_mask
+from segtune.deploy.bundle import export_files
 from segtune.deploy.convert import checkpoint_model
 from segtune.deploy.runtime import Preprocess, blend_window, predict_scores, tile_starts
 from segtune.export import ExportResult, export
@@ -33,6 +39,7 @@ from segtune.tracking.names import ROLE_TAG
 from segtune.tracking.query import load_sweep_table
 from segtune.tracking.runs import TrialRun, start_sweep_run
 from segtune.tracking.select import parse_budget, rank_trials
+from tests.test_predict_outputs import image, snapshot
 from tests.test_sweep import run, trial_runs, write_sweep
 
 EXPERIMENT = "exp"
@@ -371,7 +378,7 @@ def test_export_errors_exit_2(
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "thesis.tex").write_text("mine")
     code = run_cli(export_main, ["--experiment", EXPERIMENT, "--format", "torchscript", *uri])
-    assert code == 2 and "is not an export folder" in capsys.readouterr().err
+    assert code == 2 and "not an earlier export of segtune" in capsys.readouterr().err
     assert (tmp_path / "x" / "thesis.tex").read_text() == "mine"
 
 
@@ -384,3 +391,164 @@ def test_preprocess_equals_the_eval_transform(sweep: Sweep) -> None:
     theirs = eval_transform("pad", 32)(image=image)["image"]
     assert ours.shape == theirs.shape == (3, 96, 128)
     assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def export_to(sweep: Sweep, exported: ExportResult, out: Path, *extra: str) -> int:
+    """The CLI on the fixture's best trial, TorchScript only (the quickest export)."""
+    run_id = exported.card["source"]["run_id"]
+    argv = ["--run-id", run_id, "--tracking-uri", sweep.uri, "--out", str(out)]
+    return run_cli(export_main, [*argv, "--format", "torchscript", *extra])
+
+
+def holders(folder: Path) -> list[str]:
+    """What exports left beside their --out (their staging folders)."""
+    return [p.name for p in folder.iterdir() if ".segtune-export-" in p.name]
+
+
+def test_export_never_deletes_a_users_files(
+    sweep: Sweep, exported: ExportResult, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 23: a downloads folder with a SHA256SUMS of its own was replaced whole."""
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    iso = np.random.default_rng(0).integers(0, 256, 300_000, dtype=np.uint8).tobytes()
+    (downloads / "debian.iso").write_bytes(iso)
+    (downloads / "thesis.tex").write_text("\\documentclass{article}\n")
+    (downloads / "SHA256SUMS").write_text(f"{hashlib.sha256(iso).hexdigest()}  debian.iso\n")
+    users = snapshot(downloads)
+
+    assert export_to(sweep, exported, downloads) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"error: --out {downloads}: not an earlier export of segtune (it holds SHA256SUMS, "
+        "debian.iso, thesis.tex); choose another --out, or pass --force to write the export "
+        "beside those files (they are kept)"
+    )
+    assert export_to(sweep, exported, downloads, "--force") == 2  # their SHA256SUMS is theirs
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --out {downloads}: SHA256SUMS there is not from a segtune")
+    assert "even --force never overwrites a file segtune did not write" in err
+    assert snapshot(downloads) == users
+
+    (downloads / "SHA256SUMS").unlink()  # now --force has a name free for each export file
+    users = snapshot(downloads)
+    for _ in range(2):  # the second time, over the first export: its files replaced
+        assert export_to(sweep, exported, downloads, "--force") == 0
+        after = snapshot(downloads)
+        assert {name: after[name] for name in users} == users
+        assert set(after) - set(users) == FILES - {"model.onnx"}
+        assert export_files(downloads) == FILES - {"model.onnx"}
+    assert holders(tmp_path) == []
+
+    folder = tmp_path / "old-export-and-notes"  # an export with ONNX, and the user's notes
+    shutil.copytree(exported.out, folder)
+    (folder / "notes.txt").write_text("mine")
+    assert export_to(sweep, exported, folder) == 2
+    assert "(it holds notes.txt)" in capsys.readouterr().err
+    assert export_to(sweep, exported, folder, "--force") == 0
+    assert {p.name for p in folder.iterdir()} == FILES - {"model.onnx"} | {"notes.txt"}
+    assert (folder / "notes.txt").read_text() == "mine"
+
+
+def test_an_earlier_export_is_replaced_cleanly(
+    sweep: Sweep, exported: ExportResult, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    previous = tmp_path / "previous"
+    shutil.copytree(exported.out, previous)
+    assert export_files(previous) == FILES
+    assert export_to(sweep, exported, previous) == 0  # torchscript only: model.onnx goes
+    assert {p.name for p in previous.iterdir()} == FILES - {"model.onnx"}
+    assert export_files(previous) == FILES - {"model.onnx"}
+    assert holders(tmp_path) == []
+
+    link = tmp_path / "link"  # a symlink to an export: the export is written where it leads
+    link.symlink_to(previous)
+    assert export_to(sweep, exported, link) == 0
+    assert link.is_symlink() and export_files(previous) == FILES - {"model.onnx"}
+
+    edited = previous / "README.md"  # an export a user changed is no longer ours alone
+    edited.write_text(edited.read_text() + "my notes\n")
+    before = snapshot(previous)
+    assert export_to(sweep, exported, previous) == 2
+    assert "not an earlier export of segtune (it holds README.md, SHA256SUMS, best.pt and 2 " in (
+        capsys.readouterr().err
+    )
+    assert snapshot(previous) == before
+
+
+def test_an_interrupted_export_leaves_the_old_one_intact(
+    sweep: Sweep, exported: ExportResult, tmp_path: Path
+) -> None:
+    """A real fault in the middle of writing: a file size limit (as a full disk) that best.pt
+    fits under and model.pt does not. torch aborts the process inside torch.jit.save, so
+    nothing of the export's own cleanup runs: only the order of its writes protects the old
+    export. The next export removes what the killed one left."""
+    previous = tmp_path / "previous"
+    shutil.copytree(exported.out, previous)
+    before = snapshot(previous)
+    checkpoint, script = ((previous / n).stat().st_size for n in ("best.pt", "model.pt"))
+    assert script > checkpoint + 16_384, (checkpoint, script)  # room for a limit between them
+    limit = (checkpoint + script) // 2
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    run_id = exported.card["source"]["run_id"]
+    argv = [sys.executable, "-m", "segtune.export", "--run-id", run_id, "--tracking-uri"]
+    argv += [sweep.uri, "--out", str(previous), "--format", "torchscript"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(
+        argv, env=env, preexec_fn=limited, capture_output=True, text=True, timeout=600
+    )
+    # killed in torch.jit.save (torch aborts on the failed write), after the download: the
+    # staging was under way
+    assert done.returncode == -signal.SIGABRT, done.stderr[-2000:]
+    assert "exporting unet" in done.stderr or "exporting deeplab" in done.stderr, done.stderr
+    assert snapshot(previous) == before and export_files(previous) == FILES
+    left = holders(tmp_path)
+    assert len(left) == 1  # nothing of the export's own cleanup ran
+    assert export_to(sweep, exported, previous) == 0
+    assert export_files(previous) == FILES - {"model.onnx"}
+    assert holders(tmp_path) == [], left
+
+
+def test_predict_counts_the_files_it_wrote(
+    exported: ExportResult, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inputs = tmp_path / "in"
+    image(inputs / "a.jpg")
+    image(inputs / "b.png", seed=1)
+    (inputs / "c.png").write_text("a text file named .png")  # unreadable: skipped
+    out = tmp_path / "out"
+    for _ in range(2):  # the second time over the first one's masks: replaced
+        assert predict_main([str(exported.out), str(inputs), "--out", str(out), "--overlay"]) == 0
+        printed = capsys.readouterr().out
+        assert f"wrote 2 mask(s) and 2 overlay(s) to {out} " in printed
+        assert "skipped 1 unreadable" in printed
+        names = sorted(p.name for p in out.iterdir())
+        assert names == ["a.png", "a_overlay.png", "b.png", "b_overlay.png"]
+
+    # a full disk (a file size limit that a mask fits under and an overlay does not): one line
+    # that counts what was written, each file whole
+    shutil.rmtree(out)
+    limit = 1024  # a class-id mask of 32x24 fits; an overlay of a noise image (2 KB) does not
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    argv = [sys.executable, "-m", "segtune.predict", str(exported.out), str(inputs)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(
+        [*argv, "--out", str(out), "--overlay"],
+        env=env,
+        preexec_fn=limited,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and last.startswith(f"error: --out {out}: cannot write ("), last
+    assert last.endswith("1 mask(s) and 0 overlay(s) written before, each whole"), last
+    assert sorted(p.name for p in out.iterdir()) == ["a.png"]  # no partial file left

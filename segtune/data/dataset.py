@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from segtune.classes import IGNORE_INDEX, NUM_CLASSES, rgb_to_mask
 from segtune.errors import DatasetError
+from segtune.paths import path_kind
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,11 @@ def _files_by_id(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
             )
         if path.is_file():
             found[path.stem] = path
+        elif not path.is_dir():  # a device or a pipe: reading it never ends, or reads nothing
+            raise DatasetError(
+                f"{path}: {path_kind(path)}, not an image or mask file; replace it with the "
+                "file or remove it"
+            )
     return found
 
 
@@ -265,9 +271,9 @@ def scan_split(
 
 def _existing_root(root: Path | str) -> Path:
     root = Path(root)
-    if root.exists() and not root.is_dir():
+    if (root.exists() or root.is_symlink()) and not root.is_dir():
         raise DatasetError(
-            f"dataset root {root} is a file; point data.root at the dataset's folder"
+            f"dataset root {root} is {path_kind(root)}; point data.root at the dataset's folder"
         )
     if not root.is_dir():
         raise DatasetError(
