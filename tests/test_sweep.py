@@ -505,18 +505,15 @@ def test_sigterm_before_the_trials_stops_at_once(
         time.sleep(0.5)
 
 
-def _ray_processes(started_by: int | None = None) -> set[psutil.Process]:
-    """Ray's node processes on this machine (the GCS, raylets), or those of the Ray that the
-    process `started_by` started (Ray names its session after that process's id): other
+def _ray_processes(started_by: int) -> set[psutil.Process]:
+    """Ray's node processes (the GCS, raylets) of the Ray that the process `started_by` started
+    (Ray names its session after that process's id), not every Ray of this machine: other
     tests may start and stop theirs meanwhile."""
     found = set()
     for proc in psutil.process_iter(["name", "cmdline"]):
-        if proc.info["name"] in ("gcs_server", "raylet") and (
-            started_by is None
-            or any(
-                arg.startswith("--session-name=") and arg.endswith(f"_{started_by}")
-                for arg in proc.info["cmdline"] or ()
-            )
+        if proc.info["name"] in ("gcs_server", "raylet") and any(
+            arg.startswith("--session-name=") and arg.endswith(f"_{started_by}")
+            for arg in proc.info["cmdline"] or ()
         ):
             found.add(proc)
     return found
