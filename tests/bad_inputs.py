@@ -480,7 +480,13 @@ class Matrix:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        time.sleep(1.0)
+        deadline = time.monotonic() + 60  # listening, however slowly a busy machine starts it
+        while self.http.poll() is None and time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", self.http_port)) == 0:
+                    return
+            time.sleep(0.1)
+        raise RuntimeError(f"http.server did not listen on 127.0.0.1:{self.http_port}")
 
     def stop_http(self) -> None:
         if self.http is not None and self.http.poll() is None:

@@ -283,21 +283,38 @@ def _sweep_runs(folder: Path, name: str) -> list[Any]:
     return client.search_runs([exp.experiment_id], f"tags.`{ROLE_TAG}` = 'sweep'")
 
 
-def _training(folder: Path, name: str, finished: int, before: dict[str, int]) -> Any:
+def _training(
+    folder: Path, name: str, finished: int, before: dict[str, int], saved: bool = False
+) -> Any:
     """The RUNNING trial run once `finished` trials have ended and it has logged more epochs
-    than `before` holds for it."""
-    deadline = time.time() + 240
-    while time.time() < deadline:
+    than `before` holds for it, and (`saved`) once the state Tune saves in the background
+    names it. Not `saved` for a signal: Tune's graceful stop saves its state itself, and
+    every epoch waited for is one fewer left to train when the signal lands."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
         runs = trial_runs(folder, name)
         done = [r for r in runs if r.info.status == "FINISHED"]
         running = [r for r in runs if r.info.status == "RUNNING"]
         if len(done) >= finished and running:
-            run_id = running[0].info.run_id
-            if len(steps(folder, run_id)) > before.get(run_id, 0):
-                time.sleep(2)  # let Tune write its experiment state
-                return running[0]
+            run_ = running[0]
+            if len(steps(folder, run_.info.run_id)) > before.get(run_.info.run_id, 0) and (
+                not saved or _in_saved_state(folder / "ray" / name, run_.data.tags[TRIAL_ID_TAG])
+            ):
+                return run_
         time.sleep(0.5)
     pytest.fail(f"the sweep never had {finished} finished trials and one training")
+
+
+def _in_saved_state(experiment: Path, trial_id: str) -> bool:
+    """Whether the newest state Tune saved (in the background, every TUNE_GLOBAL_CHECKPOINT_S)
+    names the trial: both the trials' file and the grid's, which a resume reads (the newest
+    of each by name). A state from before the trial began leaves the resumed grid waiting for
+    a trial it cannot generate again (see test_cluster's in_saved_state)."""
+    for kind in ("experiment_state", "basic-variant-state"):
+        newest = max(experiment.glob(f"{kind}-*.json"), default=None)
+        if newest is None or trial_id.encode() not in newest.read_bytes():
+            return False
+    return True
 
 
 def test_a_finished_run_gives_its_result_and_is_not_reopened(tmp_path: Path) -> None:
@@ -352,9 +369,10 @@ def test_interrupted_killed_and_resumed_sweeps_leave_a_true_record(
 
     def stop(
         signum: int, *extra: str, finished: int = 0, group: bool = False
-    ) -> tuple[int, str, Any]:
+    ) -> tuple[int, str, Any, int]:
         """Start a driver, signal it (or its whole process group, as Ctrl-C in a terminal does)
-        while a trial trains; exit status, output, that trial."""
+        as soon as a trial has trained an epoch (a SIGKILL once Tune's saved state names it,
+        as nothing is saved after it); exit status, output, that trial, its epochs then."""
         epochs = {
             r.info.run_id: len(steps(tmp_path, r.info.run_id))
             for r in trial_runs(tmp_path, "resume")
@@ -362,7 +380,8 @@ def test_interrupted_killed_and_resumed_sweeps_leave_a_true_record(
         # output to a file: an undrained pipe would block the driver's logging, and its signals
         driver = start_driver([*cmd, *extra], tmp_path / "driver.log", tmp_path, env)
         try:
-            trial = _training(tmp_path, "resume", finished, epochs)
+            trial = _training(tmp_path, "resume", finished, epochs, signum == signal.SIGKILL)
+            trained = len(steps(tmp_path, trial.info.run_id))
             if group:  # Ray's processes that share the group get it too
                 os.killpg(driver.pid, signum)
             else:  # to the driver alone, as `kill` sends it
@@ -374,23 +393,32 @@ def test_interrupted_killed_and_resumed_sweeps_leave_a_true_record(
                 driver.wait()
             if signum == signal.SIGKILL:  # its Ray and trial processes too
                 os.killpg(driver.pid, signal.SIGKILL)
-        return driver.returncode, (tmp_path / "driver.log").read_text(), trial
+        return driver.returncode, (tmp_path / "driver.log").read_text(), trial, trained
 
     resume = f"continue it with: {sys.executable} -m segtune.run {sweep} --resume --tracking-uri {uri} --no-report"
     # Ctrl-C in a terminal, then SIGTERM to the resumed driver alone
     for signum, extra, group in ((signal.SIGINT, (), True), (signal.SIGTERM, ("--resume",), False)):
-        code, out, trial = stop(signum, *extra, group=group)
+        code, out, trial, trained = stop(signum, *extra, group=group)
+        assert trained < EPOCHS_KEPT_RUNNING  # signalled with epochs left to train
         name = signal.Signals(signum).name
         assert code == 128 + signum, out[-3000:]
         last = out.strip().splitlines()[-1]
-        assert f"stopped by {name}" in last and "2 run(s) closed as KILLED" in last, last
-        assert resume in last  # the trial's run and the sweep run
         run_ = client.get_run(trial.info.run_id)
-        assert run_.info.status == "KILLED" and name in run_.data.tags["segtune.stopped"]
+        logged = steps(tmp_path, trial.info.run_id)
+        if run_.info.status == "FINISHED":
+            # the trial trains on until Tune's stop reaches it (Ray's race: unbounded on a
+            # stalled machine); it ended first, whole
+            assert logged == list(range(EPOCHS_KEPT_RUNNING)), logged
+            killed = 1  # the sweep run alone
+        else:  # the trial's run and the sweep run
+            assert run_.info.status == "KILLED" and name in run_.data.tags["segtune.stopped"]
+            killed = 2
+        assert f"stopped by {name}" in last and f"{killed} run(s) closed as KILLED" in last, last
+        assert resume in last
         (parent,) = _sweep_runs(tmp_path, "resume")
         assert parent.info.status == "KILLED" and name in parent.data.tags["segtune.stopped"]
 
-    code, _, trial = stop(signal.SIGKILL, "--resume", finished=1)
+    code, _, trial, _ = stop(signal.SIGKILL, "--resume", finished=1)
     assert client.get_run(trial.info.run_id).info.status == "RUNNING"  # nobody closed it
     assert [r.info.run_id for r in _sweep_runs(tmp_path, "resume")] == [parent.info.run_id]
 
@@ -441,7 +469,6 @@ def test_sigterm_before_the_trials_stops_at_once(
 ) -> None:
     """SIGTERM before the trials (while the networks are timed, or while Ray starts): exit 143
     at once, no --resume offered, since there is nothing to resume, and no Ray process left."""
-    before = _ray_processes()
     sweep = write_sweep(
         tmp_path / "term.yaml",
         synthetic_root,
@@ -456,8 +483,10 @@ def test_sigterm_before_the_trials_stops_at_once(
         while moment not in (tmp_path / "driver.log").read_text():
             assert time.time() < deadline and driver.poll() is None
             time.sleep(0.1)
-        if moment == "starting Ray":
-            time.sleep(1.0)  # Ray's start takes several seconds here: well inside it
+        # inside ray.init: it has started Ray's first process and waits for the rest
+        while moment == "starting Ray" and not _ray_processes(driver.pid):
+            assert time.time() < deadline and driver.poll() is None
+            time.sleep(0.05)
         driver.send_signal(signal.SIGTERM)
         driver.wait(timeout=60)
     finally:
@@ -471,16 +500,21 @@ def test_sigterm_before_the_trials_stops_at_once(
     assert "--resume" not in last and "Traceback" not in out
     assert not trial_runs(tmp_path, "term")
     deadline = time.time() + 30
-    while left := _ray_processes() - before:  # Ray's own processes go with their driver
+    while left := _ray_processes(driver.pid):  # Ray's own processes go with their driver
         assert time.time() < deadline, [p.cmdline()[:2] for p in left]
         time.sleep(0.5)
 
 
-def _ray_processes() -> set[psutil.Process]:
-    """Ray's node processes on this machine (the GCS, raylets), of any test."""
+def _ray_processes(started_by: int) -> set[psutil.Process]:
+    """Ray's node processes (the GCS, raylets) of the Ray that the process `started_by` started
+    (Ray names its session after that process's id), not every Ray of this machine: other
+    tests may start and stop theirs meanwhile."""
     found = set()
-    for proc in psutil.process_iter(["name"]):
-        if proc.info["name"] in ("gcs_server", "raylet"):
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        if proc.info["name"] in ("gcs_server", "raylet") and any(
+            arg.startswith("--session-name=") and arg.endswith(f"_{started_by}")
+            for arg in proc.info["cmdline"] or ()
+        ):
             found.add(proc)
     return found
 
@@ -552,7 +586,7 @@ def test_bad_sweeps_exit_2_before_anything_starts(
     if case == "gpu on this machine" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     sections, expected = BAD_SWEEPS[case]
-    before = _ray_processes()
+    before = _ray_processes(os.getpid())  # an earlier test's, in this process
     sweep = write_sweep(tmp_path / "bad.yaml", synthetic_root, **sections)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     from segtune.cli import run_cli
@@ -564,7 +598,7 @@ def test_bad_sweeps_exit_2_before_anything_starts(
     assert not ray.is_initialized()
     assert not (tmp_path / "mlflow.db").exists()  # no MLflow run, not even a store
     deadline = time.time() + 30  # Ray, started beside the pre-flight, went with it
-    while left := _ray_processes() - before:
+    while left := _ray_processes(os.getpid()) - before:
         assert time.time() < deadline, [p.cmdline()[:2] for p in left]
         time.sleep(0.5)
 
@@ -604,7 +638,9 @@ def test_a_tracking_uri_that_cannot_work_is_refused_at_once(
     code = run_cli(run_main, [str(sweep), "--tracking-uri", uri])
     err = capsys.readouterr().err
     assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
-    assert time.perf_counter() - started < 10 and not ray.is_initialized()
+    # refused, not retried (MLflow's HTTP retries take minutes): a bound that a busy machine,
+    # slow at anything, does not reach
+    assert time.perf_counter() - started < 60 and not ray.is_initialized()
     # the report, started with the sweep, went with it
     left = [p.cmdline() for p in psutil.Process().children(recursive=True)]
     assert not [c for c in left if "dashboards.report" in c], left
@@ -655,7 +691,7 @@ def test_a_cluster_that_cannot_be_joined_is_one_line(
     last = err.strip().splitlines()[-1]  # after the pre-flight's progress bars
     assert code == 2 and "Traceback" not in err and err.count("error: ") == 1, err
     assert last.startswith(expected), err
-    assert time.perf_counter() - started < 30
+    assert time.perf_counter() - started < 45  # not Ray's minute of retries; a busy machine is slow
     if address != "auto":  # refused before the pre-flight reads a single pair
         assert "pairs" not in err, err
     assert not ray.is_initialized() and not (tmp_path / "mlflow.db").exists()
