@@ -31,6 +31,7 @@ from segtune.grammar import (
     search_form,
     size_problems,
 )
+from segtune.paths import path_kind
 from segtune.tracking.names import EPOCH_SCORES, REPORTED_METRICS
 
 MAX_DESCRIPTION = 4000  # characters: it becomes the sweep run's note (an MLflow tag, 8000 at most)
@@ -232,7 +233,11 @@ def load_sweep(path: Path | str, overrides: Sequence[str] = ()) -> SweepConfig:
     if path.is_dir():
         raise ConfigError(f"{path}: a folder, not a sweep file (e.g. sweeps/quickstart.yaml)")
     if not path.is_file():
-        raise ConfigError(f"{path}: sweep file not found")
+        kind = path_kind(path)
+        raise ConfigError(
+            f"{path}: sweep file not found" if kind == "missing"
+            else f"{path}: {kind}, not a sweep file (a YAML file, e.g. sweeps/quickstart.yaml)"
+        )  # fmt: skip
     try:
         raw = parse_yaml(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as exc:

@@ -697,6 +697,12 @@ def sweep_cases(m: Matrix, has_gpu: bool) -> list[Case]:
             path=m.tmp / "sweeps",
             expect=("director", "not a file", "a folder, not a sweep file"),
         ),
+        s(
+            g,
+            "the sweep file is /dev/null",
+            path=Path("/dev/null"),
+            expect=("a character device, not a sweep file",),
+        ),
         s(g, "train: a list, not a mapping", setting(("train", [1, 2])), expect=("train",)),
         s(g, "grid_search of nothing", setting((gm, [])), expect=("non-empty",)),
         s(

@@ -131,6 +131,13 @@ def test_model_label_drops_augment() -> None:
 def test_a_sweep_file_that_is_a_folder_or_not_text_is_named_as_such(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="a folder, not a sweep file"):
         load_sweep(tmp_path)
+    with pytest.raises(ConfigError, match="^/dev/null: a character device, not a sweep file"):
+        load_sweep("/dev/null")
+    (tmp_path / "zero.yaml").symlink_to("/dev/zero")
+    with pytest.raises(ConfigError, match="a symlink to /dev/zero, a character device, not a"):
+        load_sweep(tmp_path / "zero.yaml")
+    with pytest.raises(ConfigError, match="nope.yaml: sweep file not found$"):
+        load_sweep(tmp_path / "nope.yaml")
     binary = tmp_path / "sweep.yaml"
     binary.write_bytes(b"\x80\x81name: x\n")
     with pytest.raises(ConfigError, match=r"sweep.yaml: not a text file in UTF-8 \(invalid start"):
