@@ -1435,12 +1435,18 @@ def stopped_cleanly(db: Path, folder: Path, resumable: bool, early: bool) -> str
     `resumable`."""
     import sqlite3
 
+    from segtune.tracking.names import COST_EXPERIMENT
+
     kept = folder / "segtune_stopped.txt"
     text = kept.read_text() if kept.is_file() else ""
     problems = [runs_left_running(db)]
-    if early and db.is_file():
+    if early and db.is_file():  # the cost table's runs record timings made before the signal
         with contextlib.closing(sqlite3.connect(db)) as con:
-            (runs,) = con.execute("select count(*) from runs").fetchone()
+            (runs,) = con.execute(
+                "select count(*) from runs join experiments using (experiment_id) "
+                "where experiments.name != ?",
+                (COST_EXPERIMENT,),
+            ).fetchone()
         problems.append(f"went on: {runs} run(s) made after the signal" if runs else None)
     if not text:
         problems.append(f"no line kept in {kept}")
