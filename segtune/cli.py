@@ -44,7 +44,7 @@ def check_out_folder(path: Path, option: str) -> None:
     """Refuse in one line, before any work, an output folder that cannot be made: a file, a
     device, a broken symlink, or a path under one. Nothing is created."""
     for folder in (path, *path.parents):
-        if folder.exists() or folder.is_symlink():
+        if os.path.lexists(folder):  # a broken symlink too
             if not folder.is_dir():
                 raise ConfigError(f"{option} {path}: {folder} is {path_kind(folder)}, not a folder")
             return

@@ -50,7 +50,7 @@ def collect_images(paths: Sequence[Path]) -> list[Path]:
             if path.suffix.lower() not in SUFFIXES:
                 raise ConfigError(f"{path}: not an image; expected one of {', '.join(SUFFIXES)}")
             images.append(path)
-        elif path.exists() or path.is_symlink():
+        elif os.path.lexists(path):
             raise ConfigError(f"{path}: {path_kind(path)}, not an image file")
         else:
             raise ConfigError(f"{path}: no such file or folder")
@@ -101,7 +101,7 @@ def plan_outputs(
     collisions: list[str] = []
     for output in outputs:
         for target in output.files:
-            if target.exists() or target.is_symlink():
+            if os.path.lexists(target):
                 if target.exists() and _identity(target) in sources:
                     raise ConfigError(
                         f"--out {out}: {target} is the input {sources[_identity(target)]}; "

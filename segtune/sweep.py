@@ -39,6 +39,7 @@ from segtune.sweep_edits import (
     Edits,
     additions,
     commit,
+    read_state,
 )
 from segtune.sweep_end import end_failed, end_stopped, now
 from segtune.sweep_lock import SweepLock
@@ -75,9 +76,9 @@ def _parent_run(
     file, which lives beside Ray's experiment state so that any machine can resume. It is in
     `outcome` from its creation on, so that a fault that follows (its artifact not written)
     closes it."""
-    state = storage.read_text(sweep.name, SWEEP_STATE_FILE) if resume else None
-    if state is not None:
-        parent = outcome.parent = json.loads(state)["parent_run_id"]
+    state = read_state(storage, sweep.name) if resume else {}
+    if state:
+        parent = outcome.parent = state["parent_run_id"]
         client = MlflowClient(tracking_uri)
         client.update_run(parent, status="RUNNING")
         if STOPPED_TAG in client.get_run(parent).data.tags:  # it goes on: no longer stopped
@@ -302,8 +303,8 @@ def _fit(
         check_cluster(sweep)
         check_nodes(sweep.data, storage, tracking_uri, joined=joined)
         client = MlflowClient(tracking_uri)  # only now: no store is made before the checks pass
-        state = storage.read_text(sweep.name, SWEEP_STATE_FILE)  # the previous driver's run
-        previous = [json.loads(state)["parent_run_id"]] if state else []
+        state = read_state(storage, sweep.name)  # the previous driver's run
+        previous = [state["parent_run_id"]] if state else []
         left = close_open_runs(
             client, sweep.experiment, previous, f"its driver ended without closing it; closed "
             f"by the next driver of this sweep at {now()}"

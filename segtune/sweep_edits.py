@@ -137,16 +137,20 @@ def rule(key: str, table: dict[str, str]) -> str | None:
     return None
 
 
-def _state(storage: RunStorage, name: str) -> dict[str, Any]:
-    """The sweep's state file, {} where there is none; a damaged one is one line."""
+def read_state(storage: RunStorage, name: str) -> dict[str, Any]:
+    """The sweep's state file (its sweep run's id, the trials added since), {} where there is
+    none; a damaged one is one line."""
     text = storage.read_text(name, SWEEP_STATE_FILE)
     try:
-        return json.loads(text) if text else {}
+        state = json.loads(text) if text else {}
+        if not isinstance(state, dict) or (state and "parent_run_id" not in state):
+            raise ValueError("no sweep run id in it")
     except ValueError as exc:
         raise ConfigError(
-            f"--resume: the sweep's state file, {storage.path(name, SWEEP_STATE_FILE)}, is "
-            f"damaged ({exc}); {START_NEW}"
+            f"sweep {name}: its state file, {storage.path(name, SWEEP_STATE_FILE)}, is damaged "
+            f"({exc}); {START_NEW}"
         ) from None
+    return state
 
 
 def check_edits(sweep: SweepConfig, accept: bool) -> Edits:
@@ -193,7 +197,7 @@ def check_edits(sweep: SweepConfig, accept: bool) -> Edits:
                  rule(key, NOTE_KEYS))  # fmt: skip
     if not trial_keys:
         return Edits(save=True)
-    count = len(_state(storage, sweep.name).get("added", [])) + 1
+    count = len(read_state(storage, sweep.name).get("added", [])) + 1
     added = _added(old, sweep, trial_keys, count)
     log.info("--resume --accept-changes: %d trial(s) added to sweep %s (%s), run after its own",
              added.count if added else 0, sweep.name, ", ".join(trial_keys))  # fmt: skip
@@ -272,7 +276,7 @@ def _grid(sweep: SweepConfig) -> list[tuple[str, tuple[dict[str, Any], Any]]]:
 
 def additions(storage: RunStorage, name: str) -> list[Addition]:
     """The trials added to sweep `name` so far, as its state file names them."""
-    return [Addition(**a) for a in _state(storage, name).get("added", [])]
+    return [Addition(**a) for a in read_state(storage, name).get("added", [])]
 
 
 def commit(
@@ -286,7 +290,7 @@ def commit(
     if not edits.save:
         return
     if edits.added is not None:
-        state = _state(storage, sweep.name)
+        state = read_state(storage, sweep.name)
         state["added"] = [*state.get("added", []), asdict(edits.added)]
         storage.write_text(json.dumps(state), sweep.name, SWEEP_STATE_FILE)
     text = sweep_text(sweep)

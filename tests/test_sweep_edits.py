@@ -23,6 +23,7 @@ from segtune.sweep_edits import (
     changed_keys,
     check_edits,
     commit,
+    read_state,
     sweep_text,
 )
 from segtune.sweepfile import SweepConfig, validate_sweep
@@ -181,6 +182,25 @@ def test_a_damaged_copy_is_one_line(tmp_path: Path, text: str, reason: str) -> N
     message = refused(make(tmp_path), accept=False)
     assert f"{tmp_path}/runs/edits/{SWEEP_COPY_FILE}, is damaged (" in message
     assert reason in message and "delete it" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [("{truncated", "Expecting property name"), ('["p"]', "no sweep run id"), ("{}", "")],
+)
+def test_a_damaged_state_file_is_one_line(tmp_path: Path, text: str, reason: str) -> None:
+    """Read by every driver of the sweep (the previous driver's run to close, --resume's run
+    and additions): a damaged one is one line, never a traceback; an empty mapping is none."""
+    storage = started(tmp_path)
+    storage.write_text(text, "edits", SWEEP_STATE_FILE)
+    if not reason:
+        assert read_state(storage, "edits") == {}
+        return
+    with pytest.raises(ConfigError) as info:
+        read_state(storage, "edits")
+    message = str(info.value)
+    assert message.startswith(f"sweep edits: its state file, {tmp_path}/runs/edits/")
+    assert reason in message and "\n" not in message
 
 
 def test_a_sweep_an_older_segtune_started_resumes_with_a_warning(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -271,7 +272,7 @@ def scan_split(
 
 def _existing_root(root: Path | str) -> Path:
     root = Path(root)
-    if (root.exists() or root.is_symlink()) and not root.is_dir():
+    if os.path.lexists(root) and not root.is_dir():
         raise DatasetError(
             f"dataset root {root} is {path_kind(root)}; point data.root at the dataset's folder"
         )
