@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from segtune.config.names import OBJECTIVE
 from segtune.errors import ConfigError
-from segtune.tracking.names import OBJECTIVE
 
 
 def ema(values: Sequence[float] | np.ndarray, weight: float, log: bool = False) -> np.ndarray:

@@ -22,7 +22,7 @@ from matplotlib.ticker import MaxNLocator
 
 from dashboards.analysis import ema, smoothing_points
 from dashboards.labels import place_labels
-from segtune.tracking.names import OBJECTIVE
+from segtune.config.names import OBJECTIVE
 from segtune.tracking.query import SweepData
 from segtune.tracking.select import pareto_front
 

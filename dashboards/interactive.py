@@ -16,7 +16,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from dashboards.figures import LOG_RANGE, TITLES, numeric
-from segtune.tracking.names import OBJECTIVE, format_metric
+from segtune.config.names import OBJECTIVE, format_metric
 from segtune.tracking.query import PARAM_PREFIX
 from segtune.tracking.select import pareto_front
 

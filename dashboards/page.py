@@ -12,8 +12,8 @@ import pandas as pd
 
 from dashboards.interactive import configuration, write_plotly_js
 from dashboards.sections import FAILED, Picture, Report
+from segtune.config.names import COLUMNS, OBJECTIVE, format_metric
 from segtune.tracking.address import is_server, public_uri
-from segtune.tracking.names import COLUMNS, OBJECTIVE, format_metric
 from segtune.tracking.query import PARAM_PREFIX
 from segtune.tracking.runs import run_page, runs_page
 

@@ -24,9 +24,9 @@ from dashboards.page import inline, render
 from dashboards.sections import Report, compose
 from dashboards.tables import write_tables
 from segtune.cli import check_out_folder, command_parser, run_cli, setup_logging
+from segtune.config.names import REPORT_DIR
 from segtune.errors import ConfigError
 from segtune.tracking.address import resolve_tracking_uri
-from segtune.tracking.names import REPORT_DIR
 from segtune.tracking.query import load_sweep_data
 from segtune.tracking.select import parse_budget
 

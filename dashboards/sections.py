@@ -11,8 +11,8 @@ import pandas as pd
 
 from dashboards import class_figures, figures, importance, interactive
 from dashboards.analysis import compare_configs, seed_groups
-from segtune.scores import iou_per_class
-from segtune.tracking.names import (
+from segtune.classes import iou_per_class
+from segtune.config.names import (
     CONFUSION_ARTIFACT,
     EVAL_DIR,
     EXAMPLES_DIR,
@@ -134,7 +134,7 @@ def _pareto(report: Report, trials: pd.DataFrame, colors: dict) -> None:
     for _, row in trials[trials.get("cost_noisy", pd.Series("", trials.index)) != ""].iterrows():
         report.notes.append(
             f"noisy cost {row['label']}: {row['cost_noisy']}; its latency was timed while "
-            "other work ran and may be too high (segtune.cost_stage retried it)"
+            "other work ran and may be too high (segtune.sweep.cost_stage retried it)"
         )
     drawn = figures.size_bars(trials, colors, report.out / "size_mb.png")
     report.figure("pareto", "size_mb.png", "Model size per configuration (Picture 8).", drawn)

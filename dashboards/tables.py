@@ -11,7 +11,7 @@ import pandas as pd
 
 from dashboards.analysis import compare_configs, seed_groups
 from segtune.classes import CLASS_NAMES
-from segtune.tracking.names import BOUNDARY_METRIC, OBJECTIVE
+from segtune.config.names import BOUNDARY_METRIC, OBJECTIVE
 from segtune.tracking.query import SweepData, metrics_at_step
 
 log = logging.getLogger(__name__)
@@ -21,7 +21,7 @@ BEST_IOU = "best_iou_"  # a class's IoU at the trial's best epoch (its `val_iou_
 SEEDED_METRICS = (OBJECTIVE, BOUNDARY_METRIC, *(BEST_IOU + name for name in CLASS_NAMES),
                   "train_time_min")  # fmt: skip
 # what a study compares configurations on: those, and the costs of the architecture, which are
-# measured once per architecture (segtune.cost_stage), so have no spread over seeds
+# measured once per architecture (segtune.sweep.cost_stage), so have no spread over seeds
 STUDY_METRICS = (
     *SEEDED_METRICS,
     "infer_ms_cpu",

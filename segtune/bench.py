@@ -2,10 +2,10 @@
 load test of the tracking server.
 
 `models` measures every registered architecture x backbone x ASPP variant (untrained weights)
-with the cost library (`segtune.cost`), without training; `engine` times one `fit()` epoch
+with the cost library (`segtune.models.cost`), without training; `engine` times one `fit()` epoch
 against a bare PyTorch loop on the same tensors; `tracking` has many trials log epochs to one
-`mlflow server` at once and reads every value back (`segtune.tracking.load`); `sweep` runs a
-sweep and prints where its time went (`segtune.sweep_bench`).
+`mlflow server` at once and reads every value back (`segtune.tracking.server_load`); `sweep` runs a
+sweep and prints where its time went (`segtune.sweep.bench`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ from pathlib import Path
 import torch
 
 from segtune.cli import command_parser, run_cli, setup_logging
-from segtune.config import format_hw, parse_hw, trial_config
-from segtune.cost import (
+from segtune.config.names import MODEL_COSTS
+from segtune.config.trial import format_hw, parse_hw, trial_config
+from segtune.errors import ConfigError
+from segtune.models.cost import (
     DEFAULT_INPUT_HW,
     check_count,
     conditions_line,
@@ -36,9 +38,7 @@ from segtune.cost import (
     measure_cost,
     warn_if_busy,
 )
-from segtune.device import AMP_MODES, resolve_device, sync
-from segtune.errors import ConfigError
-from segtune.tracking.names import MODEL_COSTS
+from segtune.models.device import AMP_MODES, resolve_device, sync
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +145,9 @@ def engine_overhead(
 
     from segtune.classes import IGNORE_INDEX, NUM_CLASSES
     from segtune.data.loader import make_loader
-    from segtune.engine import fit
-    from segtune.losses import build_loss
     from segtune.models import build_model
+    from segtune.training.engine import fit
+    from segtune.training.losses import build_loss
 
     dev = resolve_device(device)
     cfg = trial_config(
@@ -209,7 +209,7 @@ def engine_overhead(
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from segtune.sweep_bench import bench_sweep, print_bench
+    from segtune.sweep.bench import bench_sweep, print_bench
 
     repeats = check_count("--repeats", args.repeats, 1)
     table = bench_sweep(args.sweep, args.set, repeats, args.cold)
@@ -248,7 +248,7 @@ def _cmd_tracking(args: argparse.Namespace) -> int:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from segtune.tracking import address, load, server
+    from segtune.tracking import address, server, server_load
 
     loggers = check_count("--loggers", args.loggers, 1)
     epochs = check_count("--epochs", args.epochs, 1)
@@ -276,9 +276,9 @@ def _cmd_tracking(args: argparse.Namespace) -> int:
         # (the same requests), and stdout keeps the table alone
         load_before = os.getloadavg()[0]
         with contextlib.redirect_stdout(io.StringIO()):
-            result = load.run_load(uri, loggers, epochs, args.experiment, args.seed)
+            result = server_load.run_load(uri, loggers, epochs, args.experiment, args.seed)
         started = time.perf_counter()
-        check = load.verify(MlflowClient(uri), result.expected, result.failed)
+        check = server_load.verify(MlflowClient(uri), result.expected, result.failed)
         read_s = time.perf_counter() - started
     if result.errors:
         log.warning("%d call(s) failed; first: %s", len(result.errors), result.errors[0])
@@ -294,7 +294,7 @@ def _cmd_tracking(args: argparse.Namespace) -> int:
 
     row = {"backend": backend, "loggers": loggers, "epochs": epochs,
            "values logged": result.values, "values read back": check.matched}  # fmt: skip
-    row |= {f"{name} ms": f"{load.percentile(ms, q):.1f}" for name, q in PERCENTILES}
+    row |= {f"{name} ms": f"{server_load.percentile(ms, q):.1f}" for name, q in PERCENTILES}
     row |= {"total s": f"{result.wall_s:.1f}", "values/s": f"{result.values / result.wall_s:.0f}"}
     print(pd.DataFrame([row]).to_string(index=False))
     if not check.ok:

@@ -1,4 +1,6 @@
-"""The tiny-FloodNet class table of docs/design.md: names, palette, ignore index and colour conversions."""
+"""The tiny-FloodNet class table of docs/design.md: names, palette, ignore index, colour
+conversions, and how a class is scored (IoU from a confusion matrix, the NaN-skipping mean) in
+numpy alone, so that the report reads logged confusion matrices without importing torch."""
 
 from __future__ import annotations
 
@@ -52,3 +54,20 @@ def rgb_to_mask(rgb: np.ndarray) -> np.ndarray:
     for class_id, (r, g, b) in enumerate(PALETTE):
         mask[code == ((r << 16) | (g << 8) | b)] = class_id
     return mask
+
+
+def iou_per_class(matrix: np.ndarray) -> np.ndarray:
+    """IoU of each class from confusion matrices (..., C, C), rows = truth; NaN where undefined."""
+    m = np.asarray(matrix, dtype=np.float64)  # read only, so pandas' read-only arrays do too
+    tp = np.diagonal(m, axis1=-2, axis2=-1)
+    union = m.sum(-1) + m.sum(-2) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, tp / union, np.nan)
+
+
+def nanmean(values: np.ndarray) -> np.ndarray:
+    """Mean over the last axis skipping NaN; NaN (without numpy's warning) where all are NaN."""
+    defined = ~np.isnan(values)
+    count = defined.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, np.where(defined, values, 0.0).sum(-1) / count, np.nan)

@@ -38,8 +38,8 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from segtune.checkpoint import load_checkpoint
 from segtune.cli import command_parser, run_cli, setup_logging
+from segtune.config.names import CHECKPOINT_ARTIFACT, OBJECTIVE, format_metric
 from segtune.deploy.bundle import (
     CARD_FILE,
     CHECKPOINT_FILE,
@@ -67,8 +67,8 @@ from segtune.deploy.convert import (
 )
 from segtune.deploy.registry import register
 from segtune.errors import ConfigError
+from segtune.models.checkpoint import load_checkpoint
 from segtune.tracking.address import check_tracking_uri, resolve_tracking_uri
-from segtune.tracking.names import CHECKPOINT_ARTIFACT, OBJECTIVE, format_metric
 from segtune.tracking.select import Source, best_trial, trial_by_id
 
 log = logging.getLogger(__name__)

@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from segtune.cli import command_parser, process_age, run_cli, setup_logging
+from segtune.config.names import COLUMNS, OBJECTIVE, PARETO_COSTS
+from segtune.config.sweep import SweepConfig, load_sweep
 from segtune.errors import ConfigError, ModelError, problems_message
-from segtune.interrupt import StopSignals, SweepInterrupted
-from segtune.report_process import EarlyReport
-from segtune.storage import RunStorage
-from segtune.sweepfile import SweepConfig, load_sweep
-from segtune.tracking.names import COLUMNS, OBJECTIVE, PARETO_COSTS
+from segtune.sweep.report_process import EarlyReport
+from segtune.sweep.signals import StopSignals, SweepInterrupted
+from segtune.sweep.storage import RunStorage
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -93,7 +93,7 @@ def absolute_paths(sweep: SweepConfig, tracking_uri: str) -> tuple[SweepConfig, 
 def dry_run(sweep: SweepConfig) -> None:
     import pandas as pd
 
-    from segtune.space import describe, discrete_trials
+    from segtune.sweep.space import describe, discrete_trials
 
     print(f"sweep {sweep.name}: search {sweep.tune.search}, scheduler {sweep.tune.scheduler}")
     if sweep.tune.search == "grid":
@@ -118,7 +118,7 @@ def preflight(sweep: SweepConfig, local: bool) -> Scan:
     every trial then reads instead of checking it again."""
     from segtune.data.pipeline import scan_dataset
     from segtune.models import pretrained_weights_file
-    from segtune.space import check_combinations, discrete_trials
+    from segtune.sweep.space import check_combinations, discrete_trials
 
     check_combinations(sweep)
     missing: dict[str, None] = {}
@@ -149,11 +149,11 @@ def preflight(sweep: SweepConfig, local: bool) -> Scan:
 # what the driver imports while Ray starts: the pre-flight's modules, the Tuner and the trainable,
 # and MLflow's SQL store (1.2 s, else at the cost stage's first look-up)
 PREFLIGHT_IMPORTS = (
-    "segtune.data.baseline",
+    "segtune.training.baseline",
     "segtune.data.pipeline",
     "segtune.models",
-    "segtune.space",
-    "segtune.sweep",
+    "segtune.sweep.space",
+    "segtune.sweep.driver",
     "mlflow.store.tracking.sqlalchemy_store",
 )
 
@@ -163,8 +163,8 @@ def _checked(sweep: SweepConfig, local: bool) -> tuple[Scan, float]:
     Ray starts: the checked dataset and its colour-only floor."""
     for name in PREFLIGHT_IMPORTS:
         importlib.import_module(name)
-    from segtune.data.baseline import colour_floor
     from segtune.data.pipeline import split_samples
+    from segtune.training.baseline import colour_floor
 
     scan = preflight(sweep, local)
     train, val, _ = split_samples(sweep.data, int(sweep.train.get("seed", 0)), scan=scan)
@@ -182,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     sweep = load_sweep(args.sweep, args.set)
     if args.dry_run:
-        from segtune.space import check_combinations
+        from segtune.sweep.space import check_combinations
 
         check_combinations(sweep)
         dry_run(sweep)
@@ -197,8 +197,8 @@ def _sweep(args: argparse.Namespace, sweep: SweepConfig, report: EarlyReport | N
     """Checks, the sweep, its summary, the report and the time account; the exit status."""
     import ray
 
-    from segtune.ray_start import check_head, start_ray
-    from segtune.sweep_edits import check_edits, sweep_text
+    from segtune.sweep.edits import check_edits, sweep_text
+    from segtune.sweep.ray_init import check_head, start_ray
     from segtune.tracking.address import check_tracking_uri, resolve_tracking_uri
     from segtune.tracking.outage import use_driver_retries
 
@@ -223,7 +223,7 @@ def _sweep(args: argparse.Namespace, sweep: SweepConfig, report: EarlyReport | N
                     f"sweep {sweep.name} stopped by {name} before its trials", exc.exit_code
                 ) from None
             phases["start_s"] = time.perf_counter() - started
-            from segtune.sweep import run_sweep  # imported by the pool's thread
+            from segtune.sweep.driver import run_sweep  # imported by the pool's thread
 
             outcome = run_sweep(
                 sweep,
@@ -240,7 +240,7 @@ def _sweep(args: argparse.Namespace, sweep: SweepConfig, report: EarlyReport | N
                 edits=edits,
             )
         except SweepInterrupted as exc:
-            from segtune.sweep_end import keep_line
+            from segtune.sweep.ending import keep_line
 
             then = (
                 f"continue it with: {resume_command(args)}"

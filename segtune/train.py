@@ -13,14 +13,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import get_args
 
-from segtune.checkpoint import atomic_save, best_checkpoint, load_dict
 from segtune.cli import check_out_folder, command_parser, run_cli, setup_logging
-from segtune.config import Arch, Augment, DataConfig, apply_overrides, trial_config
-from segtune.device import resolve_device
-from segtune.engine import EpochEnd, fit
+from segtune.config.trial import Arch, Augment, DataConfig, apply_overrides, trial_config
 from segtune.errors import ConfigError
 from segtune.models import check_model_config
-from segtune.prepare import prepare
+from segtune.models.checkpoint import atomic_save, best_checkpoint, load_dict
+from segtune.models.device import resolve_device
+from segtune.training.engine import EpochEnd, fit
+from segtune.training.prepare import prepare
 
 log = logging.getLogger("segtune.train")
 

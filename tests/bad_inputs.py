@@ -1132,10 +1132,10 @@ def resume_cases(m: Matrix) -> list[Case]:
     """`--resume` of a started sweep (its storage as its first driver left it: the state file
     and the saved copy, written by segtune's own functions) after an edit: refused before Ray,
     no MLflow store made, the saved copy untouched."""
+    from segtune.config.sweep import load_sweep
     from segtune.run import absolute_paths
-    from segtune.storage import RunStorage
-    from segtune.sweep_edits import SWEEP_COPY_FILE, SWEEP_STATE_FILE, sweep_text
-    from segtune.sweepfile import load_sweep
+    from segtune.sweep.edits import SWEEP_COPY_FILE, SWEEP_STATE_FILE, sweep_text
+    from segtune.sweep.storage import RunStorage
 
     g = "run CLI"
 
@@ -1435,7 +1435,7 @@ def stopped_cleanly(db: Path, folder: Path, resumable: bool, early: bool) -> str
     `resumable`."""
     import sqlite3
 
-    from segtune.tracking.names import COST_EXPERIMENT
+    from segtune.config.names import COST_EXPERIMENT
 
     kept = folder / "segtune_stopped.txt"
     text = kept.read_text() if kept.is_file() else ""
@@ -2108,14 +2108,14 @@ def tool_cases(m: Matrix) -> list[Case]:
         c(
             "data tools",
             "baseline of a missing root",
-            "segtune.data.baseline",
+            "segtune.training.baseline",
             m.tmp / "nowhere",
             expect=("does not exist",),
         ),
         c(
             "data tools",
             "baseline --split nosuch",
-            "segtune.data.baseline",
+            "segtune.training.baseline",
             m.good,
             "--split",
             "nosuch",

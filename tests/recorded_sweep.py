@@ -19,8 +19,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from segtune.classes import CLASS_NAMES, colorize
-from segtune.config import TrialConfig
-from segtune.tracking.names import CONFUSION_ARTIFACT, EXAMPLES_DIR, PER_IMAGE_ARTIFACT
+from segtune.config.names import CONFUSION_ARTIFACT, EXAMPLES_DIR, PER_IMAGE_ARTIFACT
+from segtune.config.trial import TrialConfig
 from segtune.tracking.runs import TrialRun, start_sweep_run
 
 EPOCHS = 6

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from segtune.config import trial_config
-from segtune.cost import count_params
+from segtune.config.trial import trial_config
+from segtune.models.cost import count_params
 
 REPO = Path(__file__).resolve().parents[1]
 NO_GPU = not torch.cuda.is_available()

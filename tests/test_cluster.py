@@ -32,8 +32,7 @@ import yaml
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from segtune.data.synthetic import generate
-from segtune.tracking.names import (
+from segtune.config.names import (
     ATTEMPTS_TAG,
     EPOCH_METRICS,
     ERROR_TAG,
@@ -41,6 +40,7 @@ from segtune.tracking.names import (
     NODE_TAG,
     ROLE_TAG,
 )
+from segtune.data.synthetic import generate
 from tests.helpers import mount_namespace_missing
 from tests.servers import BIN, free_port, mlflow_server, port_open, process, s3_server, stop
 from tests.test_sweep import BENCH, TINY_TRAIN
@@ -253,8 +253,8 @@ def test_ray_address_in_the_environment_is_joined_without_a_traceback(cluster: C
     """Without --address, Ray itself joins the cluster RAY_ADDRESS names; the driver's setting
     for a Ray of its own (no idle task workers) must then not be passed, or ray.init raises."""
     probe = (
-        "from segtune.interrupt import StopSignals\n"
-        "from segtune.ray_start import start_ray\n"
+        "from segtune.sweep.signals import StopSignals\n"
+        "from segtune.sweep.ray_init import start_ray\n"
         "import ray\n"
         "with StopSignals() as stop:\n"
         f"    start_ray(None, {cluster.tracking_uri!r}, 60, stop)\n"

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from segtune.config.names import NODE_TAG, ROLE_TAG
 from segtune.data.synthetic import generate
-from segtune.tracking.names import NODE_TAG, ROLE_TAG
 from tests.hosts import CHECKOUT, Hosts, hosts_missing
 from tests.servers import answers, free_port, port_open
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from segtune.config import apply_overrides, format_hw, parse_hw, trial_config
+from segtune.config.sweep import load_sweep
+from segtune.config.trial import apply_overrides, format_hw, parse_hw, trial_config
 from segtune.errors import ConfigError
-from segtune.space import GRID_KEY, discrete_trials, param_space, resolve_trial
-from segtune.sweepfile import load_sweep
+from segtune.sweep.space import GRID_KEY, discrete_trials, param_space, resolve_trial
 
 
 def test_yaml_off_means_amp_off(tmp_path: Path) -> None:
@@ -154,7 +154,7 @@ def test_a_sweep_file_that_is_a_folder_or_not_text_is_named_as_such(tmp_path: Pa
     ],
 )
 def test_a_value_of_a_union_type_is_one_problem(tune: dict[str, object], line: str) -> None:
-    from segtune.sweepfile import validate_sweep
+    from segtune.config.sweep import validate_sweep
 
     with pytest.raises(ConfigError) as caught:
         validate_sweep({"name": "x", "tune": tune})
@@ -254,7 +254,7 @@ RANDOM = {"search": "random"}
 def test_each_search_space_value_is_checked_against_its_trial_key(
     key: str, spec: dict[str, object], line: str
 ) -> None:
-    from segtune.sweepfile import validate_sweep
+    from segtune.config.sweep import validate_sweep
 
     search = {"search": "grid"} if "grid_search" in spec else RANDOM
     with pytest.raises(ConfigError) as caught:
@@ -264,7 +264,7 @@ def test_each_search_space_value_is_checked_against_its_trial_key(
 
 
 def test_a_valid_sampled_space_passes_and_keeps_its_bounds() -> None:
-    from segtune.sweepfile import validate_sweep
+    from segtune.config.sweep import validate_sweep
 
     space = {
         "lr": {"loguniform": [1e-4, 1e-2]},
@@ -314,7 +314,7 @@ def test_a_valid_sampled_space_passes_and_keeps_its_bounds() -> None:
     ],
 )
 def test_metric_names_are_those_trials_report(sweep: dict[str, object], line: str) -> None:
-    from segtune.sweepfile import validate_sweep
+    from segtune.config.sweep import validate_sweep
 
     with pytest.raises(ConfigError) as caught:
         validate_sweep({"name": "x", **sweep})
@@ -360,7 +360,7 @@ def test_metric_names_are_those_trials_report(sweep: dict[str, object], line: st
     ],
 )
 def test_the_sweep_size_is_bounded(sweep: dict[str, object], line: str) -> None:
-    from segtune.sweepfile import validate_sweep
+    from segtune.config.sweep import validate_sweep
 
     tracemalloc.start()
     with pytest.raises(ConfigError) as caught:

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from segtune import cost
+from segtune.config.names import MODEL_COSTS
 from segtune.errors import ConfigError
-from segtune.tracking.names import MODEL_COSTS
+from segtune.models import cost
 
 HW = (48, 64)  # (H, W), i.e. 64x48
 NO_GPU = not torch.cuda.is_available()

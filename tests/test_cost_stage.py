@@ -1,4 +1,4 @@
-"""The cost stage (segtune.cost_stage) and its table (segtune.tracking.costs), on real models
+"""The cost stage (segtune.sweep.cost_stage) and its table (segtune.tracking.costs), on real models
 and a real MLflow store: one timing per architecture signature, never a silent busy figure."""
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from segtune import cost_stage
-from segtune.config import trial_config
-from segtune.cost_stage import MAX_OTHER_CORES, NodeKind, measure_missing, signature
+from segtune.config.names import COST_EXPERIMENT, COST_TAG_PREFIX
+from segtune.config.sweep import BenchSection
+from segtune.config.trial import trial_config
 from segtune.models import build_model
-from segtune.sweepfile import BenchSection
+from segtune.sweep import cost_stage
+from segtune.sweep.cost_stage import MAX_OTHER_CORES, NodeKind, measure_missing, signature
 from segtune.tracking.costs import NOISY_TAG, find_cost
-from segtune.tracking.names import COST_EXPERIMENT, COST_TAG_PREFIX
 
 UNET = {"arch": "unet", "backbone": "none", "unet_min_channels": 8, "unet_max_channels": 32,
         "unet_depth": 2, "pretrained": "none"}  # fmt: skip

@@ -27,8 +27,8 @@ from dashboards.report import build_report, main
 from dashboards.tables import FILES
 from segtune.classes import CLASS_NAMES
 from segtune.cli import run_cli
+from segtune.config.names import OBJECTIVE
 from segtune.errors import ConfigError
-from segtune.tracking.names import OBJECTIVE
 from segtune.tracking.query import TrackingError, load_sweep_table
 from segtune.tracking.select import pareto_front, parse_budget
 from tests.recorded_sweep import Spec, log_sweep, newest_specs, older_specs

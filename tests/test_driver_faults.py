@@ -29,8 +29,8 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from segtune.sweep_end import STOP_FILE
-from segtune.tracking.names import ROLE_TAG, STOPPED_TAG
+from segtune.config.names import ROLE_TAG, STOPPED_TAG
+from segtune.sweep.ending import STOP_FILE
 from tests.helpers import start_driver
 from tests.test_sweep import EPOCHS_KEPT_RUNNING, _training, run, write_sweep
 

@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from segtune.checkpoint import REQUIRED_KEYS, load_checkpoint
-from segtune.config import DataConfig, TrialConfig, trial_config
+from segtune.config.trial import DataConfig, TrialConfig, trial_config
 from segtune.data.pipeline import build_data
-from segtune.engine import (
+from segtune.errors import ConfigError, TrainingDiverged
+from segtune.models import build_model
+from segtune.models.checkpoint import REQUIRED_KEYS, load_checkpoint
+from segtune.training.engine import (
     EpochEnd,
     amp_dtype,
     build_optimizer,
@@ -21,9 +23,7 @@ from segtune.engine import (
     fit,
     seed_everything,
 )
-from segtune.errors import ConfigError, TrainingDiverged
-from segtune.losses import build_loss
-from segtune.models import build_model
+from segtune.training.losses import build_loss
 
 TINY_UNET = {
     "arch": "unet",
@@ -210,7 +210,7 @@ def test_the_evaluation_writes_every_pick_and_predicts_each_image_once(
     pass: the best weights' evaluation is on each trial's path to its end."""
     import pandas as pd
 
-    from segtune.evaluation import evaluate_best, pick_examples
+    from segtune.training.evaluation import evaluate_best, pick_examples
 
     cfg = trial_config(TINY_UNET)
     data = build_data(DataConfig(root=str(synthetic_root)), cfg, progress=False)

@@ -24,21 +24,21 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from segtune.checkpoint import load_checkpoint
 from segtune.classes import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, PALETTE
 from segtune.cli import run_cli
+from segtune.config.names import ROLE_TAG
 from segtune.data.dataset import read_image, read_mask
 from segtune.deploy.bundle import export_files
 from segtune.deploy.convert import checkpoint_model
 from segtune.deploy.runtime import Preprocess, blend_window, predict_scores, tile_starts
 from segtune.export import ExportResult, export
 from segtune.export import main as export_main
-from segtune.metrics import ConfusionMatrix
+from segtune.models.checkpoint import load_checkpoint
 from segtune.predict import main as predict_main
-from segtune.tracking.names import ROLE_TAG
 from segtune.tracking.query import load_sweep_table
 from segtune.tracking.runs import TrialRun, start_sweep_run
 from segtune.tracking.select import parse_budget, rank_trials
+from segtune.training.metrics import ConfusionMatrix
 from tests.test_predict_outputs import image, snapshot
 from tests.test_sweep import run, trial_runs, write_sweep
 

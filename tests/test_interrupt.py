@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from segtune.interrupt import StopSignals, SweepInterrupted
+from segtune.sweep.signals import StopSignals, SweepInterrupted
 
 
 class SignalsWhenDropped:

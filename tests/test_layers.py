@@ -13,30 +13,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# what runs on any machine without a cluster or a tracking server: no Ray, no MLflow in it
-CORE = (
-    "segtune.classes",
-    "segtune.config",
-    "segtune.cost",
-    "segtune.data.baseline",
-    "segtune.data.convert_floodnet",
-    "segtune.data.pipeline",
-    "segtune.data.stats",
-    "segtune.data.synthetic",
-    "segtune.device",
-    "segtune.engine",
-    "segtune.grammar",
-    "segtune.evaluation",
-    "segtune.losses",
-    "segtune.metrics",
-    "segtune.models",
-    "segtune.prepare",
-    "segtune.storage",
-    "segtune.sweepfile",
-    "segtune.tracking.address",
-    "segtune.tracking.names",
-    "segtune.train",
-)
+COMMANDS = ("run", "train", "bench", "export", "predict", "cluster")
+FOUNDATIONS = ("classes", "errors", "cli", "paths")
+# the layers, lowest first (docs/design.md, "Layers"): a module imports only from its own layer,
+# a lower one or the foundations; the commands sit above every layer
+LAYERS = ("config", "data", "models", "training", "tracking", "deploy", "sweep")
+# what runs on any machine without a cluster or a tracking server: no Ray, no MLflow in them
+CORE = ("config", "data", "models", "training")
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -50,21 +33,79 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
-def test_segtune_never_imports_dashboards() -> None:
-    offenders = {
-        str(path.relative_to(REPO)): sorted(
-            n for n in imported_modules(path) if n.split(".")[0] == "dashboards"
-        )
-        for path in (REPO / "segtune").rglob("*.py")
+def package_of(name: str) -> str:
+    """`segtune.sweep.driver` -> `sweep`; a top-level module is its own name."""
+    return name.split(".")[1] if name.count(".") >= 1 else ""
+
+
+def modules_of(folder: str) -> list[Path]:
+    return sorted((REPO / "segtune" / folder).rglob("*.py"))
+
+
+def test_the_top_of_segtune_holds_only_commands_and_foundations() -> None:
+    top = {p.stem for p in (REPO / "segtune").glob("*.py")} - {"__init__"}
+    folders = {p.name for p in (REPO / "segtune").iterdir() if (p / "__init__.py").is_file()}
+    assert top == set(COMMANDS) | set(FOUNDATIONS)
+    assert folders == set(LAYERS)
+
+
+def _points_up(layer: str, name: str) -> bool:
+    top = name.split(".")[0]
+    if top in ("ray", "mlflow", "dashboards"):
+        return top == "dashboards" or layer in CORE or (top == "ray" and layer != "sweep")
+    other = package_of(name) if top == "segtune" else ""
+    return other in COMMANDS or (other in LAYERS and LAYERS.index(other) > LAYERS.index(layer))
+
+
+def layer_violations(files: dict[str, set[str]]) -> dict[str, list[str]]:
+    """{file: imports that point up or sideways}, for files named `segtune/<layer>/...`; the
+    rule of LAYERS, with no module importing a command and Ray imported only by `sweep`."""
+    found: dict[str, list[str]] = {}
+    for file, names in files.items():
+        layer = file.split("/")[1]
+        bad = [name for name in names if _points_up(layer, name)]
+        if bad:
+            found[file] = sorted(bad)
+    return found
+
+
+def test_imports_point_down_the_layers() -> None:
+    files = {
+        str(path.relative_to(REPO)): imported_modules(path)
+        for layer in LAYERS
+        for path in modules_of(layer)
     }
-    assert {k: v for k, v in offenders.items() if v} == {}
+    assert layer_violations(files) == {}
 
 
-def test_the_training_core_imports_neither_ray_nor_mlflow() -> None:
-    """Imported in a fresh interpreter: what they pull in transitively counts too."""
+def test_the_rule_catches_a_training_module_that_imports_ray() -> None:
+    """The rule bites: what a module of training/ importing Ray (or MLflow, or the sweep layer,
+    or a command) would be told."""
+    engine = "segtune/training/engine.py"
+    for name in ("ray.tune", "mlflow", "segtune.sweep.driver", "segtune.run"):
+        assert layer_violations({engine: {"torch", name}}) == {engine: [name]}
+    assert layer_violations({engine: {"torch", "segtune.models.device"}}) == {}
+
+
+def test_foundations_import_no_layer_and_no_command() -> None:
+    for name in FOUNDATIONS:
+        path = REPO / "segtune" / f"{name}.py"
+        segtune = {n for n in imported_modules(path) if n.split(".")[0] == "segtune"}
+        assert {package_of(n) for n in segtune} <= set(FOUNDATIONS), path
+
+
+def test_the_core_imports_neither_ray_nor_mlflow() -> None:
+    """Every module of the core imported in a fresh interpreter: what they pull in transitively
+    counts too."""
+    names = [
+        "segtune." + str(path.relative_to(REPO / "segtune").with_suffix("")).replace("/", ".")
+        for layer in CORE
+        for path in modules_of(layer)
+    ]
+    names = [n.removesuffix(".__init__") for n in names]
     code = (
         "import importlib, json, sys\n"
-        f"for name in {list(CORE)!r}: importlib.import_module(name)\n"
+        f"for name in {names!r}: importlib.import_module(name)\n"
         "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'mlflow'})))\n"
     )
     done = subprocess.run(
@@ -74,11 +115,10 @@ def test_the_training_core_imports_neither_ray_nor_mlflow() -> None:
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
 
 
-def test_the_dashboards_read_mlflow_only_through_segtune_tracking() -> None:
+def test_the_dashboards_read_only_tracking_config_and_the_foundations() -> None:
     for path in (REPO / "dashboards").rglob("*.py"):
         segtune = {n for n in imported_modules(path) if n.split(".")[0] == "segtune"}
-        allowed = {"segtune.cli", "segtune.classes", "segtune.errors", "segtune.scores"}
-        assert {n for n in segtune if not n.startswith("segtune.tracking")} <= allowed, path
+        assert {package_of(n) for n in segtune} <= {"tracking", "config", *FOUNDATIONS}, path
 
 
 def test_no_module_does_several_jobs() -> None:
@@ -101,7 +141,7 @@ ENTRY_POINTS = (
     "segtune.export",
     "segtune.predict",
     "segtune.data.synthetic",
-    "segtune.data.baseline",
+    "segtune.training.baseline",
     "segtune.data.stats",
     "segtune.data.convert_floodnet",
     "dashboards.report",
@@ -142,7 +182,7 @@ def test_entry_points_import_without_network() -> None:
 def _new_modules(code: str) -> set[str]:
     """The modules `code` imports beyond those the driver has when its Ray starts."""
     before = (
-        "import json, sys, concurrent.futures, threading, segtune.run, segtune.ray_start, "
+        "import json, sys, concurrent.futures, threading, segtune.run, segtune.sweep.ray_init, "
         "segtune.tracking.runs, segtune.tracking.outage\nbefore = set(sys.modules)\n"
     )
     after = "print(json.dumps(sorted(set(sys.modules) - before)))\n"

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from segtune.classes import IGNORE_INDEX, NUM_CLASSES
 from segtune.errors import ConfigError, DatasetError
-from segtune.losses import (
+from segtune.training.losses import (
     LOSS_NAMES,
     FocalLoss,
     build_loss,

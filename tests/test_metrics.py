@@ -10,14 +10,13 @@ import pandas as pd
 import pytest
 import torch
 
-from segtune.classes import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
-from segtune.metrics import (
+from segtune.classes import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, iou_per_class
+from segtune.training.metrics import (
     ConfusionMatrix,
     band_target,
     boundary_band,
     per_image_rows,
 )
-from segtune.scores import iou_per_class
 
 C = NUM_CLASSES
 HW = (48, 64)

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import pytest
 from mlflow.tracking import MlflowClient
 
-from segtune.tracking.names import ROLE_TAG
+from segtune.config.names import ROLE_TAG
 from segtune.tracking.outage import PROBE_S, retry_env, retry_span, watch_server
 from segtune.tracking.server import tracking_server
 from tests.helpers import mount_namespace_missing, start_driver

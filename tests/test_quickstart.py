@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from segtune.tracking.names import ROLE_SWEEP, ROLE_TAG, ROLE_TRIAL
+from segtune.config.names import ROLE_SWEEP, ROLE_TAG, ROLE_TRIAL
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "sweeps" / "quickstart.yaml"
 MARGIN = 0.05  # issue 13: each model beats the colour-only floor by at least this

@@ -10,7 +10,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from segtune.errors import ConfigError
-from segtune.storage import RunStorage, is_uri
+from segtune.sweep.storage import RunStorage, is_uri
 
 
 @pytest.mark.parametrize(

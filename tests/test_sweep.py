@@ -22,11 +22,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from segtune.cost_stage import MAX_CV
-from segtune.data.baseline import colour_baseline
-from segtune.run import main as run_main
-from segtune.tracking.costs import NOISY_TAG
-from segtune.tracking.names import (
+from segtune.config.names import (
     CONFIG_LABEL_TAG,
     COST_EXPERIMENT,
     COST_TAG_PREFIX,
@@ -37,7 +33,11 @@ from segtune.tracking.names import (
     TRIAL_ID_TAG,
     WORKER_TAG,
 )
+from segtune.run import main as run_main
+from segtune.sweep.cost_stage import MAX_CV
+from segtune.tracking.costs import NOISY_TAG
 from segtune.tracking.runs import TrialRun, finished_metrics, start_sweep_run
+from segtune.training.baseline import colour_baseline
 from tests.helpers import start_driver
 
 TINY_TRAIN = {
@@ -319,7 +319,7 @@ def _in_saved_state(experiment: Path, trial_id: str) -> bool:
 
 def test_a_finished_run_gives_its_result_and_is_not_reopened(tmp_path: Path) -> None:
     """Ray's state is saved in the background, so a resumed sweep may restart a trial that had
-    finished; the trial then reports its run's final metrics (segtune.trial) and runs nothing."""
+    finished; the trial then reports its run's final metrics (segtune.sweep.trainable) and runs nothing."""
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     parent = start_sweep_run(client, "done", "done", "name: done\n")
     run = TrialRun.open(
@@ -651,7 +651,7 @@ def test_the_early_report_runs_at_the_lowest_priority_and_goes_with_the_sweep(
 ) -> None:
     """The report's process imports on the CPU the pre-flight, Ray and the trials leave idle
     (nice 19), and a sweep that ends before drawing it kills it."""
-    from segtune.report_process import EarlyReport
+    from segtune.sweep.report_process import EarlyReport
 
     with EarlyReport("nothing", f"sqlite:///{tmp_path / 'mlflow.db'}") as report:
         assert os.getpriority(os.PRIO_PROCESS, report.process.pid) == 19

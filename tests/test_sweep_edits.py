@@ -1,4 +1,4 @@
-"""`--resume` against the sweep's saved copy (segtune.sweep_edits), on a real run storage folder
+"""`--resume` against the sweep's saved copy (segtune.sweep.edits), on a real run storage folder
 and a real MLflow store; no Ray starts here (tests/test_sweep.py resumes edited sweeps whole)."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from segtune.config.sweep import SweepConfig, validate_sweep
 from segtune.errors import ConfigError
-from segtune.storage import RunStorage
-from segtune.sweep_edits import (
+from segtune.sweep.edits import (
     SWEEP_COPY_FILE,
     SWEEP_STATE_FILE,
     Addition,
@@ -26,7 +26,7 @@ from segtune.sweep_edits import (
     read_state,
     sweep_text,
 )
-from segtune.sweepfile import SweepConfig, validate_sweep
+from segtune.sweep.storage import RunStorage
 from segtune.tracking.runs import start_sweep_run
 
 
@@ -155,7 +155,7 @@ def test_edits_that_alter_no_trial_are_accepted_with_a_note(
 ) -> None:
     started(tmp_path)
     edited = make(tmp_path, description="now with notes", tune={"max_concurrent_trials": 1})
-    with caplog.at_level(logging.INFO, "segtune.sweep_edits"):
+    with caplog.at_level(logging.INFO, "segtune.sweep.edits"):
         assert check_edits(edited, accept=False) == Edits(save=True)
     notes = [r.getMessage() for r in caplog.records]
     assert notes[0] == (
@@ -208,7 +208,7 @@ def test_a_sweep_an_older_segtune_started_resumes_with_a_warning(
 ) -> None:
     storage = started(tmp_path)
     storage.delete("edits", SWEEP_COPY_FILE)
-    with caplog.at_level(logging.WARNING, "segtune.sweep_edits"):
+    with caplog.at_level(logging.WARNING, "segtune.sweep.edits"):
         assert check_edits(make(tmp_path), accept=False) == Edits(save=True)
     assert "edits since then cannot be checked" in caplog.text
     assert "nothing tells which trials are new" in refused(make(tmp_path), accept=True)

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 
 from segtune.errors import ConfigError
-from segtune.storage import RunStorage
-from segtune.sweep_lock import LOCK_FILE, STALE_S, Holder, SweepLock
+from segtune.sweep.lock import LOCK_FILE, STALE_S, Holder, SweepLock
+from segtune.sweep.storage import RunStorage
 
 HOLD = """
 import sys, time
-from segtune.storage import RunStorage
-from segtune.sweep_lock import SweepLock
+from segtune.sweep.storage import RunStorage
+from segtune.sweep.lock import SweepLock
 with SweepLock(RunStorage.of(sys.argv[1]), "sw") as lock:
     lock.parent("abc123")
     print("held", flush=True)

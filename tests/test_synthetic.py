@@ -13,7 +13,7 @@ from PIL import Image
 
 from segtune.classes import CLASS_NAMES, NUM_CLASSES
 from segtune.cli import run_cli
-from segtune.config import DataConfig
+from segtune.config.trial import DataConfig
 from segtune.data.pipeline import ensure_dataset
 from segtune.data.synthetic import generate, main, render_scene
 from segtune.errors import ConfigError, DatasetError
@@ -161,7 +161,7 @@ def test_two_processes_generate_one_complete_set(tmp_path: Path) -> None:
     spec = {"train": 6, "test": 2, "size": "96x64", "seed": 3}
     root = tmp_path / "set"
     code = (
-        "from segtune.config import DataConfig\n"
+        "from segtune.config.trial import DataConfig\n"
         "from segtune.data.pipeline import ensure_dataset\n"
         f"ensure_dataset(DataConfig(root={str(root)!r}, synthetic={spec!r}), progress=False)\n"
     )

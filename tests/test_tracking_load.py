@@ -1,4 +1,4 @@
-"""The tracking server's load test (`python -m segtune.bench tracking`, `segtune.tracking.load`):
+"""The tracking server's load test (`python -m segtune.bench tracking`, `segtune.tracking.server_load`):
 a small load against real `mlflow server`s on sqlite and PostgreSQL, every value read back."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from mlflow.tracking import MlflowClient
 
 from segtune.bench import main
 from segtune.cli import run_cli
+from segtune.config.names import EPOCH_METRICS
 from segtune.errors import ConfigError
-from segtune.tracking import load, server
-from segtune.tracking.names import EPOCH_METRICS
+from segtune.tracking import server, server_load
 from segtune.tracking.runs import start_sweep_run
 from tests.servers import (
     drop_first_metrics_batch,
@@ -47,7 +47,7 @@ def sqlite_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield started.url
 
 
-def assert_all_read_back(uri: str, result: load.LoadResult) -> None:
+def assert_all_read_back(uri: str, result: server_load.LoadResult) -> None:
     """Every value sent is in the server, at its step, bit for bit; nothing else is."""
     assert not result.errors
     assert len(result.latencies_s) == LOGGERS * EPOCHS
@@ -62,13 +62,13 @@ def assert_all_read_back(uri: str, result: load.LoadResult) -> None:
             assert [step for step, _ in points] == list(range(EPOCHS))
             history = client.get_metric_history(run_id, key)
             assert sorted((m.step, m.value) for m in history) == points
-    check = load.verify(client, result.expected)
+    check = server_load.verify(client, result.expected)
     assert check.ok, check.examples
     assert check.matched == check.expected == LOGGERS * EPOCHS * len(EPOCH_METRICS)
 
 
 def test_sqlite_server_keeps_every_value(sqlite_server: str) -> None:
-    result = load.run_load(sqlite_server, LOGGERS, EPOCHS, experiment="load-sqlite")
+    result = server_load.run_load(sqlite_server, LOGGERS, EPOCHS, experiment="load-sqlite")
     assert_all_read_back(sqlite_server, result)
 
 
@@ -78,7 +78,7 @@ def test_postgresql_server_keeps_every_value(tmp_path: Path) -> None:
         postgres_server(tmp_path) as database,
         server.tracking_server(database, tmp_path, workers=2) as started,
     ):
-        result = load.run_load(started.url, LOGGERS, EPOCHS, experiment="load-postgresql")
+        result = server_load.run_load(started.url, LOGGERS, EPOCHS, experiment="load-postgresql")
         assert_all_read_back(started.url, result)
 
 
@@ -86,7 +86,9 @@ def test_verify_counts_what_the_server_does_not_have(sqlite_server: str) -> None
     """Real runs holding less, other and more than `expected` says."""
     client = MlflowClient(sqlite_server)
     parent = start_sweep_run(client, "load-verify", "verify", "", "")
-    short, changed = (load.open_trial(sqlite_server, "load-verify", parent, i, 5) for i in (0, 1))
+    short, changed = (
+        server_load.open_trial(sqlite_server, "load-verify", parent, i, 5) for i in (0, 1)
+    )
     expected: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for trial in (short, changed):
         values = {key: [(epoch, 0.5 + epoch) for epoch in range(5)] for key in EPOCH_METRICS}
@@ -100,7 +102,7 @@ def test_verify_counts_what_the_server_does_not_have(sqlite_server: str) -> None
             metrics["val_miou"] = 0.25
         changed.log_epoch(epoch, metrics)
 
-    check = load.verify(client, expected)
+    check = server_load.verify(client, expected)
     assert not check.ok
     assert check.expected == 2 * 5 * len(EPOCH_METRICS)
     assert check.missing == 2 * len(EPOCH_METRICS)
@@ -115,7 +117,7 @@ def test_verify_counts_what_the_server_does_not_have(sqlite_server: str) -> None
     assert check.after_error == 0  # every call was acknowledged
     # the same runs, where the calls of the two epochs never logged had raised an error
     failed = {(short.run_id, 3), (short.run_id, 4)}
-    assert load.verify(client, expected, failed).after_error == 2 * len(EPOCH_METRICS)
+    assert server_load.verify(client, expected, failed).after_error == 2 * len(EPOCH_METRICS)
 
 
 COLUMNS = ("backend", "loggers", "epochs", "values logged", "values read back",
@@ -171,7 +173,7 @@ def test_command_exits_1_when_the_server_loses_a_value(
         f"error: {keys} of {total} values lost ({keys} missing, 0 with another value; "
         f"0 in calls that failed with an error, {keys} acknowledged by the server)"
     ) in err
-    assert err.count(": missing (sent ") == load.MAX_EXAMPLES
+    assert err.count(": missing (sent ") == server_load.MAX_EXAMPLES
 
 
 def test_command_starts_and_stops_its_own_server(

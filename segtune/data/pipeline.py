@@ -13,7 +13,7 @@ import numpy as np
 from filelock import FileLock
 from torch.utils.data import DataLoader
 
-from segtune.config import DataConfig, SyntheticSpec, TrialConfig, parse_hw
+from segtune.config.trial import DataConfig, SyntheticSpec, TrialConfig, parse_hw
 from segtune.data.dataset import Sample, SegmentationDataset, available_splits, holdout, scan_split
 from segtune.data.loader import make_loader
 from segtune.data.transforms import eval_transform, train_transform

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from segtune.classes import CLASS_NAMES
 from segtune.cli import command_parser, run_cli, setup_logging
-from segtune.config import parse_hw
+from segtune.config.trial import parse_hw
 from segtune.data.dataset import SPLITS
 from segtune.errors import ConfigError, DatasetError
 

@@ -16,10 +16,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from segtune.config import TrialConfig
-from segtune.deploy.bundle import CARD_FILE, CARD_FORMAT, CHECKSUMS_FILE, TORCHSCRIPT_FILE
-from segtune.tracking.address import public_uri
-from segtune.tracking.names import (
+from segtune.config.names import (
     COST_KEYS,
     COST_TAG_PREFIX,
     FINAL_METRICS,
@@ -29,6 +26,9 @@ from segtune.tracking.names import (
     TRIAL_ID_TAG,
     format_metric,
 )
+from segtune.config.trial import TrialConfig
+from segtune.deploy.bundle import CARD_FILE, CARD_FORMAT, CHECKSUMS_FILE, TORCHSCRIPT_FILE
+from segtune.tracking.address import public_uri
 from segtune.tracking.runs import finite_metrics
 from segtune.tracking.select import Source
 

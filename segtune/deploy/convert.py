@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from segtune.config import TrialConfig, trial_config
+from segtune.config.trial import TrialConfig, trial_config
 from segtune.deploy.bundle import JIT_DEPRECATION, Forward
 from segtune.errors import ConfigError, ModelError
 from segtune.models import build_model, example_input

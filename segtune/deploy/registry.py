@@ -14,9 +14,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from segtune.deploy.bundle import JIT_DEPRECATION, ExportError
-from segtune.models import example_input
-from segtune.tracking.names import (
+from segtune.config.names import (
     FINAL_METRICS,
     LABEL_TAG,
     OBJECTIVE,
@@ -25,6 +23,8 @@ from segtune.tracking.names import (
     SOURCE_RUN_TAG,
     format_metric,
 )
+from segtune.deploy.bundle import JIT_DEPRECATION, ExportError
+from segtune.models import example_input
 from segtune.tracking.runs import finite_metrics
 
 log = logging.getLogger(__name__)

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from segtune.classes import colorize
 from segtune.data.transforms import eval_transform
 from segtune.deploy.bundle import JIT_DEPRECATION, Forward, load_card, verify_files
-from segtune.device import resolve_device
 from segtune.errors import ConfigError, ModelError
+from segtune.models.device import resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from segtune.checkpoint import load_dict
 from segtune.classes import NUM_CLASSES
-from segtune.config import TrialConfig, trial_config
+from segtune.config.trial import TrialConfig, trial_config
 from segtune.errors import ConfigError
+from segtune.models.checkpoint import load_dict
 from segtune.models.deeplab import DeepLabV3, DeepLabV3Plus
 from segtune.models.encoders import (
     PRETRAINED,

@@ -31,8 +31,8 @@ from torchvision.models import vgg
 from torchvision.models._api import WeightsEnum
 from torchvision.models._utils import IntermediateLayerGetter
 
-from segtune.checkpoint import load_dict
 from segtune.errors import ConfigError, ModelError
+from segtune.models.checkpoint import load_dict
 
 log = logging.getLogger(__name__)
 

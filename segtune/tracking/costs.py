@@ -3,7 +3,7 @@
 reads a model's cost instead of timing it again (docs/design.md, "Cost measurement").
 
 A cost run holds the model costs as metrics and every condition of the measurement (input size,
-threads, CPU and GPU names, spread, load, why it is noisy) as `segtune.cost.<key>` tags: the
+threads, CPU and GPU names, spread, load, why it is noisy) as `segtune.models.cost.<key>` tags: the
 same names a trial run carries once it has taken its cost from here.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from segtune.tracking.names import (
+from segtune.config.names import (
     COST_EXPERIMENT,
     COST_TAG_PREFIX,
     LABEL_TAG,
@@ -44,7 +44,7 @@ def record_cost(client: MlflowClient, signature: str, label: str, cost: Mapping[
 
 def find_cost(client: MlflowClient, signature: str) -> tuple[str, dict[str, Any]] | None:
     """The latest steady cost run of `signature` (a noisy one only when no steady one exists):
-    its run id and the cost, conditions included, as `segtune.cost.measure_cost` returns it."""
+    its run id and the cost, conditions included, as `segtune.models.cost.measure_cost` returns it."""
     experiment = client.get_experiment_by_name(COST_EXPERIMENT)
     if experiment is None:
         return None

@@ -21,9 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from segtune.errors import SegtuneError
-from segtune.tracking.address import check_tracking_uri, public_uri, resolve_tracking_uri
-from segtune.tracking.names import (
+from segtune.config.names import (
     CONFIG_LABEL_TAG,
     COST_TAG_PREFIX,
     EARLY_STOP_TAG,
@@ -37,6 +35,8 @@ from segtune.tracking.names import (
     SWEEP_TAG,
     TRIAL_ID_TAG,
 )
+from segtune.errors import SegtuneError
+from segtune.tracking.address import check_tracking_uri, public_uri, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def _trial_row(run: Run, sweep: Run) -> dict[str, object]:
         "start_time": _time(run.info.start_time),
         "end_time": _time(run.info.end_time),
         "config_label": tags.get(CONFIG_LABEL_TAG) or run.info.run_name,
-        # where its cost came from (segtune.cost_stage), and why it is noisy if it is
+        # where its cost came from (segtune.sweep.cost_stage), and why it is noisy if it is
         "cost_source": tags.get(f"{COST_TAG_PREFIX}source", ""),
         "cost_noisy": tags.get(f"{COST_TAG_PREFIX}noisy", ""),
         # the colour-only floor of the trial's sweep (absent from sweeps before segtune kept it)

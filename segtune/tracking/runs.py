@@ -21,8 +21,7 @@ from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from segtune.tracking.address import is_server
-from segtune.tracking.names import (
+from segtune.config.names import (
     ATTEMPTS_TAG,
     CONFIG_LABEL_TAG,
     EPOCH_SCORES,
@@ -42,6 +41,7 @@ from segtune.tracking.names import (
     TRIAL_ID_TAG,
     WORKER_TAG,
 )
+from segtune.tracking.address import is_server
 
 log = logging.getLogger(__name__)
 

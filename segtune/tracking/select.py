@@ -20,8 +20,8 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from segtune.config.names import CHECKPOINT_ARTIFACT, OBJECTIVE, ROLE_TAG, ROLE_TRIAL
 from segtune.errors import ConfigError
-from segtune.tracking.names import CHECKPOINT_ARTIFACT, OBJECTIVE, ROLE_TAG, ROLE_TRIAL
 from segtune.tracking.query import TrackingError, load_sweep_data
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""`python -m segtune.data.baseline ROOT`: the colour-only floor that trained models must beat.
+"""`python -m segtune.training.baseline ROOT`: the colour-only floor that trained models must beat.
 
 Each pixel is given the class whose mean training colour is nearest. A dataset on which this
 scores well can be solved without looking at shapes or context, and tells nothing about models.
@@ -15,7 +15,7 @@ import torch
 from segtune.classes import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
 from segtune.cli import command_parser, run_cli, setup_logging
 from segtune.data.dataset import Sample, SegmentationDataset, scan_split
-from segtune.metrics import ConfusionMatrix
+from segtune.training.metrics import ConfusionMatrix
 
 
 def class_mean_colours(dataset: SegmentationDataset) -> np.ndarray:
@@ -63,7 +63,7 @@ def colour_baseline(root: Path | str, eval_split: str = "test") -> dict[str, flo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = command_parser("python -m segtune.data.baseline", __doc__)
+    parser = command_parser("python -m segtune.training.baseline", __doc__)
     parser.add_argument("root", help="dataset root (ROOT/<split>/image|mask)")
     parser.add_argument("--split", default="test", help="split to score (default: test)")
     args = parser.parse_args(argv)

@@ -31,10 +31,17 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from segtune.config import TrialConfig, parse_hw
-from segtune.cost import Cost, cpu_latency_runs, cpu_name, gpu_cost, gpu_skip_reason, static_cost
+from segtune.config.sweep import BenchSection
+from segtune.config.trial import TrialConfig, parse_hw
 from segtune.models import MODEL_KEYS, build_model
-from segtune.sweepfile import BenchSection
+from segtune.models.cost import (
+    Cost,
+    cpu_latency_runs,
+    cpu_name,
+    gpu_cost,
+    gpu_skip_reason,
+    static_cost,
+)
 from segtune.tracking.costs import find_cost, record_cost
 
 log = logging.getLogger(__name__)

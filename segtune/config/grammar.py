@@ -4,7 +4,7 @@ Per key: a scalar, or one of `grid_search`, `choice` (lists), `uniform`, `loguni
 high] of a float key), `randint` ([low, high] of an int key, both inclusive). A key that is not a
 trial key is a *group*: a `grid_search` or `choice` over mappings of trial keys. Every value and
 bound is checked by TrialConfig's own field, so no rule is written twice; the sweep's size is
-counted by arithmetic. `segtune.sweepfile` applies these to a whole sweep file; `segtune.space`
+counted by arithmetic. `segtune.config.sweep` applies these to a whole sweep file; `segtune.sweep.space`
 turns a valid space into Ray Tune's `param_space`. No Ray, no MLflow here.
 """
 
@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from segtune.config import TrialConfig, format_validation_error
+from segtune.config.trial import TrialConfig, format_validation_error
 
 LIST_FORMS = ("grid_search", "choice")
 RANGE_FORMS = ("uniform", "loguniform", "randint")  # [low, high]

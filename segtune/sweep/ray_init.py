@@ -16,7 +16,7 @@ import socket
 import ray
 
 from segtune.errors import ConfigError
-from segtune.interrupt import StopSignals
+from segtune.sweep.signals import StopSignals
 from segtune.tracking.outage import trial_retry_env
 
 # What ray.init imports on its own, imported with this module: the pre-flight thread imports

@@ -23,12 +23,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from segtune.classes import CLASS_NAMES
-from segtune.config import TrialConfig
+from segtune.config.names import OBJECTIVE
+from segtune.config.trial import TrialConfig
 from segtune.data.loader import set_epoch
-from segtune.device import amp_dtype, autocast, resolve_device, sync
 from segtune.errors import TrainingDiverged
-from segtune.metrics import ConfusionMatrix
-from segtune.tracking.names import OBJECTIVE
+from segtune.models.device import amp_dtype, autocast, resolve_device, sync
+from segtune.training.metrics import ConfusionMatrix
 
 log = logging.getLogger(__name__)
 

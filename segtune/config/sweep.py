@@ -1,7 +1,7 @@
 """The sweep file: its schema, and validation that reports every problem at once, each with its
-key path, before anything starts: the search space by `segtune.grammar` (each value against its
+key path, before anything starts: the search space by `segtune.config.grammar` (each value against its
 trial key, the sweep's size), the metric names against what trials report.
-`segtune.space` turns a valid sweep into Ray Tune's `param_space`. No Ray, no MLflow here.
+`segtune.sweep.space` turns a valid sweep into Ray Tune's `param_space`. No Ray, no MLflow here.
 """
 
 from __future__ import annotations
@@ -14,7 +14,16 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from segtune.config import (
+from segtune.config.grammar import (
+    check_param,
+    check_trial_values,
+    did_you_mean,
+    is_group,
+    search_form,
+    size_problems,
+)
+from segtune.config.names import EPOCH_SCORES, REPORTED_METRICS
+from segtune.config.trial import (
     DataConfig,
     SizeText,
     TrialConfig,
@@ -23,16 +32,7 @@ from segtune.config import (
     parse_yaml,
 )
 from segtune.errors import ConfigError, problems_message
-from segtune.grammar import (
-    check_param,
-    check_trial_values,
-    did_you_mean,
-    is_group,
-    search_form,
-    size_problems,
-)
 from segtune.paths import path_kind
-from segtune.tracking.names import EPOCH_SCORES, REPORTED_METRICS
 
 MAX_DESCRIPTION = 4000  # characters: it becomes the sweep run's note (an MLflow tag, 8000 at most)
 

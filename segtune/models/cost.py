@@ -37,10 +37,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from segtune.config import check_hw, format_hw
-from segtune.device import amp_dtype, check_amp
+from segtune.config.trial import check_hw, format_hw
 from segtune.errors import ConfigError
 from segtune.models import example_input
+from segtune.models.device import amp_dtype, check_amp
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ MB = 1e6  # bytes per MB: decimal, so size_mb is the checkpoint's file size / 1e
 
 
 class Cost(TypedDict, total=False):
-    """What `measure_cost` returns: the MODEL_COSTS metrics (segtune.tracking.names) and the
+    """What `measure_cost` returns: the MODEL_COSTS metrics (segtune.config.names) and the
     conditions they hold for.
 
     `infer_ms_gpu`, `gpu_name`, `bench_gpu_repeats` and `bench_gpu_precision` are present only
@@ -73,7 +73,7 @@ class Cost(TypedDict, total=False):
     gpu_name: str
     gpu_skip_reason: str
     torch_version: str
-    # how steady the CPU was (segtune.cost_stage): spread of the timed runs, cores that other
+    # how steady the CPU was (segtune.sweep.cost_stage): spread of the timed runs, cores that other
     # processes used meanwhile, load averages, tries, and why the figure is noisy if it is
     cpu_cv: float
     other_cores: float

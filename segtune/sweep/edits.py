@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from pydantic import ValidationError
 
-from segtune.config import format_validation_error
+from segtune.config.sweep import SweepConfig
+from segtune.config.trial import format_validation_error
 from segtune.errors import ConfigError
-from segtune.sweepfile import SweepConfig
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-    from segtune.storage import RunStorage
+    from segtune.sweep.storage import RunStorage
 
 log = logging.getLogger(__name__)
 SWEEP_STATE_FILE = "segtune_sweep.json"  # beside Ray's experiment state: the sweep run's id
@@ -156,7 +156,7 @@ def read_state(storage: RunStorage, name: str) -> dict[str, Any]:
 def check_edits(sweep: SweepConfig, accept: bool) -> Edits:
     """`--resume`'s comparison of `sweep` with the copy its first driver saved, before Ray
     starts: refused in one line (ConfigError), or the edits accepted."""
-    from segtune.storage import RunStorage
+    from segtune.sweep.storage import RunStorage
 
     storage = RunStorage.of(sweep.tune.storage_path, sweep.tune.storage_endpoint)
     text = storage.read_text(sweep.name, SWEEP_COPY_FILE)
@@ -265,7 +265,7 @@ def _added(old: SweepConfig, new: SweepConfig, keys: list[str], index: int) -> A
 def _grid(sweep: SweepConfig) -> list[tuple[str, tuple[dict[str, Any], Any]]]:
     """A grid sweep's trials (each combination num_samples times), each keyed by its whole
     trial configuration."""
-    from segtune.space import GRID_KEY, param_space, resolve_trial
+    from segtune.sweep.space import GRID_KEY, param_space, resolve_trial
 
     trials = []
     for combo in param_space(sweep)[GRID_KEY]["grid_search"]:
@@ -285,7 +285,7 @@ def commit(
     """Make the accepted edits the sweep's, once its driver holds the lock: the addition in the
     state file first (a driver stopped after it continues those trials on --resume), then the
     copy, the sweep run's `sweep.yaml` and its note."""
-    from segtune.tracking.names import SWEEP_ARTIFACT
+    from segtune.config.names import SWEEP_ARTIFACT
 
     if not edits.save:
         return

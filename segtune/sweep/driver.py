@@ -20,19 +20,16 @@ import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from segtune.config import TrialConfig, parse_hw
-from segtune.cost import Cost
-from segtune.cost_stage import model_key, run_cost_stage
+from segtune.config.names import FLOOR_METRIC, STOPPED_TAG
+from segtune.config.sweep import SweepConfig, search_form
+from segtune.config.trial import TrialConfig, parse_hw
 from segtune.data.pipeline import Scan
 from segtune.errors import ConfigError, SegtuneError
-from segtune.interrupt import StopSignals
 from segtune.models import MODEL_KEYS
-from segtune.nodes import check_nodes, node_name
-from segtune.search import searcher, trial_scheduler
-from segtune.space import GRID_KEY, discrete_trials, param_space
-from segtune.storage import RunStorage
-from segtune.sweep_callbacks import CloseRuns
-from segtune.sweep_edits import (
+from segtune.models.cost import Cost
+from segtune.sweep.callbacks import CloseRuns
+from segtune.sweep.cost_stage import model_key, run_cost_stage
+from segtune.sweep.edits import (
     SWEEP_COPY_FILE,
     SWEEP_STATE_FILE,
     Addition,
@@ -41,13 +38,16 @@ from segtune.sweep_edits import (
     commit,
     read_state,
 )
-from segtune.sweep_end import end_failed, end_stopped, now
-from segtune.sweep_lock import SweepLock
-from segtune.sweepfile import SweepConfig, search_form
-from segtune.tracking.names import FLOOR_METRIC, STOPPED_TAG
+from segtune.sweep.ending import end_failed, end_stopped, now
+from segtune.sweep.lock import SweepLock
+from segtune.sweep.node_checks import check_nodes, node_name
+from segtune.sweep.search import searcher, trial_scheduler
+from segtune.sweep.signals import StopSignals
+from segtune.sweep.space import GRID_KEY, discrete_trials, param_space
+from segtune.sweep.storage import RunStorage
+from segtune.sweep.trainable import run_trial
 from segtune.tracking.outage import watch_server
 from segtune.tracking.runs import close_open_runs, start_sweep_run
-from segtune.trial import run_trial
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ def run_sweep(
     before_timing: Callable[[], None] | None = None,
     edits: Edits | None = None,
 ) -> SweepOutcome:
-    """Run the sweep on the Ray the caller started (`segtune.ray_start`; stopped here once the
+    """Run the sweep on the Ray the caller started (`segtune.sweep.ray_init`; stopped here once the
     trials end, before the runs are closed): cost stage, checks, Tuner. `stop` routes the
     caller's signals. `scan` is the driver's check of the dataset,
     handed to every trial (on every node the dataset has the same paths, checked first);

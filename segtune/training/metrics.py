@@ -23,8 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from segtune.classes import CLASS_NAMES, IGNORE_INDEX
-from segtune.scores import iou_per_class, nanmean
+from segtune.classes import CLASS_NAMES, IGNORE_INDEX, iou_per_class, nanmean
 
 
 def _as_predictions(logits_or_preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -21,11 +21,11 @@ from urllib.parse import urlsplit
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from segtune.config import DataConfig
+from segtune.config.trial import DataConfig
 from segtune.data.dataset import fingerprint
 from segtune.data.pipeline import ensure_dataset
 from segtune.errors import ConfigError, SegtuneError, problems_message
-from segtune.storage import RunStorage
+from segtune.sweep.storage import RunStorage
 from segtune.tracking.address import public_uri, server_health
 
 log = logging.getLogger(__name__)

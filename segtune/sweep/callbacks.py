@@ -12,8 +12,8 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.experiment import Trial
 
+from segtune.config.names import EARLY_STOP_TAG, ERROR_TAG, QUALITY_METRICS, TRAIN_COSTS
 from segtune.tracking.address import server_health
-from segtune.tracking.names import EARLY_STOP_TAG, ERROR_TAG, QUALITY_METRICS, TRAIN_COSTS
 from segtune.tracking.runs import TrialRun, find_trial_run
 
 log = logging.getLogger(__name__)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from segtune.config import TrialConfig
-from segtune.sweepfile import SweepConfig
+from segtune.config.sweep import SweepConfig
+from segtune.config.trial import TrialConfig
 
 
 def searcher(sweep: SweepConfig, offset: int = 0) -> Any:

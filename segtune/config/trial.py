@@ -1,7 +1,7 @@
 """The configuration of one trial: the flat trial keys (docs/design.md), where its data comes
 from, image sizes written WxH, and the YAML reading and `--set` overrides every command shares.
 
-No Ray, no MLflow here. The sweep file around these is `segtune.sweepfile`.
+No Ray, no MLflow here. The sweep file around these is `segtune.config.sweep`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Annotated, Any, ClassVar, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from segtune.config.names import EPOCH_SCORES
 from segtune.errors import ConfigError, problems_message
-from segtune.tracking.names import EPOCH_SCORES
 
 Arch = Literal["unet", "deeplabv3", "deeplabv3plus"]
 Augment = Literal["none", "basic", "strong"]
@@ -51,7 +51,7 @@ class TrialConfig(BaseModel):
     """Everything one trial receives; the keys are the flat trial keys of docs/design.md.
 
     Its fields are the one statement of what a trial key takes: the sweep file's search space
-    is checked against them too (segtune.sweepfile), bounds and choices alike."""
+    is checked against them too (segtune.config.sweep), bounds and choices alike."""
 
     # no key means anything by inf or nan, and a sampler given one fails inside Ray
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)

@@ -4,7 +4,7 @@ Grammar (per `search_space` key): a scalar, or one of `grid_search`, `choice` (l
 `uniform`, `loguniform` ([low, high] of a float key), `randint` ([low, high] of an int key, both
 inclusive). A key that is not a trial key is a *group*: a `grid_search` or `choice` over mappings of trial keys, which
 expresses non-Cartesian sets such as the study's Task 3 (UNet, and DeepLab over three backbones).
-The grammar itself (`search_form`, `is_group`) and its validation live in `segtune.grammar`,
+The grammar itself (`search_form`, `is_group`) and its validation live in `segtune.config.grammar`,
 which also bounds the sweep's size, so that what is enumerated here is at most 100 000 points.
 Impossible combinations (e.g. deeplabv3 without a backbone) are rejected before anything starts.
 """
@@ -17,11 +17,11 @@ from typing import Any
 
 from ray import tune
 
-from segtune.config import TrialConfig, trial_config
+from segtune.config.grammar import is_group, search_form
+from segtune.config.sweep import SweepConfig
+from segtune.config.trial import TrialConfig, trial_config
 from segtune.errors import ConfigError, problems_message
-from segtune.grammar import is_group, search_form
 from segtune.models import check_model_config
-from segtune.sweepfile import SweepConfig
 
 MAX_CHECKED_COMBINATIONS = 5000
 GRID_KEY = "trial"  # a grid sweep's param_space: its combinations, in the order they start

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from segtune.classes import CLASS_NAMES, IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, PALETTE
-from segtune.config import TrialConfig
+from segtune.config.trial import TrialConfig
 from segtune.errors import ModelError
 from segtune.paths import atomic_write
 

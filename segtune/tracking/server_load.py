@@ -1,7 +1,7 @@
 """A load test of an MLflow tracking server: many trials logging epochs at once, all read back.
 
 A big sweep's trials all write to one `mlflow server` (`segtune.tracking.server` starts one to
-measure): this opens one sweep run and `loggers` trial runs exactly as `segtune.trial` opens
+measure): this opens one sweep run and `loggers` trial runs exactly as `segtune.sweep.trainable` opens
 them, logs `epochs` epochs of the contract's per-epoch metrics from every trial at once with
 `TrialRun.log_epoch`, times each call, then reads every value back and counts what is missing.
 Each logger logs its epochs back to back: the burst of trials that end their epochs together
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from segtune.tracking.names import EPOCH_METRICS
+from segtune.config.names import EPOCH_METRICS
 from segtune.tracking.runs import TrialRun, find_trial_run, start_sweep_run
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def epoch_metrics(rng: random.Random) -> dict[str, float]:
 
 
 def open_trial(uri: str, experiment: str, parent_run_id: str, index: int, epochs: int) -> TrialRun:
-    """A trial's run, opened as `segtune.trial` opens it: its own client, a search for an
+    """A trial's run, opened as `segtune.sweep.trainable` opens it: its own client, a search for an
     earlier attempt, then `TrialRun.open`."""
     client = MlflowClient(uri)
     trial_id = f"load_{index:05d}"

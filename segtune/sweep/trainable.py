@@ -21,25 +21,25 @@ import torch
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from segtune.checkpoint import atomic_save, best_checkpoint, load_dict
-from segtune.config import TrialConfig
-from segtune.cost_stage import trial_cost
-from segtune.data.pipeline import Scan
-from segtune.device import amp_dtype, resolve_device
-from segtune.engine import EpochEnd, fit
-from segtune.evaluation import evaluate_best
-from segtune.nodes import node_name
-from segtune.prepare import prepare
-from segtune.space import resolve_trial
-from segtune.sweepfile import SweepConfig
-from segtune.tracking.names import (
+from segtune.config.names import (
     BOUNDARY_METRIC,
     CHECKPOINT_ARTIFACT,
     COST_TAG_PREFIX,
     EVAL_DIR,
     MODEL_COSTS,
 )
+from segtune.config.sweep import SweepConfig
+from segtune.config.trial import TrialConfig
+from segtune.data.pipeline import Scan
+from segtune.models.checkpoint import atomic_save, best_checkpoint, load_dict
+from segtune.models.device import amp_dtype, resolve_device
+from segtune.sweep.cost_stage import trial_cost
+from segtune.sweep.node_checks import node_name
+from segtune.sweep.space import resolve_trial
 from segtune.tracking.runs import TrialRun, find_trial_run, finished_metrics
+from segtune.training.engine import EpochEnd, fit
+from segtune.training.evaluation import evaluate_best
+from segtune.training.prepare import prepare
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def run_trial(
     measured: dict[str, str] | None = None,
 ) -> None:
     """Ray Tune function trainable for one trial of `sweep`: `scan` is the driver's check of the
-    dataset, `measured` the signatures its cost stage timed (segtune.cost_stage)."""
+    dataset, `measured` the signatures its cost stage timed (segtune.sweep.cost_stage)."""
     started = time.perf_counter()
     # Ray's line per saved checkpoint, each epoch of each trial, says nothing a user acts on
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)

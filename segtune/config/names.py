@@ -21,14 +21,14 @@ ERROR_TAG = "segtune.error"
 STOPPED_TAG = "segtune.stopped"  # on a KILLED run: why and when it was stopped, how to resume
 LABEL_TAG = "segtune.label"  # the trial's run name, seed included
 CONFIG_LABEL_TAG = "segtune.config_label"  # the same without the seed: one name per configuration
-SWEEP_TAG = "segtune.sweep"
+SWEEP_TAG = "segtune.sweep.driver"
 # the experiment tag MLflow's UI (3.x) reads to open an experiment on its runs ("Model training")
 # instead of its GenAI overview of traces
 EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
 EARLY_STOP_TAG = "segtune.early_stopped"  # the scheduler stopped the trial; value says when
 SOURCE_RUN_TAG = "segtune.source_run_id"  # on an export run: the trial it exported
 # the conditions a trial's cost was measured under (threads, CPU, input size...), one tag each
-COST_TAG_PREFIX = "segtune.cost."
+COST_TAG_PREFIX = "segtune.models.cost."
 # the cost table (segtune.tracking.costs): one run per measured architecture signature
 COST_EXPERIMENT = "segtune-costs"
 
@@ -45,12 +45,12 @@ EPOCH_SCORES = (
 EPOCH_METRICS = (*EPOCH_SCORES, "lr", "epoch_time_s")
 OBJECTIVE = "best_val_miou"  # what "best trial" means unless a command is told otherwise
 # on the sweep run: the mIoU of the colour-only classifier on the sweep's validation split, the
-# floor a model must beat to have learned more than colour (segtune.data.baseline)
+# floor a model must beat to have learned more than colour (segtune.training.baseline)
 FLOOR_METRIC = "floor_miou"
-# the mIoU of the best weights over the pixels near a class boundary (segtune.metrics)
+# the mIoU of the best weights over the pixels near a class boundary (segtune.training.metrics)
 BOUNDARY_METRIC = "best_boundary_miou"
 QUALITY_METRICS = (OBJECTIVE, "best_epoch", BOUNDARY_METRIC)
-# the cost of the architecture, measured on the trained weights by segtune.cost; `infer_ms_gpu`
+# the cost of the architecture, measured on the trained weights by segtune.models.cost; `infer_ms_gpu`
 # is absent where no GPU measured it, never invented
 MODEL_COSTS = ("params_m", "size_mb", "gflops", "infer_ms_cpu", "infer_ms_gpu")
 TRAIN_COSTS = ("train_time_min", "train_img_s")  # the cost of training, from the epochs

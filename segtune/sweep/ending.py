@@ -12,9 +12,9 @@ import time
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from segtune.interrupt import StopSignals, SweepInterrupted
-from segtune.storage import RunStorage
-from segtune.sweepfile import SweepConfig
+from segtune.config.sweep import SweepConfig
+from segtune.sweep.signals import StopSignals, SweepInterrupted
+from segtune.sweep.storage import RunStorage
 from segtune.tracking.runs import close_open_runs
 
 log = logging.getLogger(__name__)

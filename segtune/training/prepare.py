@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from segtune.config import DataConfig, TrialConfig
+from segtune.config.trial import DataConfig, TrialConfig
 from segtune.data.pipeline import DataBundle, Scan, build_data
-from segtune.engine import seed_everything
-from segtune.losses import build_loss, class_weights
 from segtune.models import build_model
+from segtune.training.engine import seed_everything
+from segtune.training.losses import build_loss, class_weights
 
 
 def prepare(

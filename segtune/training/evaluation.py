@@ -18,9 +18,9 @@ from torch import nn
 from segtune.classes import CLASS_NAMES, colorize
 from segtune.data.dataset import SegmentationDataset
 from segtune.data.loader import make_loader
-from segtune.device import autocast
-from segtune.engine import evaluate
-from segtune.metrics import ConfusionMatrix, band_target, per_image_rows
+from segtune.models.device import autocast
+from segtune.training.engine import evaluate
+from segtune.training.metrics import ConfusionMatrix, band_target, per_image_rows
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from segtune.cost import cpu_name
+from segtune.config.names import ROLE_SWEEP, ROLE_TAG
+from segtune.config.sweep import load_sweep
 from segtune.errors import SegtuneError
-from segtune.sweepfile import load_sweep
-from segtune.tracking.names import ROLE_SWEEP, ROLE_TAG
+from segtune.models.cost import cpu_name
 from segtune.tracking.timing import read_account
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ from typing import Any, get_args
 
 import torch
 
-from segtune.config import Amp
+from segtune.config.trial import Amp
 from segtune.errors import ConfigError
 
 AMP_MODES: tuple[str, ...] = get_args(Amp)

@@ -22,7 +22,7 @@ from types import TracebackType
 import psutil
 
 from segtune.errors import ConfigError
-from segtune.storage import RunStorage
+from segtune.sweep.storage import RunStorage
 
 log = logging.getLogger(__name__)
 
