@@ -51,13 +51,16 @@ def _log_report(report: Report, index: Path, images: Sequence[str]) -> None:
     log.info("logged the report to run %s under %s/", run_id, root)
 
 
+DEFAULT_EMA = 0.6  # the loss curves' smoothing weight, as TensorBoard's slider
+
+
 def build_report(
     experiment: str,
     tracking_uri: str | None = None,
     out: Path | None = None,
     sweep_run_id: str | None = None,
     all_sweeps: bool = False,
-    ema: float = 0.6,
+    ema: float = DEFAULT_EMA,
     budget: str | None = None,
     log_to_mlflow: bool = True,
     csv: Path | None = None,
@@ -96,7 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--experiment", required=True, help="MLflow experiment (the sweep's name)")
     parser.add_argument("--out", type=Path, help="report directory (default: reports/EXPERIMENT)")
-    parser.add_argument("--ema", type=float, default=0.6, help="curve smoothing weight in [0, 1)")
+    parser.add_argument(
+        "--ema", type=float, default=DEFAULT_EMA, help="curve smoothing weight in [0, 1)"
+    )
     parser.add_argument(
         "--budget",
         help="name the best trial within constraints on metrics, comma-separated, with "

@@ -1133,8 +1133,8 @@ def resume_cases(m: Matrix) -> list[Case]:
     and the saved copy, written by segtune's own functions) after an edit: refused before Ray,
     no MLflow store made, the saved copy untouched."""
     from segtune.config.sweep import load_sweep
-    from segtune.run import absolute_paths
     from segtune.sweep.edits import SWEEP_COPY_FILE, SWEEP_STATE_FILE, sweep_text
+    from segtune.sweep.preflight import absolute_paths
     from segtune.sweep.storage import RunStorage
 
     g = "run CLI"

@@ -199,7 +199,7 @@ def test_ray_start_and_the_preflight_thread_never_import_one_module_at_once() ->
         "runtime_env={'env_vars': {'A': '1'}})\nray.shutdown()\n"
     )
     preflight = _new_modules(
-        "import importlib\nfrom segtune.run import PREFLIGHT_IMPORTS\n"
+        "import importlib\nfrom segtune.sweep.preflight import PREFLIGHT_IMPORTS\n"
         "for name in PREFLIGHT_IMPORTS: importlib.import_module(name)\n"
     )
     assert len(ray_init) > 50 and len(preflight) > 1000  # both import plenty on their own

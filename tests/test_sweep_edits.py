@@ -233,3 +233,20 @@ def test_commit_names_the_addition_then_saves_the_copy(tmp_path: Path) -> None:
     # the next addition is the second
     widest = make(tmp_path, search_space={"lr": {"grid_search": [0.003, 0.01, 0.1]}})
     assert check_edits(widest, accept=True).added == Addition(2, trials=[{"lr": 0.1}])
+
+
+def test_ray_state_saved_before_the_layer_folders_unpickles_the_callback() -> None:
+    """A sweep started before segtune's folder per layer saved its run config with the callback
+    under `segtune.sweep_callbacks` (found once in a real tuner.pkl, issue 24): `--resume`
+    answers to that name (the driver calls this just before `Tuner.restore`)."""
+    import pickle
+    import sys
+
+    from segtune.sweep.callbacks import FORMER_NAME, CloseRuns, answer_to_former_name
+
+    saved = f"c{FORMER_NAME}\nCloseRuns\n.".encode()  # what pickle wrote for the class
+    sys.modules.pop(FORMER_NAME, None)
+    with pytest.raises(ModuleNotFoundError):
+        pickle.loads(saved)
+    answer_to_former_name()
+    assert pickle.loads(saved) is CloseRuns

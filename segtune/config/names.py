@@ -21,14 +21,14 @@ ERROR_TAG = "segtune.error"
 STOPPED_TAG = "segtune.stopped"  # on a KILLED run: why and when it was stopped, how to resume
 LABEL_TAG = "segtune.label"  # the trial's run name, seed included
 CONFIG_LABEL_TAG = "segtune.config_label"  # the same without the seed: one name per configuration
-SWEEP_TAG = "segtune.sweep.driver"
+SWEEP_TAG = "segtune.sweep"
 # the experiment tag MLflow's UI (3.x) reads to open an experiment on its runs ("Model training")
 # instead of its GenAI overview of traces
 EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
 EARLY_STOP_TAG = "segtune.early_stopped"  # the scheduler stopped the trial; value says when
 SOURCE_RUN_TAG = "segtune.source_run_id"  # on an export run: the trial it exported
 # the conditions a trial's cost was measured under (threads, CPU, input size...), one tag each
-COST_TAG_PREFIX = "segtune.models.cost."
+COST_TAG_PREFIX = "segtune.cost."
 # the cost table (segtune.tracking.costs): one run per measured architecture signature
 COST_EXPERIMENT = "segtune-costs"
 

@@ -66,6 +66,13 @@ class TuneSection(BaseModel):
     storage_path: str = "runs"
     storage_endpoint: str | None = None
 
+    def metrics_and_modes(self) -> tuple[list[str], list[str]]:
+        """`metric` and `mode` as lists, whether the file wrote one or several."""
+        return (
+            [self.metric] if isinstance(self.metric, str) else list(self.metric),
+            [self.mode] if isinstance(self.mode, str) else list(self.mode),
+        )
+
 
 class MlflowSection(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -129,13 +136,13 @@ class SweepConfig(BaseModel):
             elif form is not None:
                 mappings = [m for m in values if isinstance(m, dict)]
                 for k in dict.fromkeys(k for mapping in mappings for k in mapping):
-                    taken = {json.dumps(m.get(k, self._train_value(k)), default=str)
+                    taken = {json.dumps(m.get(k, self.train_value(k)), default=str)
                              for m in mappings}  # fmt: skip
                     if len(taken) > 1:
                         keys.append(k)
         return list(dict.fromkeys(keys))
 
-    def _train_value(self, key: str) -> Any:
+    def train_value(self, key: str) -> Any:
         """A trial key's value where the search space does not set it: `train`'s, else the
         default."""
         if key in self.train:
@@ -153,9 +160,7 @@ class SweepConfig(BaseModel):
 
     def objectives(self) -> list[tuple[str, str]]:
         """(metric, mode) pairs: one for a single objective, several for multi-objective."""
-        metrics = [self.tune.metric] if isinstance(self.tune.metric, str) else self.tune.metric
-        modes = [self.tune.mode] if isinstance(self.tune.mode, str) else self.tune.mode
-        return list(zip(metrics, modes, strict=False))
+        return list(zip(*self.tune.metrics_and_modes(), strict=False))
 
 
 def validate_sweep(raw: Mapping[str, Any]) -> SweepConfig:
@@ -185,8 +190,7 @@ def _forms(space: Mapping[str, Any]) -> set[str]:
 
 def _check_tune(sweep: SweepConfig) -> list[str]:
     tune, problems = sweep.tune, []
-    metrics = [tune.metric] if isinstance(tune.metric, str) else tune.metric
-    modes = [tune.mode] if isinstance(tune.mode, str) else tune.mode
+    metrics, modes = tune.metrics_and_modes()
     forms = _forms(sweep.search_space)
     if not metrics:
         problems.append("tune.metric: name the metric to optimise, e.g. val_miou")
@@ -216,7 +220,7 @@ def _check_tune(sweep: SweepConfig) -> list[str]:
         problems.append("tune.search: optuna cannot take grid_search; use choice instead")
     if tune.search == "optuna" and tune.repeats > 1:
         problems.append("tune.repeats: seeds per configuration need tune.search grid or random")
-    epochs = sweep.train.get("epochs", TrialConfig.model_fields["epochs"].default)
+    epochs = sweep.train_value("epochs")
     if tune.scheduler == "asha" and isinstance(epochs, int) and tune.grace_period >= epochs:
         problems.append(
             f"tune.grace_period: {tune.grace_period} must be below train.epochs ({epochs}) for asha"

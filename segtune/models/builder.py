@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch import nn
 
 from segtune.classes import NUM_CLASSES
-from segtune.config.trial import TrialConfig, trial_config
+from segtune.config.trial import Arch, TrialConfig, trial_config
 from segtune.errors import ConfigError
 from segtune.models.checkpoint import load_dict
 from segtune.models.deeplab import DeepLabV3, DeepLabV3Plus
@@ -41,7 +41,7 @@ from segtune.models.unet import EncoderUNet, UNet
 
 log = logging.getLogger(__name__)
 
-ARCHS: tuple[str, ...] = ("unet", "deeplabv3", "deeplabv3plus")
+ARCHS: tuple[str, ...] = get_args(Arch)
 
 
 def backbone_names(arch: str) -> list[str]:

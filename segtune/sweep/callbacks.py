@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,17 @@ from segtune.tracking.address import server_health
 from segtune.tracking.runs import TrialRun, find_trial_run
 
 log = logging.getLogger(__name__)
+
+# this module's name before segtune's folder per layer: Ray's saved state of a sweep started then
+# names it, since Tuner.restore unpickles the run config and its callbacks
+FORMER_NAME = "segtune.sweep_callbacks"
+
+
+def answer_to_former_name() -> None:
+    """Let `Tuner.restore` find CloseRuns under the module's former name, so that a sweep
+    interrupted before the move resumes after it."""
+    sys.modules.setdefault(FORMER_NAME, sys.modules[__name__])
+
 
 ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Diverged)\b:?")
 

@@ -27,7 +27,7 @@ from segtune.data.pipeline import Scan
 from segtune.errors import ConfigError, SegtuneError
 from segtune.models import MODEL_KEYS
 from segtune.models.cost import Cost
-from segtune.sweep.callbacks import CloseRuns
+from segtune.sweep.callbacks import CloseRuns, answer_to_former_name
 from segtune.sweep.cost_stage import model_key, run_cost_stage
 from segtune.sweep.edits import (
     SWEEP_COPY_FILE,
@@ -153,6 +153,7 @@ def _tuner(
     filesystem, _ = storage.filesystem
     remote = None if storage.is_local else filesystem
     if resume if added is None else tune.Tuner.can_restore(path, storage_filesystem=filesystem):
+        answer_to_former_name()
         try:
             return tune.Tuner.restore(
                 path, trainable, resume_unfinished=True, storage_filesystem=remote
@@ -171,7 +172,7 @@ def _tuner(
         # every num_to_keep checkpoints, so the one it names stays on disk until a newer
         # state replaces it. Ranking by a metric would delete it at any epoch, and a killed
         # driver's --resume would then fail that trial. The best weights travel inside our
-        # own checkpoint (trial.py), not through Ray's ranking.
+        # own checkpoint (sweep/trainable.py), not through Ray's ranking.
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         callbacks=[CloseRuns(tracking_uri, sweep.experiment, parent)],
         verbose=1,
@@ -202,6 +203,21 @@ def _tuner(
     )
 
 
+@dataclass(frozen=True)
+class DriverInputs:
+    """What the command hands the driver besides the sweep file: how it reaches Ray, what it
+    already checked, and its hooks (run_sweep's docstring says when each is called)."""
+
+    address: str | None = None  # a running cluster to join; None: this machine's own Ray
+    resume: bool = False
+    sweep_yaml: str = ""  # the sweep as it runs, kept beside its state (segtune.sweep.edits)
+    scan: Scan | None = None
+    floor_miou: float | None = None
+    trials_done: Callable[[str], None] | None = None
+    before_timing: Callable[[], None] | None = None
+    edits: Edits | None = None
+
+
 @dataclass
 class SweepOutcome:
     """What `run_sweep` tells the command: the parent run, failures, and the time account."""
@@ -213,27 +229,16 @@ class SweepOutcome:
 
 
 def run_sweep(
-    sweep: SweepConfig,
-    tracking_uri: str,
-    *,
-    address: str | None,
-    resume: bool,
-    sweep_yaml: str,
-    stop: StopSignals,
-    scan: Scan | None = None,
-    floor_miou: float | None = None,
-    trials_done: Callable[[str], None] | None = None,
-    before_timing: Callable[[], None] | None = None,
-    edits: Edits | None = None,
+    sweep: SweepConfig, tracking_uri: str, stop: StopSignals, given: DriverInputs
 ) -> SweepOutcome:
     """Run the sweep on the Ray the caller started (`segtune.sweep.ray_init`; stopped here once the
     trials end, before the runs are closed): cost stage, checks, Tuner. `stop` routes the
-    caller's signals. `scan` is the driver's check of the dataset,
+    caller's signals. Of `given`: `scan` is the driver's check of the dataset,
     handed to every trial (on every node the dataset has the same paths, checked first);
     `floor_miou` the colour-only floor of its validation split, kept on the sweep run;
     `trials_done` is called with the sweep run's id once every trial has ended, before Ray stops;
     `before_timing` before the cost stage times anything on this machine; `edits` the changes
-    `--resume` accepted (`sweep_edits.check_edits`), made the sweep's once the lock is held.
+    `--resume` accepted (`segtune.sweep.edits.check_edits`), made the sweep's once the lock is held.
 
     One driver per sweep name and run storage holds the sweep's lock; once the node checks pass
     it closes what the storage's previous driver of the name left RUNNING, and on SIGINT or
@@ -242,20 +247,19 @@ def run_sweep(
     storage = RunStorage.of(sweep.tune.storage_path, sweep.tune.storage_endpoint)
     filesystem, _ = storage.filesystem
     try:
-        restorable = resume and tune.Tuner.can_restore(
+        restorable = given.resume and tune.Tuner.can_restore(
             storage.path(sweep.name), storage_filesystem=filesystem
         )
     except OSError as exc:
         raise ConfigError(f"tune.storage_path {storage}: cannot read it ({exc})") from None
-    if resume and not restorable:
+    if given.resume and not restorable:
         raise ConfigError(
             f"--resume: no interrupted sweep at {storage}/{sweep.name}; run without --resume"
         )
     with SweepLock(storage, sweep.name) as lock:
         outcome = SweepOutcome("", 0, 1)
         try:
-            _fit(sweep, tracking_uri, storage, lock, stop, outcome, address, resume, sweep_yaml,
-                 scan, floor_miou, trials_done, before_timing, edits)  # fmt: skip
+            _fit(sweep, tracking_uri, given, storage, lock, stop, outcome)
             if not stop.stopped:  # a store that fails here (disk full) is a fault like any other
                 MlflowClient(tracking_uri).set_terminated(
                     outcome.parent, "FAILED" if outcome.failed else "FINISHED"
@@ -275,28 +279,21 @@ def run_sweep(
 def _fit(
     sweep: SweepConfig,
     tracking_uri: str,
+    given: DriverInputs,
     storage: RunStorage,
     lock: SweepLock,
     stop: StopSignals,
     outcome: SweepOutcome,
-    address: str | None,
-    resume: bool,
-    sweep_yaml: str,
-    scan: Scan | None,
-    floor_miou: float | None,
-    trials_done: Callable[[str], None] | None,
-    before_timing: Callable[[], None] | None,
-    edits: Edits | None,
 ) -> None:
     """The cost stage and the Tuner on the started Ray, filling `outcome` as they go (the parent
     run first, so that an interruption can close it); Ray stops at the end."""
-    joined, configs = address is not None, _cost_stage_configs(sweep)
+    joined, configs = given.address is not None, _cost_stage_configs(sweep)
     phases = outcome.phases
     try:  # Ray stops here (finally), whatever happens
         started = time.perf_counter()
         if not joined:  # this machine alone: Ray's processes are up, and idle until the trials
             costs, measured = run_cost_stage(
-                configs, sweep.bench, tracking_uri, joined=False, before_timing=before_timing
+                configs, sweep.bench, tracking_uri, joined=False, before_timing=given.before_timing
             )
             phases["cost_stage_s"] = time.perf_counter() - started
         started = time.perf_counter()
@@ -312,18 +309,18 @@ def _fit(
         if left:
             log.warning("closed %d run(s) an earlier driver of this sweep left RUNNING", len(left))
         parent = outcome.parent = _parent_run(
-            sweep, storage, tracking_uri, sweep_yaml, resume, outcome
+            sweep, storage, tracking_uri, given.sweep_yaml, given.resume, outcome
         )
         lock.parent(parent)
-        if edits is not None:
-            commit(edits, sweep, storage, client, parent)
-        if floor_miou is not None:
-            client.log_metric(parent, FLOOR_METRIC, floor_miou)
+        if given.edits is not None:
+            commit(given.edits, sweep, storage, client, parent)
+        if given.floor_miou is not None:
+            client.log_metric(parent, FLOOR_METRIC, given.floor_miou)
         phases["nodes_s"] = time.perf_counter() - started
         if joined:  # one task per node kind, each holding its node while nothing else runs
             started = time.perf_counter()
             costs, measured = run_cost_stage(
-                configs, sweep.bench, tracking_uri, joined=True, before_timing=before_timing
+                configs, sweep.bench, tracking_uri, joined=True, before_timing=given.before_timing
             )
             phases["cost_stage_s"] = time.perf_counter() - started
         started = time.perf_counter()
@@ -336,7 +333,7 @@ def _fit(
                 sweep=sweep,
                 parent_run_id=parent,
                 tracking_uri=tracking_uri,
-                scan=scan,
+                scan=given.scan,
                 measured=measured,
             ),
             {"cpu": resources.cpu, "gpu": resources.gpu},
@@ -356,11 +353,11 @@ def _fit(
             for path, added in experiments:
                 if not stop.stopped:
                     tuner = _tuner(sweep, storage, tracking_uri, parent, trainable, costs, path,
-                                   resume, added)  # fmt: skip
+                                   given.resume, added)  # fmt: skip
                     results += list(tuner.fit())
         phases["tuner_s"] = time.perf_counter() - started
-        if trials_done is not None and not stop.stopped:
-            trials_done(parent)
+        if given.trials_done is not None and not stop.stopped:
+            given.trials_done(parent)
     finally:
         started = time.perf_counter()
         ray.shutdown()

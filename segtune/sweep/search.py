@@ -5,19 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from segtune.config.sweep import SweepConfig
-from segtune.config.trial import TrialConfig
 
 
 def searcher(sweep: SweepConfig, offset: int = 0) -> Any:
     """Optuna's searcher (None for grid and random: Ray's variant generator); `offset` moves its
-    seed, for trials added to a sweep (`sweep_edits.Addition`)."""
+    seed, for trials added to a sweep (`segtune.sweep.edits.Addition`)."""
     if sweep.tune.search != "optuna":
         return None
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
     objectives = sweep.objectives()
-    seed = int(sweep.train.get("seed", 0)) + offset
+    seed = int(sweep.train_value("seed")) + offset
     sampler = (
         optuna.samplers.NSGAIISampler(seed=seed)
         if sweep.tune.sampler == "nsga2"
@@ -38,7 +37,7 @@ def trial_scheduler(sweep: SweepConfig) -> Any:
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    epochs = int(sweep.train.get("epochs", TrialConfig.model_fields["epochs"].default))
+    epochs = int(sweep.train_value("epochs"))
     # Rungs lie at grace * rf^k <= max_t: below the last epoch, so that a trial is judged while
     # it still has epochs to save, and never stopped between its last epoch and its final
     # evaluation and benchmark (which come as one more report).

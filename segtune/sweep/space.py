@@ -40,7 +40,7 @@ def _discrete(sweep: SweepConfig) -> dict[str, list[Any]]:
 
 
 def seeds(sweep: SweepConfig) -> list[int]:
-    base = int(sweep.train.get("seed", 0))
+    base = int(sweep.train_value("seed"))
     return [base + i for i in range(sweep.tune.repeats)]
 
 

@@ -3,7 +3,7 @@
 reads a model's cost instead of timing it again (docs/design.md, "Cost measurement").
 
 A cost run holds the model costs as metrics and every condition of the measurement (input size,
-threads, CPU and GPU names, spread, load, why it is noisy) as `segtune.models.cost.<key>` tags: the
+threads, CPU and GPU names, spread, load, why it is noisy) as `segtune.cost.<key>` tags: the
 same names a trial run carries once it has taken its cost from here.
 """
 

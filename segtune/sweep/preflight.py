@@ -1,0 +1,86 @@
+"""What the driver settles before any trial: every local path absolute, and the checks that
+would fail every trial (dataset, pretrained weights, a GPU asked of a machine without one), run
+in a thread while Ray starts, with the driver's heavy imports and the colour-only floor."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from segtune.config.sweep import SweepConfig
+from segtune.errors import ConfigError, ModelError, problems_message
+from segtune.sweep.storage import RunStorage
+
+if TYPE_CHECKING:  # the heavy modules load in the pre-flight's thread (PREFLIGHT_IMPORTS)
+    from segtune.data.pipeline import Scan
+
+
+def absolute_paths(sweep: SweepConfig, tracking_uri: str) -> tuple[SweepConfig, str]:
+    """Trials run in Ray's own working directories: make every local path absolute (a storage
+    URI stays as it is)."""
+    data = sweep.data.model_copy(update={"root": str(Path(sweep.data.root).resolve())})
+    storage = RunStorage.of(sweep.tune.storage_path, sweep.tune.storage_endpoint)
+    tune = sweep.tune.model_copy(update={"storage_path": storage.location})
+    if tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:////"):
+        tracking_uri = "sqlite:///" + str(Path(tracking_uri[len("sqlite:///") :]).resolve())
+    return sweep.model_copy(update={"data": data, "tune": tune}), tracking_uri
+
+
+def preflight(sweep: SweepConfig, local: bool) -> Scan:
+    """Fail before any trial on what would fail every trial; returns the checked dataset, which
+    every trial then reads instead of checking it again."""
+    from segtune.data.pipeline import scan_dataset
+    from segtune.models import pretrained_weights_file
+    from segtune.sweep.space import check_combinations, discrete_trials
+
+    check_combinations(sweep)
+    missing: dict[str, None] = {}
+    for cfg in discrete_trials(sweep):
+        if cfg.pretrained == "imagenet":
+            path = pretrained_weights_file(cfg.backbone)
+            if not path.is_file():
+                missing[f"{cfg.backbone}: {path}"] = None
+        elif cfg.pretrained != "none" and not Path(cfg.pretrained).is_file():
+            missing[f"pretrained: {cfg.pretrained} (no such file)"] = None
+    if missing:
+        head = ("pretrained weights missing (place the torchvision files in $TORCH_HOME/hub/"
+                "checkpoints, or run with --set train.pretrained=none)")  # fmt: skip
+        raise ModelError(problems_message(head, list(missing)))
+    gpu = sweep.tune.resources_per_trial.gpu
+    if local and gpu > 0:
+        import torch
+
+        if torch.cuda.device_count() == 0:
+            raise ConfigError(
+                f"tune.resources_per_trial.gpu: {gpu} asked, but this machine has no GPU; "
+                "set it to 0 (--set tune.resources_per_trial.gpu=0) or join a GPU cluster "
+                "with --address"
+            )
+    return scan_dataset(sweep.data, progress=True)  # generates a synthetic set, checks every pair
+
+
+# what the driver imports while Ray starts: the pre-flight's modules, the Tuner and the trainable,
+# and MLflow's SQL store (1.2 s, else at the cost stage's first look-up)
+PREFLIGHT_IMPORTS = (
+    "segtune.training.baseline",
+    "segtune.data.pipeline",
+    "segtune.models",
+    "segtune.sweep.space",
+    "segtune.sweep.driver",
+    "mlflow.store.tracking.sqlalchemy_store",
+)
+
+
+def checked_while_ray_starts(sweep: SweepConfig, local: bool) -> tuple[Scan, float]:
+    """The pre-flight with the driver's heavy imports (PREFLIGHT_IMPORTS), run in a thread while
+    Ray starts: the checked dataset and its colour-only floor."""
+    for name in PREFLIGHT_IMPORTS:
+        importlib.import_module(name)
+    from segtune.data.pipeline import split_samples
+    from segtune.training.baseline import colour_floor
+
+    scan = preflight(sweep, local)
+    train, val, _ = split_samples(sweep.data, int(sweep.train_value("seed")), scan=scan)
+    floor = colour_floor(train, val, sweep.data.rgb_masks)["miou"]
+    return scan, floor
