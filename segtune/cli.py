@@ -33,6 +33,12 @@ def command_parser(
 
 
 def setup_logging(verbose: bool = False) -> None:
+    """Our INFO lines, DEBUG with -v. MLflow's own INFO lines (its store's set-up, the system
+    metrics monitor of every trial) only with -v: MLFLOW_LOGGING_LEVEL is read by MLflow's
+    import, here and in every trial process (segtune.sweep.ray_init passes it on)."""
+    if not verbose and "MLFLOW_LOGGING_LEVEL" not in os.environ:  # else the user's own choice
+        os.environ["MLFLOW_LOGGING_LEVEL"] = "WARNING"
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # where MLflow is imported already
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

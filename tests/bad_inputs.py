@@ -1356,6 +1356,8 @@ def signal_cases(m: Matrix) -> list[Case]:
     g = "signals"
     hup, quit_ = signal.SIGHUP, signal.SIGQUIT
     trials = "Started monitoring system metrics"  # a trial's first line: it trains from here
+    # MLflow's INFO lines, that one among them, otherwise come with -v only (cli.setup_logging)
+    mlflow_info = {"MLFLOW_LOGGING_LEVEL": "INFO"}
     costs = setting(("search_space", {"unet_min_channels": {"grid_search": [4, 6, 8]}}),
                     ("bench.input", "512x384"), ("bench.repeats", 5))  # fmt: skip
     cases = []
@@ -1389,6 +1391,7 @@ def signal_cases(m: Matrix) -> list[Case]:
                 to_group=group,
                 times=times,
                 wait_s=1.0 if when == "starting Ray" else 3.0 if when == trials else 0.0,
+                env=mlflow_info if when == trials else {},
                 check=functools.partial(
                     stopped_cleanly, db, m.runs / sweep, resumable, when != trials
                 ),
@@ -1404,6 +1407,7 @@ def signal_cases(m: Matrix) -> list[Case]:
         control=True,
         signal=hup,
         when=trials,
+        env=mlflow_info,
         to_group=True,
         check=functools.partial(runs_left_running, m.tmp / "db" / "mx-nohup.db"),
         solo=True,

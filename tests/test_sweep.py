@@ -126,6 +126,16 @@ def test_sweep_contract_failure_and_retry(synthetic_root: Path, tmp_path: Path) 
         and "TrainingDiverged" in proc.stdout
     )
     assert "mlflow ui --backend-store-uri" in proc.stdout
+    # what the user watched: Ray's trials by their labels in the progress table (the two that
+    # start first are in any table) and in Ray's error (with the trial's traceback), and none
+    # of MLflow's INFO lines (those come with -v)
+    first = r"unet-none-basic-lr=0\.003-scheduler=poly|deeplabv3-mobilenet_v3_small-aspp-basic"
+    assert re.search(rf"^({first})\S* +[A-Z]+ +\d/2 ", proc.stdout, re.M), proc.stdout
+    diverged = "unet-none-basic-lr=1e+06-scheduler=none"
+    assert f"Trial task failed for trial {diverged}" in proc.stderr, proc.stderr[-3000:]
+    assert "TrainingDiverged: " in proc.stderr  # the trial's own traceback
+    assert "run_trial_" not in proc.stdout + proc.stderr
+    assert "INFO mlflow" not in proc.stdout + proc.stderr
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("contract")
@@ -146,6 +156,9 @@ def test_sweep_contract_failure_and_retry(synthetic_root: Path, tmp_path: Path) 
     runs = trial_runs(tmp_path, "contract")
     assert len(runs) == 3, "one MLflow run per trial, retries included"
     assert len({r.data.tags[TRIAL_ID_TAG] for r in runs}) == 3
+    # Ray's folder of each trial: its label, then its trial id
+    folders = {p.name for p in (tmp_path / "ray" / "contract").iterdir()}
+    assert {f"{r.info.run_name}_{r.data.tags[TRIAL_ID_TAG]}" for r in runs} <= folders, folders
     failed = [r for r in runs if r.info.status == "FAILED"]
     assert len(failed) == 1 and "TrainingDiverged" in failed[0].data.tags[ERROR_TAG]
     assert failed[0].data.params["lr"] == "1000000.0"

@@ -41,6 +41,7 @@ from segtune.sweep.edits import (
 from segtune.sweep.ending import end_failed, end_stopped, now
 from segtune.sweep.lock import SweepLock
 from segtune.sweep.node_checks import check_nodes, node_name
+from segtune.sweep.progress import Progress, TrialNames
 from segtune.sweep.search import searcher, trial_scheduler
 from segtune.sweep.signals import StopSignals
 from segtune.sweep.space import GRID_KEY, discrete_trials, param_space
@@ -174,8 +175,10 @@ def _tuner(
         # driver's --resume would then fail that trial. The best weights travel inside our
         # own checkpoint (sweep/trainable.py), not through Ray's ranking.
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        callbacks=[CloseRuns(tracking_uri, sweep.experiment, parent)],
-        verbose=1,
+        callbacks=[CloseRuns(tracking_uri, sweep.experiment, parent), Progress(sweep)],
+        # Ray's reporter shows the param space and result boxes; ours shows the labels
+        # (segtune.sweep.progress), Ray's comes back with -v (debug logging)
+        verbose=1 if log.isEnabledFor(logging.DEBUG) else 0,
     )
     if added is None:
         space, samples = param_space(sweep, _duration(sweep, costs)), sweep.tune.num_samples
@@ -185,6 +188,7 @@ def _tuner(
         space, samples = param_space(sweep), added.samples
     objectives = sweep.objectives()
     multi = len(objectives) > 1
+    names = TrialNames(sweep)
     return tune.Tuner(
         trainable,
         param_space=space,
@@ -198,6 +202,8 @@ def _tuner(
             # the next trial runs in the process the last one freed: no 5-7 s of
             # imports per trial (docs/design.md, "A sweep's schedule")
             reuse_actors=True,
+            trial_name_creator=names.name,
+            trial_dirname_creator=names.folder,
         ),
         run_config=run_config,
     )

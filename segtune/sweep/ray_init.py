@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 
 def runtime_env_vars() -> dict[str, str]:
     """Environment every trial process gets: no network call when albumentations is imported,
-    and no cloud metadata service asked when the driver's storage is a server of one's own."""
-    names = ("NO_ALBUMENTATIONS_UPDATE", "AWS_EC2_METADATA_DISABLED")
+    no cloud metadata service asked when the driver's storage is a server of one's own, and
+    MLflow's log level (`cli.setup_logging`: its INFO lines only with -v)."""
+    names = ("NO_ALBUMENTATIONS_UPDATE", "AWS_EC2_METADATA_DISABLED", "MLFLOW_LOGGING_LEVEL")
     return {name: os.environ[name] for name in names if name in os.environ}
 
 
@@ -86,6 +87,8 @@ def start_ray(address: str | None, tracking_uri: str, outage_s: float, stop: Sto
     if not any(isinstance(f, DefaultAuthNotice) for f in logging.getLogger(AUTH_LOGGER).filters):
         logging.getLogger(AUTH_LOGGER).addFilter(DefaultAuthNotice())
     log.info("starting Ray (%s)", address or "this machine")
+    if not log.isEnabledFor(logging.DEBUG):  # Ray's INFO lines in the driver only with -v
+        logging.getLogger("ray").setLevel(logging.WARNING)
     options = dict(
         address=address,
         include_dashboard=False,
