@@ -92,7 +92,9 @@ def test_cli_bad_options_give_one_error_line(args: list[str], message: str) -> N
 def test_engine_overhead_compares_fit_with_a_bare_loop() -> None:
     from segtune.bench import engine_overhead
 
-    result = engine_overhead("deeplabv3", "mobilenet_v3_small", 32, 2, 4, 1, "cpu")
+    # three alternations: their medians leave out a pair that a first call's one-time costs, or
+    # another process of a shared machine, slowed (one alternation once gave a ratio of 31)
+    result = engine_overhead("deeplabv3", "mobilenet_v3_small", 32, 2, 4, 3, "cpu")
     assert result["bare_img_s"] > 0 and result["engine_img_s"] > 0
     # the same work: a fit() several times slower or faster than the bare loop is a broken one
     assert 0.2 < result["ratio"] < 5
