@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
+
+T = TypeVar("T")
 
 
 def write_pair(
@@ -41,6 +45,32 @@ def start_driver(
     with open(log, "w") as out:
         return subprocess.Popen(list(cmd), cwd=cwd, env=env, text=True, start_new_session=True,
                                 stdout=out, stderr=out)  # fmt: skip
+
+
+def wait_for(
+    event: Callable[[], T],
+    what: str | Callable[[], str],
+    timeout: float = 240,
+    process: subprocess.Popen[Any] | None = None,
+    log: Path | None = None,
+    every: float = 0.2,
+) -> T:
+    """`event()` once it is truthy: a test waits for the event itself (a file, a log line, a run
+    state), however slowly a busy machine gets there; the generous `timeout` only turns a hang
+    into a failure. A `process` that ends first fails the wait at once; the failure names
+    `what` was waited for and ends with the tail of `log`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ended = process is not None and process.poll() is not None
+        if found := event():  # asked after the check: an event just before the end counts
+            return found
+        if ended or time.monotonic() > deadline:
+            how = f"the process exited {process.returncode}" if ended else f"{timeout:g} s passed"
+            tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
+            raise AssertionError(
+                f"waited for {what if isinstance(what, str) else what()}: {how}\n{tail}"
+            )
+        time.sleep(every)
 
 
 def mount_namespace_missing() -> str | None:

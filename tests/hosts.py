@@ -34,6 +34,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.helpers import wait_for
+
 SUBNET = "10.213.7"  # inside the test's namespaces only
 CHECKOUT = Path(__file__).resolve().parents[1]
 # system folders a host's setup may change (Debian's PostgreSQL): an overlay per host
@@ -175,13 +177,8 @@ exec /usr/sbin/sshd -D -e -f /mnt/sshd/sshd_config
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         self.hosts[name] = host
-        deadline = time.monotonic() + 30
-        while not self._answers_ssh(host):
-            if host.sshd.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"sshd on {name} did not start: {(host.folder / 'sshd.log').read_text()}"
-                )
-            time.sleep(0.2)
+        wait_for(lambda: self._answers_ssh(host), f"sshd on {name}", timeout=30,
+                 process=host.sshd, log=host.folder / "sshd.log")  # fmt: skip
         return host
 
     def _answers_ssh(self, host: Host) -> bool:

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -23,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from segtune.tracking.server import tracking_server
+from tests.helpers import wait_for
 
 BIN = Path(sys.executable).parent
 
@@ -68,11 +68,7 @@ def process(
             start_new_session=True,
         )
         try:
-            deadline = time.monotonic() + timeout
-            while not ready():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{command[0]} did not start: {log.read_text()[-3000:]}")
-                time.sleep(0.3)
+            wait_for(ready, f"{command[0]} to start", timeout, process=proc, log=log, every=0.3)
             yield proc
         finally:
             stop(proc)

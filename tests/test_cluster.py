@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ from segtune.config.names import (
     ROLE_TAG,
 )
 from segtune.data.synthetic import generate
-from tests.helpers import mount_namespace_missing
+from tests.helpers import mount_namespace_missing, wait_for
 from tests.servers import BIN, free_port, mlflow_server, port_open, process, s3_server, stop
 from tests.test_sweep import BENCH, TINY_TRAIN
 
@@ -141,7 +140,7 @@ class Cluster:
     @contextlib.contextmanager
     def driver(self, sweep: Path) -> Iterator[subprocess.Popen[bytes]]:
         """The sweep's driver in the background, output in `<sweep>.log`; killed at the end."""
-        with (self.root / f"{sweep.stem}.log").open("wb") as log:
+        with self.log(sweep).open("wb") as log:
             proc = subprocess.Popen(
                 self.command(sweep),
                 cwd=self.root,
@@ -155,8 +154,11 @@ class Cluster:
             finally:
                 stop(proc)
 
+    def log(self, sweep: Path) -> Path:
+        return self.root / f"{sweep.stem}.log"
+
     def output(self, sweep: Path) -> str:
-        return (self.root / f"{sweep.stem}.log").read_text()
+        return self.log(sweep).read_text()
 
     def in_saved_state(self, sweep: str, trial_id: str) -> bool:
         """Whether the state Tune saved to S3 (in the background) can resume the trial: both its
@@ -240,10 +242,8 @@ def cluster() -> Iterator[Cluster]:
             process(worker, root / "worker.log", lambda: True, env) as worker_proc,
         ):
             cluster = Cluster(root, f"{HEAD}:{port}", env, tracking_uri, s3, worker_proc)
-            deadline = time.monotonic() + 90
-            while cluster.alive_nodes() < 2:
-                assert time.monotonic() < deadline, (root / "worker.log").read_text()[-3000:]
-                time.sleep(1)
+            wait_for(lambda: cluster.alive_nodes() >= 2, "the worker to join", timeout=90,
+                     process=worker_proc, log=root / "worker.log", every=1)  # fmt: skip
             yield cluster
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -319,17 +319,17 @@ def test_killed_driver_resumes_from_s3(cluster: Cluster) -> None:
     epochs = 10  # room for Tune's background upload of its state before the second trial ends
     sweep = cluster.sweep("resume", train={"epochs": epochs}, tune={"max_concurrent_trials": 1})
     with cluster.driver(sweep) as driver:
-        deadline = time.monotonic() + 300
         # the second trial has trained an epoch, and Tune's state on S3 (uploaded in the
         # background) knows it: a state from before it began would leave Ray's grid search
         # waiting ten minutes on resume for a trial it cannot generate again
-        while not (
-            (second := [r for r in _second(cluster) if cluster.epochs(r.info.run_id)])
-            and cluster.in_saved_state("resume", second[0].data.tags["ray.trial_id"])
-        ):
-            assert driver.poll() is None, cluster.output(sweep)[-3000:]
-            assert time.monotonic() < deadline, "S3's state never named a started second trial"
-            time.sleep(0.3)
+        def second_saved() -> bool:
+            second = [r for r in _second(cluster) if cluster.epochs(r.info.run_id)]
+            return bool(second) and cluster.in_saved_state(
+                "resume", second[0].data.tags["ray.trial_id"]
+            )
+
+        wait_for(second_saved, "S3's state naming a started second trial", timeout=300,
+                 process=driver, log=cluster.log(sweep), every=0.3)  # fmt: skip
     first = next(r for r in cluster.trials("resume") if r.info.status == "FINISHED")
     cluster.wait_idle()  # the killed driver's trials are gone from the cluster
     done = cluster.run(sweep, "--resume")
@@ -349,22 +349,24 @@ def test_a_lost_node_hands_its_trial_to_the_head(cluster: Cluster) -> None:
     epochs = 6
     sweep = cluster.sweep("lost", train={"epochs": epochs})
     with cluster.driver(sweep) as driver:
-        deadline = time.monotonic() + 300
-        while True:
+
+        def second_epoch_on_worker() -> Any:
+            """The trial run on the worker once it has logged two epochs."""
             on_worker = [
                 r for r in _trials(cluster, "lost") if r.data.tags[NODE_TAG].startswith(WORKER)
             ]
             if on_worker and len(cluster.epochs(on_worker[0].info.run_id)) >= 2:
-                break
-            assert driver.poll() is None, cluster.output(sweep)[-3000:]
-            assert time.monotonic() < deadline, "no trial reached epoch 2 on the worker"
-            time.sleep(0.3)
+                return on_worker[0]
+            return None
+
+        trial = wait_for(second_epoch_on_worker, "a trial's epoch 2 on the worker", timeout=300,
+                         process=driver, log=cluster.log(sweep), every=0.3)  # fmt: skip
         os.kill(_raylet_of(cluster.worker.pid), signal.SIGKILL)
         driver.wait(timeout=400)
     assert driver.returncode == 0, cluster.output(sweep)[-4000:]
     runs = cluster.trials("lost")
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
-    moved = next(r for r in runs if r.info.run_id == on_worker[0].info.run_id)
+    moved = next(r for r in runs if r.info.run_id == trial.info.run_id)
     assert moved.data.tags[NODE_TAG].startswith(HEAD) and moved.data.tags[ATTEMPTS_TAG] == "2"
     for r in runs:
         assert cluster.epochs(r.info.run_id) == list(range(epochs)), "each epoch exactly once"

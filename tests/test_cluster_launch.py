@@ -25,6 +25,7 @@ import yaml
 
 from segtune.config.names import NODE_TAG, ROLE_TAG
 from segtune.data.synthetic import generate
+from tests.helpers import wait_for
 from tests.hosts import CHECKOUT, Hosts, hosts_missing
 from tests.servers import answers, free_port, port_open
 
@@ -173,12 +174,11 @@ def test_the_tracking_server_lives_as_long_as_the_heads_ray(tmp_path: Path) -> N
     assert answers(f"http://127.0.0.1:{port}/health")
     supervisor = int((tmp_path / "segtune-tracking" / "tracking-server.pid").read_text())
     ray.close()
-    for _ in range(60):
-        if not port_open("127.0.0.1", port) and not Path(f"/proc/{supervisor}").exists():
-            break
-        time.sleep(0.5)
-    assert not port_open("127.0.0.1", port)
-    assert not Path(f"/proc/{supervisor}").exists()
+    wait_for(
+        lambda: not port_open("127.0.0.1", port) and not Path(f"/proc/{supervisor}").exists(),
+        "the server and its supervisor to stop",
+        timeout=60,
+    )
 
 
 def test_a_tracking_server_that_does_not_come_up_fails_the_command(tmp_path: Path) -> None:

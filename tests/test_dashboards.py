@@ -374,18 +374,14 @@ def test_an_output_folder_under_a_file_is_one_line(
     assert err == f"error: --out {out}: {tmp_path / 'taken'} is a file, not a folder"
 
 
-def test_cli_unknown_experiment(store: Store, tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "dashboards.report", "--tracking-uri", store.uri,
-         "--experiment", "nope", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).parents[1],
-        timeout=120,
-    )  # fmt: skip
-    assert done.returncode == 2
-    assert done.stderr.splitlines()[-1].startswith("error: experiment 'nope' not found")
-    assert "Traceback" not in done.stderr
+def test_cli_unknown_experiment(
+    store: Store, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--tracking-uri", store.uri, "--experiment", "nope", "--out", str(tmp_path)]
+    assert run_cli(main, argv) == 2  # as `python -m dashboards.report` exits
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("error: experiment 'nope' not found")
+    assert "Traceback" not in err
 
 
 def test_run_id_from_standard_input_once_imported(store: Store, tmp_path: Path) -> None:

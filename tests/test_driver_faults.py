@@ -20,7 +20,6 @@ import sys
 import tempfile
 import termios
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from mlflow.tracking import MlflowClient
 
 from segtune.config.names import ROLE_TAG, STOPPED_TAG
 from segtune.sweep.ending import STOP_FILE
-from tests.helpers import start_driver
+from tests.helpers import start_driver, wait_for
 from tests.test_sweep import EPOCHS_KEPT_RUNNING, _training, run, write_sweep
 
 
@@ -154,10 +153,11 @@ def test_sighup_stops_the_sweep_like_sigterm(
         assert run_.info.status == "KILLED", (run_.data.tags[ROLE_TAG], run_.info.status)
         assert "SIGHUP" in run_.data.tags[STOPPED_TAG]
     assert trial.info.run_id in runs
-    deadline = time.time() + 30
-    while left := ray_processes(ray_tmp):
-        assert time.time() < deadline, [(p.pid, p.name()) for p in left]
-        time.sleep(0.5)
+    wait_for(  # Ray's processes go with their driver: in seconds, 60 on a busy machine
+        lambda: not ray_processes(ray_tmp),
+        lambda: f"the end of {[(p.pid, p.name()) for p in ray_processes(ray_tmp)]}",
+        timeout=60,
+    )
 
 
 def artifact_sweep(tmp_path: Path, synthetic_root: Path, location: Path) -> tuple[Path, str]:
@@ -197,12 +197,16 @@ def test_artifact_uploads_that_fail_later_leave_no_run_running(
     location = tmp_path / "artifacts"
     sweep, uri = artifact_sweep(tmp_path, synthetic_root, location)
     cmd = [sys.executable, "-m", "segtune.run", str(sweep), "--tracking-uri", uri]
-    driver = start_driver(cmd, tmp_path / "driver.log", tmp_path)
+    log = tmp_path / "driver.log"
+    driver = start_driver(cmd, log, tmp_path)
     try:
-        deadline = time.time() + 240
-        while not list(location.glob("*/artifacts/sweep.yaml")):
-            assert time.time() < deadline and driver.poll() is None
-            time.sleep(0.05)
+        wait_for(
+            lambda: list(location.glob("*/artifacts/sweep.yaml")),
+            "the sweep run's sweep.yaml",
+            process=driver,
+            log=log,
+            every=0.05,
+        )
         location.rename(tmp_path / "artifacts.before")
         location.write_text("a file where the artifacts were\n")
         driver.wait(timeout=300)
@@ -210,7 +214,7 @@ def test_artifact_uploads_that_fail_later_leave_no_run_running(
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
             driver.wait()
-    out = (tmp_path / "driver.log").read_text()
+    out = log.read_text()
     assert driver.returncode == 1, out[-3000:]
     assert "report not built" in out, out[-3000:]
     runs = {r.data.tags[ROLE_TAG]: r for r in all_runs(uri, "art")}

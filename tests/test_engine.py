@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from segtune.cli import run_cli
 from segtune.config.trial import DataConfig, TrialConfig, trial_config
 from segtune.data.pipeline import build_data
 from segtune.errors import ConfigError, TrainingDiverged
@@ -182,25 +183,16 @@ def test_train_cli_writes_a_safe_checkpoint(synthetic_root: Path, tmp_path: Path
     assert "epoch   3/3" in resumed.stdout and "epoch   1/3" not in resumed.stdout
 
 
-def test_train_cli_errors_are_one_line(tmp_path: Path) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "segtune.train",
-        "--data",
-        str(tmp_path / "none"),
-        "--out",
-        str(tmp_path),
-    ]
-    proc = subprocess.run(
-        [*cmd, "--arch", "deeplabv3", "--backbone", "none"], capture_output=True, text=True
-    )
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr and "backbone" in proc.stderr
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert (
-        proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
-    )
+def test_train_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from segtune.train import main
+
+    argv = ["--data", str(tmp_path / "none"), "--out", str(tmp_path)]
+    assert run_cli(main, [*argv, "--arch", "deeplabv3", "--backbone", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "backbone" in err
+    assert run_cli(main, argv) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
 
 
 def test_the_evaluation_writes_every_pick_and_predicts_each_image_once(

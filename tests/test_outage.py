@@ -18,9 +18,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from segtune.config.names import ROLE_TAG
-from segtune.tracking.outage import PROBE_S, retry_env, retry_span, watch_server
+from segtune.tracking import outage
+from segtune.tracking.outage import retry_env, retry_span, watch_server
 from segtune.tracking.server import tracking_server
-from tests.helpers import mount_namespace_missing, start_driver
+from tests.helpers import mount_namespace_missing, start_driver, wait_for
 from tests.servers import free_port
 from tests.test_sweep import EPOCHS_KEPT_RUNNING, steps, trial_runs, write_sweep
 
@@ -45,9 +46,12 @@ def test_retry_span_by_hand() -> None:
     assert retry_span(10, 1) == 2 + 4 + 8 + 16 + 32 + 64 + 120 + 120 + 120  # 120 s at most
 
 
-def test_the_watch_asks_until_the_stop_is_taken_and_not_after_the_block() -> None:
+def test_the_watch_asks_until_the_stop_is_taken_and_not_after_the_block(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A server that never answers (nothing listens on the port): after `outage_s` the watch
     calls `on_lost` at every probe until it says it acted, and never once the block ended."""
+    monkeypatch.setattr(outage, "PROBE_S", 0.2)  # the rule, not the driver's pace of 2 s
     calls: list[str] = []
 
     def on_lost(message: str) -> bool:  # as StopSignals.give_up: False until Tune can stop
@@ -55,11 +59,9 @@ def test_the_watch_asks_until_the_stop_is_taken_and_not_after_the_block() -> Non
         return len(calls) >= 2
 
     with watch_server(f"http://127.0.0.1:{free_port()}", 0.1, on_lost):
-        deadline = time.monotonic() + 30
-        while len(calls) < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_for(lambda: len(calls) >= 2, "the watch's second call of on_lost", timeout=60)
     assert len(calls) == 2 and "did not answer for 0.1 s" in calls[0], calls
-    time.sleep(PROBE_S * 1.5)
+    time.sleep(outage.PROBE_S * 5)  # what is tested: no call in the probes after the block
     assert len(calls) == 2
 
 
@@ -92,11 +94,11 @@ def test_a_tracking_server_gone_too_long_stops_the_sweep_for_resume(
             raise
     port = urlsplit(url).port
     try:
-        time.sleep(4)  # a short outage: the trial waits at its next log call
+        time.sleep(4)  # what is tested: a short outage, which the trial waits out at its next log
         with tracking_server(store, tmp_path, workers=1, settle=False, port=port):
             during = _epochs_of_one_trial(tmp_path, driver, at_least=before + 2)
         lost = time.monotonic()
-        driver.wait(timeout=OUTAGE_S + 120)
+        driver.wait(timeout=OUTAGE_S + 180)  # a hang: the driver must stop after OUTAGE_S
         waited = time.monotonic() - lost
     finally:
         _kill(driver)
@@ -105,7 +107,7 @@ def test_a_tracking_server_gone_too_long_stops_the_sweep_for_resume(
     last = out.strip().splitlines()[-1]
     assert f"did not answer for {OUTAGE_S} s" in last and "--resume" in last, last
     assert "Traceback" not in out
-    assert OUTAGE_S <= waited < OUTAGE_S + 60, waited
+    assert waited >= OUTAGE_S, waited  # not stopped before the outage lasted `outage_s`
     assert during > before
     assert "RUNNING" in {r.info.status for r in trial_runs(tmp_path, "outage")}
 
@@ -125,15 +127,14 @@ def test_a_tracking_server_gone_too_long_stops_the_sweep_for_resume(
 
 def _epochs_of_one_trial(folder: Path, driver: subprocess.Popen[str], at_least: int) -> int:
     """Wait until a trial run has `at_least` epochs logged (read from the store's file)."""
-    deadline = time.monotonic() + 180
-    while True:
-        logged = max((len(steps(folder, r.info.run_id)) for r in trial_runs(folder, "outage")),
-                     default=0)  # fmt: skip
-        if logged >= at_least:
-            return logged
-        assert driver.poll() is None, (folder / "driver.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, f"{logged} epochs logged, waited for {at_least}"
-        time.sleep(0.3)
+
+    def logged() -> int:  # the count once it is enough (at_least > 0), else 0
+        n = max((len(steps(folder, r.info.run_id)) for r in trial_runs(folder, "outage")),
+                default=0)  # fmt: skip
+        return n if n >= at_least else 0
+
+    return wait_for(logged, f"{at_least} epochs of a trial logged", process=driver,
+                    log=folder / "driver.log")  # fmt: skip
 
 
 def _kill(driver: subprocess.Popen[str]) -> None:
@@ -187,11 +188,13 @@ def test_a_full_disk_ends_in_one_line_and_resume_repairs(
         assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
         driver = start_driver(cmd, tmp_path / "driver.log")
         try:
-            deadline = time.monotonic() + 240
-            while not any(epochs >= 2 for _, _, epochs in statuses().values()):
-                assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "no trial trained two epochs"
-                time.sleep(1)
+            wait_for(
+                lambda: any(epochs >= 2 for _, _, epochs in statuses().values()),
+                "a trial's second epoch",
+                process=driver,
+                log=tmp_path / "driver.log",
+                every=1,
+            )
             filled = subprocess.run([*inside, "sh", "-c", f"cat /dev/zero > {disk}/filler"],
                                     capture_output=True, text=True, timeout=60)  # fmt: skip
             assert "No space left" in filled.stderr, filled.stderr

@@ -176,6 +176,7 @@ def test_command_exits_1_when_the_server_loses_a_value(
     assert err.count(": missing (sent ") == server_load.MAX_EXAMPLES
 
 
+@pytest.mark.server  # the command starts it: no name in this code says so
 def test_command_starts_and_stops_its_own_server(
     capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
