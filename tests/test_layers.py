@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -204,3 +205,28 @@ def test_ray_start_and_the_preflight_thread_never_import_one_module_at_once() ->
     )
     assert len(ray_init) > 50 and len(preflight) > 1000  # both import plenty on their own
     assert ray_init & preflight == set()
+
+
+def _collected(*args: str) -> list[str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    return [line for line in done.stdout.splitlines() if "::" in line]
+
+
+def test_the_fast_tier_leaves_out_what_starts_ray_and_keeps_the_rest() -> None:
+    """`make check`'s selection, read from the Makefile, over tests/conftest.py's markers: every
+    test of test_export (its module fixture runs a sweep) and test_sweep's sweeps are left out,
+    test_config's checks (which start nothing) stay."""
+    make = (REPO / "Makefile").read_text()
+    selection = re.search(r'^check:.*\n\t.*pytest -q -m "([^"]+)"', make, re.MULTILINE)
+    assert selection is not None, "make check selects by marker"
+    files = ("tests/test_export.py", "tests/test_sweep.py", "tests/test_config.py")
+    fast = _collected("-m", selection.group(1), *files)
+    every = _collected(*files)
+    assert not [t for t in fast if t.startswith("tests/test_export.py::")]
+    assert "tests/test_sweep.py::test_sweep_contract_failure_and_retry" in every
+    assert "tests/test_sweep.py::test_sweep_contract_failure_and_retry" not in fast
+    assert "tests/test_config.py::test_overrides_are_typed_and_nested" in fast
+    assert len([t for t in fast if t.startswith("tests/test_config.py::")]) > 50
