@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -58,8 +59,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def resume_command(args: argparse.Namespace) -> str:
-    """The command that continues this sweep: this interpreter, the same file, overrides, store,
-    cluster and flags."""
+    """The command that continues this sweep: this interpreter, the same file, overrides, store
+    (without its credentials: `_credentials_apart`), cluster and flags."""
     words = [sys.executable, "-m", "segtune.run", args.sweep, "--resume"]
     words += ["--accept-changes"] * args.accept_changes  # harmless once the edits are the sweep's
     for item in args.set:
@@ -69,7 +70,27 @@ def resume_command(args: argparse.Namespace) -> str:
     if args.address:
         words += ["--address", args.address]
     words += ["--no-report"] * args.no_report + ["--verbose"] * args.verbose
-    return shlex.join(words)
+    from segtune.tracking.address import PASSWORD_ENV, USER_ENV
+
+    given = f" (with {USER_ENV} and {PASSWORD_ENV} set)" if PASSWORD_ENV in os.environ else ""
+    return shlex.join(words) + given
+
+
+def _credentials_apart(args: argparse.Namespace, sweep: SweepConfig) -> SweepConfig:
+    """The tracking URI's credentials moved into MLflow's variables (`take_credentials`) before
+    anything prints, stores or passes the URI on: the resume command (its `--set`s too), the
+    report's command line, the sweep's saved copy and its `sweep.yaml` hold it without them."""
+    from segtune.tracking.address import bare_uri, take_credentials
+
+    take_credentials(args.tracking_uri or sweep.mlflow.tracking_uri or "")
+    args.tracking_uri = args.tracking_uri and bare_uri(args.tracking_uri)
+    for i, item in enumerate(args.set):  # --set mlflow.tracking_uri=URI
+        key, _, value = item.partition("=")
+        args.set[i] = f"{key}={bare_uri(value)}" if key.strip() == "mlflow.tracking_uri" else item
+    bare = sweep.mlflow.tracking_uri and bare_uri(sweep.mlflow.tracking_uri)
+    return sweep.model_copy(
+        update={"mlflow": sweep.mlflow.model_copy(update={"tracking_uri": bare})}
+    )
 
 
 def dry_run(sweep: SweepConfig) -> None:
@@ -103,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--accept-changes: only with --resume, for a started sweep whose file was edited; "
             "a new sweep runs its file as it is"
         )
-    sweep = load_sweep(args.sweep, args.set)
+    sweep = _credentials_apart(args, load_sweep(args.sweep, args.set))
     if args.dry_run:
         from segtune.sweep.space import check_combinations
 

@@ -4,13 +4,23 @@ the outage watch and the cluster's checks all use it, and no message shows a pas
 from __future__ import annotations
 
 import http.server
+import os
 import threading
 from collections.abc import Iterator
 
 import pytest
 
 from segtune.errors import ConfigError
-from segtune.tracking.address import check_tracking_uri, public_uri, server_health
+from segtune.tracking.address import (
+    PASSWORD_ENV,
+    USER_ENV,
+    bare_uri,
+    check_tracking_uri,
+    public_uri,
+    resolve_tracking_uri,
+    server_health,
+    take_credentials,
+)
 
 
 class Answers(http.server.BaseHTTPRequestHandler):
@@ -63,8 +73,8 @@ def test_a_server_answers_by_one_rule(
     with pytest.raises(ConfigError) as raised:
         check_tracking_uri(uri)
     message = str(raised.value)
-    assert problem in message and f"http://me:***@{web_server}" in message, message
-    assert "secret" not in message
+    assert problem in message and f"tracking URI http://{web_server}: " in message, message
+    assert "secret" not in message and "me@" not in message
 
 
 def test_nothing_listening_is_refused_in_seconds() -> None:
@@ -73,16 +83,56 @@ def test_nothing_listening_is_refused_in_seconds() -> None:
 
 
 @pytest.mark.parametrize(
+    ("uri", "bare"),
+    [
+        ("http://alice:s3cret@host:5000", "http://host:5000"),
+        ("https://alice:s3cret@host/mlflow/?x=1#f", "https://host/mlflow/?x=1#f"),
+        ("http://alice@host:5000/", "http://host:5000/"),  # a user without a password
+        ("http://alice:p@ss@host:5000", "http://host:5000"),  # an @ left unquoted in it
+        ("http://alice:s3cret@[fd00::5]:5000/x", "http://[fd00::5]:5000/x"),
+        ("http://[fd00::5]:5000", "http://[fd00::5]:5000"),
+        ("http://host:5000", "http://host:5000"),
+        ("sqlite:///path/mlflow.db", "sqlite:///path/mlflow.db"),
+        ("file:./mlruns", "file:./mlruns"),
+        ("file:///a@b/mlruns", "file:///a@b/mlruns"),
+        ("postgresql://me:secret@db:5432/x", "postgresql://me:secret@db:5432/x"),
+        ("http://[::1", "http://[::1"),  # not an address: as written
+    ],
+)
+def test_bare_uri_drops_a_servers_user_info_only(uri: str, bare: str) -> None:
+    assert bare_uri(uri) == bare
+
+
+@pytest.mark.parametrize(
     ("uri", "shown"),
     [
         ("postgresql://me:secret@db:5432/x", "postgresql://me:***@db:5432/x"),
-        ("http://me@host:5000", "http://me@host:5000"),  # no password, nothing to hide
+        ("http://me:secret@host:5000", "http://host:5000"),  # the browser asks
+        ("http://me@host:5000", "http://host:5000"),
         ("sqlite:///mlflow.db", "sqlite:///mlflow.db"),
         ("http://[::1", "http://[::1"),  # no address: shown as written
     ],
 )
-def test_public_uri_hides_only_the_password(uri: str, shown: str) -> None:
+def test_public_uri_shows_no_password(uri: str, shown: str) -> None:
     assert public_uri(uri) == shown
+
+
+def test_a_uris_credentials_become_mlflows_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The user and password (percent-decoded) go where MLflow reads them; the URI used, and
+    MLFLOW_TRACKING_URI that child processes inherit, are left without them."""
+    monkeypatch.setenv(USER_ENV, "old")
+    monkeypatch.delenv(PASSWORD_ENV, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://bob:pw2@other:5000")
+    assert resolve_tracking_uri("http://al%40ice:s3c%3Aret@host:5000/") == "http://host:5000/"
+    assert (os.environ[USER_ENV], os.environ[PASSWORD_ENV]) == ("al@ice", "s3c:ret")
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://other:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://bob:pw2@other:5000")
+    assert resolve_tracking_uri() == "http://other:5000"  # the variable's, when it is the one used
+    assert (os.environ[USER_ENV], os.environ[PASSWORD_ENV]) == ("bob", "pw2")
+    assert take_credentials("http://carol@host:5000") == "http://host:5000"  # no password: kept
+    assert (os.environ[USER_ENV], os.environ[PASSWORD_ENV]) == ("carol", "pw2")
+    assert take_credentials("postgresql://u:pw@db/x") == "postgresql://u:pw@db/x"
+    assert os.environ[USER_ENV] == "carol"
 
 
 @pytest.mark.parametrize("uri", ["sqlite:///mlflow.db", "file:./mlruns", "postgresql://u:pw@db/x"])

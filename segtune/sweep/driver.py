@@ -47,6 +47,7 @@ from segtune.sweep.signals import StopSignals
 from segtune.sweep.space import GRID_KEY, discrete_trials, param_space
 from segtune.sweep.storage import RunStorage
 from segtune.sweep.trainable import run_trial
+from segtune.tracking.address import public_uri
 from segtune.tracking.outage import watch_server
 from segtune.tracking.runs import close_open_runs, start_sweep_run
 
@@ -94,7 +95,8 @@ def _parent_run(
         node=node_name(),
         created=lambda run_id: setattr(outcome, "parent", run_id),
     )
-    state = json.dumps({"parent_run_id": parent, "tracking_uri": tracking_uri})
+    # the store's address for whoever reads the storage: no password (--resume takes its own)
+    state = json.dumps({"parent_run_id": parent, "tracking_uri": public_uri(tracking_uri)})
     storage.write_text(sweep_yaml, sweep.name, SWEEP_COPY_FILE)  # what --resume compares with
     storage.write_text(state, sweep.name, SWEEP_STATE_FILE)
     return parent

@@ -12,11 +12,14 @@ import importlib
 import logging
 import os
 import socket
+from collections.abc import Callable
+from typing import Any
 
 import ray
 
 from segtune.errors import ConfigError
 from segtune.sweep.signals import StopSignals
+from segtune.tracking.address import PASSWORD_ENV, USER_ENV
 from segtune.tracking.outage import trial_retry_env
 
 # What ray.init imports on its own, imported with this module: the pre-flight thread imports
@@ -48,6 +51,18 @@ class DefaultAuthNotice(logging.Filter):
 
 
 AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def _credentials_hook(values: dict[str, str]) -> Callable[[], None]:
+    """The tracking server's credentials for every Ray worker, on any node: a setup hook goes
+    pickled through Ray's GCS, where `env_vars` would be written out in each node's
+    runtime_env_agent.log. A node's own variables (a cluster's .cluster.env) give way to the
+    driver's."""
+
+    def set_mlflow_credentials() -> None:
+        os.environ.update(values)
+
+    return set_mlflow_credentials
 
 
 def check_head(address: str | None, timeout: float = 5.0) -> None:
@@ -89,10 +104,14 @@ def start_ray(address: str | None, tracking_uri: str, outage_s: float, stop: Sto
     log.info("starting Ray (%s)", address or "this machine")
     if not log.isEnabledFor(logging.DEBUG):  # Ray's INFO lines in the driver only with -v
         logging.getLogger("ray").setLevel(logging.WARNING)
+    runtime_env: dict[str, Any] = {"env_vars": env}
+    credentials = {n: os.environ[n] for n in (USER_ENV, PASSWORD_ENV) if n in os.environ}
+    if credentials:
+        runtime_env["worker_process_setup_hook"] = _credentials_hook(credentials)
     options = dict(
         address=address,
         include_dashboard=False,
-        runtime_env={"env_vars": env},
+        runtime_env=runtime_env,
         configure_logging=False,
         log_to_driver=True,
     )

@@ -3,6 +3,12 @@ store behind it can work, asked once in seconds (MLflow's own client retries for
 
 One health rule for every caller: the pre-flight of each command, the sweep's watch over an
 outage, the cluster's supervisor and the node checks all ask `server_health`.
+
+A server's credentials never travel in its URI: `resolve_tracking_uri` moves a URI's user info
+into MLflow's own variables (MLFLOW_TRACKING_USERNAME/PASSWORD), and every link, message, file
+and process after it sees the URI without them. MLflow takes credentials from those variables
+only; a password left in the URI would be sent all the same (by `requests`), but MLflow writes
+the URL into its errors, which reach logs and the trials' error tags.
 """
 
 from __future__ import annotations
@@ -17,21 +23,58 @@ from pathlib import Path
 from segtune.cli import check_out_folder
 from segtune.errors import ConfigError
 
+USER_ENV, PASSWORD_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
 STORE_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
 START_HINT = "start the server (mlflow server --host 127.0.0.1 --port PORT) or fix --tracking-uri"
 
 
 def resolve_tracking_uri(cli_value: str | None = None) -> str:
-    """`--tracking-uri`, else MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db)."""
-    if cli_value:
-        return cli_value
+    """`--tracking-uri`, else MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db);
+    a server's user info moved into this process's MLflow credentials (`take_credentials`), and
+    out of MLFLOW_TRACKING_URI too, which the processes it starts inherit."""
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if env_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = bare_uri(env_uri)
+    if cli_value or env_uri:
+        return take_credentials(cli_value or env_uri)
     import mlflow  # here: the supervisor and the load test import this module without MLflow
 
-    return os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+    return mlflow.get_tracking_uri()
+
+
+def bare_uri(uri: str) -> str:
+    """A server's URI without its user info (scheme, host, port, path kept): what a link, a
+    command to repeat or a file that travels holds; the browser asks for the credentials. Any
+    other URI (a file or database store, not an address) as it is."""
+    try:
+        parts = urllib.parse.urlsplit(uri)
+    except ValueError:  # not an address (a bracket left open)
+        return uri
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def take_credentials(uri: str) -> str:
+    """`bare_uri(uri)`, the user and password of a server's URI set as this process's
+    MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (the URI's win over the variables':
+    they were given for this server); the processes it starts inherit them, and Ray's trials
+    get them through `sweep.ray_init`."""
+    bare = bare_uri(uri)
+    if bare == uri:
+        return uri
+    user, _, password = urllib.parse.urlsplit(uri).netloc.rpartition("@")[0].partition(":")
+    if user:
+        os.environ[USER_ENV] = urllib.parse.unquote(user)
+    if password:
+        os.environ[PASSWORD_ENV] = urllib.parse.unquote(password)
+    return bare
 
 
 def public_uri(uri: str) -> str:
-    """`uri` with its password as ***, fit for a message, a table or a file that travels."""
+    """`uri` fit for a message, a link, a table or a file that travels: a server's without its
+    user info (`bare_uri`), a database's with its password as ***."""
+    uri = bare_uri(uri)
     try:
         parts = urllib.parse.urlsplit(uri)
     except ValueError:  # not an address (a bracket left open): shown as the user wrote it

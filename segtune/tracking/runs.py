@@ -41,7 +41,7 @@ from segtune.config.names import (
     TRIAL_ID_TAG,
     WORKER_TAG,
 )
-from segtune.tracking.address import is_server
+from segtune.tracking.address import is_server, public_uri
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +61,17 @@ def runs_page(tracking_uri: str, experiment_key: str, sweep_run_id: str | None =
 
     Sorted by OBJECTIVE, so that MLflow's UI lists the trials themselves, best first, not folded
     under their sweep's row (it nests children only when sorted by time); with `sweep_run_id`,
-    only that sweep's trials."""
+    only that sweep's trials. No link holds the URI's credentials: the browser asks for them."""
     query = {"orderByKey": f"metrics.`{OBJECTIVE}`", "orderByAsc": "false"}
     if sweep_run_id:
         query["searchFilter"] = f"tags.{MLFLOW_PARENT_RUN_ID} = '{sweep_run_id}'"
     view = f"#/experiments/{experiment_key}/runs?" + urllib.parse.urlencode(
         query, quote_via=urllib.parse.quote
     )
+    shown = public_uri(tracking_uri)
     if is_server(tracking_uri):
-        return f"{tracking_uri.rstrip('/')}/{view}"
-    return f"mlflow ui --backend-store-uri {tracking_uri}, then http://127.0.0.1:5000/{view}"
+        return f"{shown.rstrip('/')}/{view}"
+    return f"mlflow ui --backend-store-uri {shown}, then http://127.0.0.1:5000/{view}"
 
 
 def run_page(tracking_uri: str, experiment_key: str, run_id: str) -> str | None:
@@ -78,7 +79,7 @@ def run_page(tracking_uri: str, experiment_key: str, run_id: str) -> str | None:
     has no page until `mlflow ui` serves it."""
     if not is_server(tracking_uri):
         return None
-    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_key}/runs/{run_id}"
+    return f"{public_uri(tracking_uri).rstrip('/')}/#/experiments/{experiment_key}/runs/{run_id}"
 
 
 def start_sweep_run(
