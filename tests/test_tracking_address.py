@@ -4,9 +4,14 @@ the outage watch and the cluster's checks all use it, and no message shows a pas
 from __future__ import annotations
 
 import http.server
+import json
 import os
+import shutil
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +26,8 @@ from segtune.tracking.address import (
     server_health,
     take_credentials,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class Answers(http.server.BaseHTTPRequestHandler):
@@ -139,3 +146,62 @@ def test_a_uris_credentials_become_mlflows_variables(monkeypatch: pytest.MonkeyP
 def test_a_store_without_a_server_has_nothing_to_reach(uri: str) -> None:
     """The sweep's run closing and the node checks ask every store; only a server is probed."""
     assert server_health(uri, timeout=0.1) is None
+
+
+# Inside the namespace: a name server on the namespace's own loopback that takes every query
+# and never answers; the head check and the tracking check, each with a 2 s timeout
+SILENT_RESOLVER = r"""
+import json, socket, sys, threading, time
+from segtune.errors import ConfigError
+from segtune.sweep.ray_init import check_head
+from segtune.tracking.address import check_tracking_uri
+
+server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+server.bind(("127.0.0.1", 53))
+queries = []
+threading.Thread(target=lambda: [queries.append(server.recv(512)) for _ in iter(int, 1)],
+                 daemon=True).start()
+found = {}
+for name, check in (("head", lambda: check_head("head.segtune.test:6379", timeout=2)),
+                    ("tracking", lambda: check_tracking_uri("http://mlflow.segtune.test:5000", 2))):
+    started = time.monotonic()
+    try:
+        check()
+        message = None
+    except ConfigError as exc:
+        message = str(exc)
+    found[name] = (message, time.monotonic() - started)
+print(json.dumps({**found, "queries": len(queries)}))
+"""
+
+
+def test_a_name_no_resolver_answers_is_one_line_within_the_timeout(tmp_path: Path) -> None:
+    """The C resolver would wait its attempts x timeout (10 s and more) for a name server that
+    never answers; `check_head` and the tracking check give up on the lookup at their timeout.
+    Run in a network and mount namespace of the test's own, whose /etc/resolv.conf names a
+    server on its loopback that the test holds (and /etc/nsswitch.conf asks files, then DNS)."""
+    if os.geteuid() != 0:
+        pytest.skip("a network and mount namespace needs root")
+    if not (shutil.which("unshare") and shutil.which("ip")):
+        pytest.skip("unshare or ip is not installed (Debian: util-linux, iproute2)")
+    (tmp_path / "resolv.conf").write_text("nameserver 127.0.0.1\n")
+    (tmp_path / "nsswitch.conf").write_text("hosts: files dns\n")
+    inside = (
+        f"ip link set lo up && mount --bind {tmp_path / 'resolv.conf'} /etc/resolv.conf && "
+        f"mount --bind {tmp_path / 'nsswitch.conf'} /etc/nsswitch.conf && "
+        f'exec {sys.executable} -c "$0"'
+    )
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env["PYTHONPATH"] = str(REPO)
+    done = subprocess.run(
+        ["unshare", "--net", "--mount", "sh", "-c", inside, SILENT_RESOLVER],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.splitlines()[-1])
+    assert found["queries"] >= 1  # the resolver asked the silent server
+    for check, host in (("head", "head.segtune.test"), ("tracking", "mlflow.segtune.test")):
+        message, seconds = found[check]
+        assert message is not None and "\n" not in message, message
+        assert f"{host} did not resolve within 2 s" in message, message
+        assert seconds < 2 + 2, (check, seconds)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +18,7 @@ import ray
 
 from segtune.errors import ConfigError
 from segtune.sweep.signals import StopSignals
-from segtune.tracking.address import PASSWORD_ENV, USER_ENV
+from segtune.tracking.address import PASSWORD_ENV, USER_ENV, LookupTimeout, connect_within
 from segtune.tracking.outage import trial_retry_env
 
 # What ray.init imports on its own, imported with this module: the pre-flight thread imports
@@ -66,7 +65,8 @@ def _credentials_hook(values: dict[str, str]) -> Callable[[], None]:
 
 
 def check_head(address: str | None, timeout: float = 5.0) -> None:
-    """A HOST:PORT that nothing answers at is one line in seconds: Ray itself would retry its
+    """A HOST:PORT that nothing answers at, or whose name does not resolve, is one line within
+    `timeout` seconds (the lookup included: `connect_within`): Ray itself would retry its
     connection to the head's GCS for a minute. `auto`, `local` and `ray://` are Ray's."""
     if address is None or address in ("auto", "local") or "://" in address:
         return
@@ -77,7 +77,9 @@ def check_head(address: str | None, timeout: float = 5.0) -> None:
             f"--address {address}: not HOST:PORT (or auto); e.g. 10.0.0.5:6379 or [fd00::5]:6379"
         )
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        connect_within((host.strip("[]"), int(port)), timeout).close()
+    except LookupTimeout as exc:
+        reason = str(exc)
     except TimeoutError:
         reason = f"no answer within {timeout:g} s"
     except OSError as exc:

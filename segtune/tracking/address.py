@@ -2,7 +2,8 @@
 store behind it can work, asked once in seconds (MLflow's own client retries for minutes).
 
 One health rule for every caller: the pre-flight of each command, the sweep's watch over an
-outage, the cluster's supervisor and the node checks all ask `server_health`.
+outage, the cluster's supervisor and the node checks all ask `server_health`. Its name lookup,
+and `sweep.ray_init.check_head`'s, is bounded by the same timeout (`connect_within`).
 
 A server's credentials never travel in its URI: `resolve_tracking_uri` moves a URI's user info
 into MLflow's own variables (MLFLOW_TRACKING_USERNAME/PASSWORD), and every link, message, file
@@ -15,10 +16,14 @@ from __future__ import annotations
 
 import http.client
 import os
+import socket
+import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from segtune.cli import check_out_folder
 from segtune.errors import ConfigError
@@ -85,6 +90,85 @@ def public_uri(uri: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
+class LookupTimeout(TimeoutError):
+    """A host name that the resolver did not answer for in time."""
+
+
+def lookup(host: str, port: int, timeout: float) -> list[tuple[Any, ...]]:
+    """`socket.getaddrinfo` for a TCP connection, answered within `timeout` seconds or
+    LookupTimeout: the C resolver has no timeout a caller sets (a name server that never answers
+    costs its attempts x timeout, 10 s by default, per address family), so it runs in a daemon
+    thread, left behind when late."""
+    found: list[tuple[Any, ...]] = []
+    failed: list[OSError] = []
+
+    def resolve() -> None:
+        try:
+            found.extend(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except OSError as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=resolve, name=f"lookup {host}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise LookupTimeout(f"{host} did not resolve within {timeout:g} s")
+    if failed:
+        raise failed[0]
+    return found
+
+
+def connect_within(
+    address: tuple[str, int], timeout: float, source_address: tuple[str, int] | None = None
+) -> socket.socket:
+    """`socket.create_connection`, its name lookup included in `timeout` (`lookup`); each of
+    the name's addresses tried in turn with the time left."""
+    deadline = time.monotonic() + timeout
+    errors: list[OSError] = []
+    for family, kind, proto, _, sockaddr in lookup(address[0], address[1], timeout):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as exc:
+            sock.close()
+            errors.append(exc)
+    raise errors[0] if errors else OSError(f"{address[0]}: no address to connect to")
+
+
+class _Bounded:
+    """http.client's connection, its socket made by `connect_within` (http.client's own hook
+    for it, `_create_connection`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._create_connection = connect_within
+
+
+class _HTTP(_Bounded, http.client.HTTPConnection):
+    pass
+
+
+class _HTTPS(_Bounded, http.client.HTTPSConnection):
+    pass
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_HTTP, req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_HTTPS, req, context=self._context)
+
+
+_OPENER = urllib.request.build_opener(_HTTPHandler, _HTTPSHandler)  # urllib's, lookups bounded
+
+
 def is_server(tracking_uri: str) -> bool:
     return urllib.parse.urlsplit(tracking_uri).scheme in ("http", "https")
 
@@ -99,7 +183,7 @@ def server_health(url: str, timeout: float = 5.0) -> str | None:
     parts = urllib.parse.urlsplit(url)
     base = f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}{parts.path.rstrip('/')}"
     try:
-        with urllib.request.urlopen(f"{base}/health", timeout=timeout):
+        with _OPENER.open(f"{base}/health", timeout=timeout):
             return None
     except urllib.error.HTTPError as exc:
         if exc.code in (401, 403) or (exc.code == 404 and _answers_mlflow(base, timeout)):
@@ -116,7 +200,7 @@ def _answers_mlflow(base: str, timeout: float) -> bool:
     """Whether MLflow's REST API is there (a proxy may route it and not /health)."""
     try:
         url = f"{base}/api/2.0/mlflow/experiments/search?max_results=1"
-        with urllib.request.urlopen(url, timeout=timeout):
+        with _OPENER.open(url, timeout=timeout):
             return True
     except urllib.error.HTTPError as exc:
         return exc.code != 404  # 401 or 403: a server that wants credentials
