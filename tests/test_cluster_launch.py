@@ -4,12 +4,14 @@ The repository's own cluster.yaml, with its fill-in block filled for the hosts: 
 generates the token (`ray get-auth-token --generate`), checks the file (`segtune.cluster
 check`), and runs `ray up`, `ray exec` and `ray down`. Run storage is a folder both hosts mount;
 the dataset reaches both through the config's file mount. The MLflow server runs on the head,
-with the PostgreSQL store (the head's setup starts Debian's package in the head's overlay).
+with the PostgreSQL store (the head's setup starts Debian's package in the head's overlay), and
+asks for the admin's login, whose password `check` made on the launcher.
 These tests take about two and a half minutes: `make test-cluster` runs them (`.ci/run` too).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -25,9 +27,9 @@ import yaml
 
 from segtune.config.names import NODE_TAG, ROLE_TAG
 from segtune.data.synthetic import generate
-from tests.helpers import wait_for
+from segtune.tracking.auth import PASSWORD_FILE, create_password
 from tests.hosts import CHECKOUT, Hosts, hosts_missing
-from tests.servers import answers, free_port, port_open
+from tests.servers import free_port
 
 RAY = str(Path(sys.executable).parent / "ray")
 SWEEP = [
@@ -58,10 +60,19 @@ class Launched:
     def on_head(self, command: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         return self.launcher(RAY, "exec", str(self.config), command, timeout=timeout)
 
+    @property
+    def password(self) -> str:
+        """The MLflow admin's password, as `check` made it on the launcher."""
+        return (self.hosts.root / "launcher" / "home" / PASSWORD_FILE[2:]).read_text().strip()
+
     def tracking(self, code: str) -> object:
-        """What `code` (with `client`, an MlflowClient of the head's server) prints, as JSON."""
+        """What `code` (with `client`, an MlflowClient of the head's server, logged in through
+        MLflow's environment variables) prints, as JSON."""
         script = (
-            "import json\nfrom mlflow.tracking import MlflowClient\n"
+            "import json, os\nfrom mlflow.tracking import MlflowClient\n"
+            "os.environ['MLFLOW_TRACKING_USERNAME'] = 'admin'\n"
+            f"os.environ['MLFLOW_TRACKING_PASSWORD'] = open(os.path.expanduser('{PASSWORD_FILE}'))"
+            ".read().strip()\n"
             f"client = MlflowClient('http://{self.hosts.hosts['head'].ip}:5000')\n{code}"
         )
         done = self.launcher(sys.executable, "-c", script, timeout=60)
@@ -145,12 +156,24 @@ def test_env_turns_the_fill_in_block_into_exports(tmp_path: Path) -> None:
     config = yaml.safe_load((CHECKOUT / "cluster.yaml").read_text())
     config["provider"].update(head_ip="10.0.0.10", segtune_run_storage="s3://sweeps/seg tune")
     (tmp_path / "bootstrap.yaml").write_text(yaml.safe_dump(config))
-    done = _cluster("env", str(tmp_path / "bootstrap.yaml"))
+    home = tmp_path / "home"  # the head's, with its copy of the MLflow admin's password
+    create_password(home / PASSWORD_FILE[2:])
+    password = (home / PASSWORD_FILE[2:]).read_text().strip()
+    env = {**os.environ, "HOME": str(home)}
+    done = _cluster("env", str(tmp_path / "bootstrap.yaml"), env=env)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert "export MLFLOW_TRACKING_URI=http://10.0.0.10:5000" in lines
     assert "export SEGTUNE_RUN_STORAGE='s3://sweeps/seg tune'" in lines  # quoted for the shell
     assert "export RAY_AUTH_MODE=token" in lines
+    # the login: the password is read from each node's own copy of its file, never written here
+    assert "export MLFLOW_TRACKING_USERNAME=admin" in lines
+    (tmp_path / ".cluster.env").write_text(done.stdout)
+    shell = subprocess.run(
+        ["bash", "-c", '. "$0" && printf %s "$MLFLOW_TRACKING_PASSWORD"', tmp_path / ".cluster.env"],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert shell.stdout == password and password not in done.stdout + done.stderr
     config["provider"]["segtune_tracking_store"] = "mysql"
     (tmp_path / "bootstrap.yaml").write_text(yaml.safe_dump(config))
     done = _cluster("env", str(tmp_path / "bootstrap.yaml"))
@@ -158,38 +181,27 @@ def test_env_turns_the_fill_in_block_into_exports(tmp_path: Path) -> None:
     assert "provider.segtune_tracking_store must be one of" in done.stderr
 
 
-def test_the_tracking_server_lives_as_long_as_the_heads_ray(tmp_path: Path) -> None:
-    """It answers before the command returns, and stops once the head's Ray port closes."""
-    ray = socket.socket()  # stands in for the head's GCS port
-    ray.bind(("127.0.0.1", 0))
-    ray.listen()
-    port = free_port()
-    env = {**os.environ, "HOME": str(tmp_path), "SEGTUNE_TRACKING_STORE": "sqlite"}
-    done = _cluster(
-        "tracking-server", "--host", "127.0.0.1", "--port", str(port),
-        "--ray-port", str(ray.getsockname()[1]), "--workers", "1", env=env,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert f"tracking server: http://127.0.0.1:{port}" in done.stdout
-    assert answers(f"http://127.0.0.1:{port}/health")
-    supervisor = int((tmp_path / "segtune-tracking" / "tracking-server.pid").read_text())
-    ray.close()
-    wait_for(
-        lambda: not port_open("127.0.0.1", port) and not Path(f"/proc/{supervisor}").exists(),
-        "the server and its supervisor to stop",
-        timeout=60,
-    )
-
-
 def test_a_tracking_server_that_does_not_come_up_fails_the_command(tmp_path: Path) -> None:
+    create_password(tmp_path / PASSWORD_FILE[2:])
     env = {**os.environ, "HOME": str(tmp_path), "SEGTUNE_TRACKING_STORE": "postgresql"}
-    done = _cluster(
-        "tracking-server", "--host", "127.0.0.1", "--port", str(free_port()),
-        "--workers", "1", "--timeout", "30", env=env,
-    )  # fmt: skip
+    with _head_ray() as ray_port:  # the head's Ray is up: the store is what fails
+        done = _cluster(
+            "tracking-server", "--host", "127.0.0.1", "--port", str(free_port()),
+            "--ray-port", str(ray_port), "--workers", "1", "--timeout", "30", env=env,
+        )  # fmt: skip
     assert done.returncode == 2
     assert "the MLflow server did not answer at http://127.0.0.1:" in done.stderr
     assert "postgresql" in done.stderr.lower()  # the server's own log, so the cause shows
+
+
+@contextlib.contextmanager
+def _head_ray() -> Iterator[int]:
+    """A listening port that stands in for the head's GCS: the supervisor stops the MLflow
+    server once it closes."""
+    with socket.socket() as ray:
+        ray.bind(("127.0.0.1", 0))
+        ray.listen()
+        yield ray.getsockname()[1]
 
 
 def _cluster(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
