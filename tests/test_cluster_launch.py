@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -241,6 +242,30 @@ def test_up_brings_two_nodes_with_token_auth(launched: Launched) -> None:
         "code 401",
         "code 200",
     ], done.stdout[-2000:]
+    # the MLflow server asks for the admin's login (the browser's prompt: 401 with a Basic
+    # challenge) and takes the password `check` made; it reached every node privately and is
+    # in no output of `ray up` and no .cluster.env (each node's shell reads its own copy)
+    probe = (
+        "import base64, os, urllib.request as u, urllib.error as e\n"
+        "url = 'http://10.213.7.2:5000/api/2.0/mlflow/experiments/search?max_results=1'\n"
+        f"password = open(os.path.expanduser('{PASSWORD_FILE}')).read().strip()\n"
+        "login = 'Basic ' + base64.b64encode(('admin:' + password).encode()).decode()\n"
+        "for h in ({}, {'Authorization': login}):\n"
+        "    try: print('code', u.urlopen(u.Request(url, headers=h)).status)\n"
+        "    except e.HTTPError as x: print('code', x.code, x.headers['WWW-Authenticate'])"
+    )
+    done = launched.launcher(sys.executable, "-c", probe, timeout=60)
+    assert [line for line in done.stdout.splitlines() if line.startswith("code")] == [
+        'code 401 Basic realm="mlflow"',
+        "code 200",
+    ], done.stdout[-2000:] + done.stderr[-2000:]
+    password = launched.password
+    assert password not in out + launched.up.stderr
+    for host in launched.hosts.hosts.values():
+        copy = host.home / PASSWORD_FILE[2:]
+        assert copy.read_text().strip() == password, host.name
+        assert stat.S_IMODE(copy.stat().st_mode) == 0o600, host.name
+        assert password not in (host.home / "segtune" / ".cluster.env").read_text(), host.name
     # a node without the token, or with another, is refused (from the launcher: it reaches the head)
     for env in ("", f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN={'0' * 64}"):
         stranger = launched.launcher(
@@ -256,12 +281,14 @@ def test_a_sweep_through_ray_exec_runs_on_both_hosts(launched: Launched) -> None
     done = launched.on_head(" ".join(SWEEP), timeout=300)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     assert "sweep quickstart: 2 trials" in done.stdout
+    assert launched.password not in done.stdout + done.stderr
     assert "the MLflow UI: http://10.213.7.2:5000" in done.stdout  # from .cluster.env
     trials = launched.tracking(
         "exp = client.get_experiment_by_name('quickstart')\n"
         f"runs = client.search_runs([exp.experiment_id], \"tags.`{ROLE_TAG}` = 'trial'\")\n"
         f"print(json.dumps([[r.info.status, r.data.tags.get('{NODE_TAG}', '')] for r in runs]))"
     )
+    # logged with the login of .cluster.env, on both hosts: the server refuses requests without
     assert isinstance(trials, list) and len(trials) == 2
     assert {status for status, _ in trials} == {"FINISHED"}
     assert {node.split()[0] for _, node in trials} == {"10.213.7.2", "10.213.7.3"}

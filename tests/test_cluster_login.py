@@ -100,7 +100,7 @@ def test_a_sweep_logs_its_trials_with_the_login(tmp_path: Path, synthetic_root: 
         "MLFLOW_TRACKING_PASSWORD": (tmp_path / PASSWORD_FILE[2:]).read_text().strip(),
     }
     sweep = write_sweep(tmp_path / "login.yaml", synthetic_root,
-                        search_space={"lr": {"grid_search": [0.003, 0.002]}})  # fmt: skip
+                        search_space={"lr": {"grid_search": [0.003]}})  # fmt: skip
     ray_tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths
     try:
         with _head_ray() as ray_port:
@@ -126,8 +126,8 @@ def test_a_sweep_logs_its_trials_with_the_login(tmp_path: Path, synthetic_root: 
                     os.environ.pop(name)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
-    assert epochs == [2, 2]
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    assert epochs == [2]  # every epoch logged
 
 
 def _start_tracking_server(home: Path, ray_port: int) -> tuple[int, str]:
