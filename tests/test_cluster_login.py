@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import shutil
 import stat
@@ -17,7 +18,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 import yaml
+from mlflow.server import get_app_client
 from mlflow.tracking import MlflowClient
 
 from segtune.config.names import ROLE_TAG
@@ -60,10 +63,11 @@ def test_check_makes_the_mlflow_password_once_and_keeps_it_private(tmp_path: Pat
 
 
 def test_the_tracking_server_asks_for_a_login_and_lives_as_long_as_the_heads_ray(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """It answers before the command returns, refuses MLflow's API without the admin's login
-    (401: to segtune's health check a server that is up), and stops once the head's Ray port
+    (401: to segtune's health check a server that is up), lets the admin add users as README
+    says (who read, and write nothing unless granted), and stops once the head's Ray port
     closes. A password file made anew is the admin's at the next start."""
     password_file = tmp_path / PASSWORD_FILE[2:]
     state = tmp_path / "segtune-tracking"
@@ -81,6 +85,14 @@ def test_the_tracking_server_asks_for_a_login_and_lives_as_long_as_the_heads_ray
             assert server_health(url) is None and answers(f"{url}/health")
             server = [c for c in _cmdlines() if "mlflow" in c and f"--port {port} " in c]
             assert server and "--app-name basic-auth" in server[0], server
+            if not attempt:  # README: the admin adds a user with MLflow's client, or its form
+                monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+                monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+                get_app_client("basic-auth", url).create_user("ana", "her own password")
+                ana = ("ana", "her own password")
+                assert _api_status(url, ana) == 200
+                assert _api_status(url, ana, write=True) == 403  # READ in others' experiments
+                assert _api_status(url, ("admin", password), path="/signup") == 200
         _wait_stopped(port, state)
         log = (state / "tracking-server.log").read_text()
         assert password not in said + log + (state / "basic_auth.ini").read_text()
@@ -91,7 +103,9 @@ def test_the_tracking_server_asks_for_a_login_and_lives_as_long_as_the_heads_ray
     assert stat.S_IMODE((state / "basic_auth.db").stat().st_mode) == 0o600
 
 
-def test_a_sweep_logs_its_trials_with_the_login(tmp_path: Path, synthetic_root: Path) -> None:
+def test_a_sweep_logs_its_trials_with_the_login(
+    tmp_path: Path, synthetic_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A short sweep against the server as the cluster starts it, logged in through MLflow's
     environment variables (as `.cluster.env` sets them on every node)."""
     create_password(tmp_path / PASSWORD_FILE[2:])
@@ -113,17 +127,12 @@ def test_a_sweep_logs_its_trials_with_the_login(tmp_path: Path, synthetic_root: 
             )  # fmt: skip
             assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
             assert login["MLFLOW_TRACKING_PASSWORD"] not in done.stdout + done.stderr
-            os.environ.update(login)  # MlflowClient reads them at each request
-            try:
-                client = MlflowClient(url)
-                experiment = client.get_experiment_by_name("login")
-                runs = client.search_runs(
-                    [experiment.experiment_id], f"tags.`{ROLE_TAG}` = 'trial'"
-                )
-                epochs = [len(client.get_metric_history(r.info.run_id, "val_miou")) for r in runs]
-            finally:
-                for name in login:
-                    os.environ.pop(name)
+            for name, value in login.items():  # MlflowClient reads them at each request
+                monkeypatch.setenv(name, value)
+            client = MlflowClient(url)
+            experiment = client.get_experiment_by_name("login")
+            runs = client.search_runs([experiment.experiment_id], f"tags.`{ROLE_TAG}` = 'trial'")
+            epochs = [len(client.get_metric_history(r.info.run_id, "val_miou")) for r in runs]
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert [r.info.status for r in runs] == ["FINISHED"]
@@ -154,9 +163,22 @@ def _wait_stopped(port: int, state: Path) -> None:
     )
 
 
-def _api_status(url: str, login: tuple[str, str] | None = None) -> int:
-    """The HTTP status of MLflow's REST API at `url`, with a basic-auth login or without."""
-    request = urllib.request.Request(f"{url}/api/2.0/mlflow/experiments/search?max_results=1")
+def _api_status(
+    url: str,
+    login: tuple[str, str] | None = None,
+    write: bool = False,
+    path: str = "/api/2.0/mlflow/experiments/search?max_results=1",
+) -> int:
+    """The HTTP status of a page of the server at `url` (by default a search of MLflow's REST
+    API; with `write`, a run created in the admin's Default experiment), with a basic-auth login
+    or without."""
+    request = urllib.request.Request(f"{url}{path}")
+    if write:
+        request = urllib.request.Request(
+            f"{url}/api/2.0/mlflow/runs/create",
+            data=json.dumps({"experiment_id": "0"}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
     if login is not None:
         token = base64.b64encode(":".join(login).encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
