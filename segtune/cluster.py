@@ -1,13 +1,16 @@
 """`python -m segtune.cluster`: the steps of `cluster.yaml` that Ray's own CLI does not take.
 
 - `check CLUSTER_YAML` (on the launching machine, before `ray up`): Ray's own validator, every
-  placeholder filled, the key, token and mounted folders present; prints the commands to run.
+  placeholder filled, the key, token and mounted folders present; makes the MLflow admin's
+  password once (`tracking/auth.py`), mounted like the token; prints the commands to run.
 - `env BOOTSTRAP_YAML` (head setup): the settings of the config that `ray up` leaves on the head,
   as the shell exports every node's commands read (`.cluster.env`, synced to the workers with the
-  checkout): token mode, the venv on PATH, the head's address, the tracking URI.
+  checkout): token mode, the venv on PATH, the head's address, the tracking URI and its
+  credentials (the password read from the node's copy of its file).
 - `tracking-store` (head setup): the MLflow server's store, a sqlite folder or PostgreSQL
   (Debian's package, a role and database for the SSH user, peer authentication: no password).
-- `tracking-server` (head start): the MLflow server on the head's private address. It returns
+- `tracking-server` (head start): the MLflow server on the head's private address, asking for
+  credentials (MLflow's basic-auth app; the admin's password from its file). It returns
   only once the server answers, so one that does not come up fails `ray up`, and a supervisor
   stops the server once the head's Ray is gone.
 - `follow-head` (worker start): stops the worker's Ray once the head's is gone. `ray down` runs
@@ -39,6 +42,15 @@ import yaml
 from segtune.cli import command_parser, run_cli, setup_logging
 from segtune.errors import ConfigError
 from segtune.tracking.address import server_health
+from segtune.tracking.auth import (
+    ADMIN_USER,
+    AUTH_APP,
+    PASSWORD_FILE,
+    create_password,
+    password_export,
+    read_password,
+    server_env,
+)
 from segtune.tracking.server import SERVER_POOL, server_command, stop_process_group
 
 log = logging.getLogger(__name__)
@@ -114,7 +126,15 @@ def _cmd_check(args: argparse.Namespace) -> int:
     key = Path(str((config.get("auth") or {}).get("ssh_private_key", ""))).expanduser()
     if not key.is_file():
         raise ConfigError(f"{path}: auth.ssh_private_key {key} is not a file")
-    for remote, local in (config.get("file_mounts") or {}).items():
+    mounts = config.get("file_mounts") or {}
+    if PASSWORD_FILE not in mounts:
+        raise ConfigError(
+            f"{path}: file_mounts lacks {PASSWORD_FILE}: {PASSWORD_FILE} (the MLflow admin's "
+            "password, as in the repository's cluster.yaml)"
+        )
+    for remote, local in mounts.items():
+        if remote == PASSWORD_FILE and create_password(Path(str(local)).expanduser()):
+            print(f"made the MLflow admin's password: {local} (mode 600)")
         if not Path(str(local)).expanduser().exists():
             hint = " (run `ray get-auth-token --generate`)" if "auth_token" in str(remote) else ""
             raise ConfigError(f"{path}: file_mounts {remote}: {local} does not exist here{hint}")
@@ -136,7 +156,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
         f"  ray exec {quoted} 'ray status'\n"
         f"  ray exec {quoted} {shlex.quote(sweep)}\n"
         f"  ssh -N -i {key} -L {TRACKING_PORT}:{head}:{TRACKING_PORT} {user}@{head}"
-        f"   # the MLflow UI at http://localhost:{TRACKING_PORT}\n"
+        f"   # the MLflow UI at http://localhost:{TRACKING_PORT}: user {ADMIN_USER}, password in "
+        f"{mounts[PASSWORD_FILE]}\n"
         f"  ray dashboard {quoted}   # Ray's dashboard at http://localhost:8265 (asks for the token)\n"
         f"  ray down -y {quoted}"
     )
@@ -155,11 +176,13 @@ def _cmd_env(args: argparse.Namespace) -> int:
         "SEGTUNE_TRACKING_STORE": settings["store"],
         "SEGTUNE_RUN_STORAGE": settings["storage"],
         "MLFLOW_TRACKING_URI": f"http://{head}:{TRACKING_PORT}",
+        "MLFLOW_TRACKING_USERNAME": ADMIN_USER,
     }
     print(f"# written by `python -m segtune.cluster env {path}` on the head; read by ~/.bashrc")
     print('export PATH="$HOME/segtune/.venv/bin:$PATH"')
     for name, value in exports.items():
         print(f"export {name}={shlex.quote(str(value))}")
+    print(password_export())
     return 0
 
 
@@ -208,7 +231,7 @@ def _port_open(host: str, port: int) -> bool:
 def _server_command(host: str, port: int, store: str, workers: int) -> list[str]:
     state = STATE_DIR.expanduser()
     backend = POSTGRES_URI if store == "postgresql" else f"sqlite:///{state}/mlflow.db"
-    return server_command(host, port, backend, state / "mlartifacts", workers)
+    return [*server_command(host, port, backend, state / "mlartifacts", workers), *AUTH_APP]
 
 
 def _stop_previous(pid_file: Path) -> None:
@@ -257,10 +280,12 @@ def _cmd_tracking_server(args: argparse.Namespace) -> int:
     if not host:
         raise ConfigError("no --host and no SEGTUNE_HEAD_IP (written to .cluster.env by `env`)")
     store = os.environ.get("SEGTUNE_TRACKING_STORE", "sqlite")
+    password = read_password(Path(PASSWORD_FILE).expanduser())  # before `ray up` goes on
     if args.supervise:
         command = _server_command(host, args.port, store, args.workers)
+        auth = server_env(STATE_DIR.expanduser(), password)
         server = subprocess.Popen(
-            command, env={**os.environ, **SERVER_POOL}, start_new_session=True
+            command, env={**os.environ, **SERVER_POOL, **auth}, start_new_session=True
         )
         _stop_group_on_sigterm(server)
         if _until_head_gone(host, args.ray_port, server):
@@ -282,7 +307,8 @@ def _cmd_tracking_server(args: argparse.Namespace) -> int:
                 f"the MLflow server did not answer at {url} in {args.timeout} s:\n{tail}"
             )
         time.sleep(0.5)
-    print(f"tracking server: {url} ({store} store, log {STATE_DIR}/tracking-server.log)")
+    print(f"tracking server: {url} ({store} store, log {STATE_DIR}/tracking-server.log, "
+          f"login {ADMIN_USER} with {PASSWORD_FILE})")  # fmt: skip
     return 0
 
 

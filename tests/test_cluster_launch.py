@@ -4,15 +4,18 @@ The repository's own cluster.yaml, with its fill-in block filled for the hosts: 
 generates the token (`ray get-auth-token --generate`), checks the file (`segtune.cluster
 check`), and runs `ray up`, `ray exec` and `ray down`. Run storage is a folder both hosts mount;
 the dataset reaches both through the config's file mount. The MLflow server runs on the head,
-with the PostgreSQL store (the head's setup starts Debian's package in the head's overlay).
+with the PostgreSQL store (the head's setup starts Debian's package in the head's overlay), and
+asks for the admin's login, whose password `check` made on the launcher.
 These tests take about two and a half minutes: `make test-cluster` runs them (`.ci/run` too).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -25,9 +28,9 @@ import yaml
 
 from segtune.config.names import NODE_TAG, ROLE_TAG
 from segtune.data.synthetic import generate
-from tests.helpers import wait_for
+from segtune.tracking.auth import PASSWORD_FILE, create_password
 from tests.hosts import CHECKOUT, Hosts, hosts_missing
-from tests.servers import answers, free_port, port_open
+from tests.servers import free_port
 
 RAY = str(Path(sys.executable).parent / "ray")
 SWEEP = [
@@ -58,10 +61,19 @@ class Launched:
     def on_head(self, command: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         return self.launcher(RAY, "exec", str(self.config), command, timeout=timeout)
 
+    @property
+    def password(self) -> str:
+        """The MLflow admin's password, as `check` made it on the launcher."""
+        return (self.hosts.root / "launcher" / "home" / PASSWORD_FILE[2:]).read_text().strip()
+
     def tracking(self, code: str) -> object:
-        """What `code` (with `client`, an MlflowClient of the head's server) prints, as JSON."""
+        """What `code` (with `client`, an MlflowClient of the head's server, logged in through
+        MLflow's environment variables) prints, as JSON."""
         script = (
-            "import json\nfrom mlflow.tracking import MlflowClient\n"
+            "import json, os\nfrom mlflow.tracking import MlflowClient\n"
+            "os.environ['MLFLOW_TRACKING_USERNAME'] = 'admin'\n"
+            f"os.environ['MLFLOW_TRACKING_PASSWORD'] = open(os.path.expanduser('{PASSWORD_FILE}'))"
+            ".read().strip()\n"
             f"client = MlflowClient('http://{self.hosts.hosts['head'].ip}:5000')\n{code}"
         )
         done = self.launcher(sys.executable, "-c", script, timeout=60)
@@ -145,12 +157,24 @@ def test_env_turns_the_fill_in_block_into_exports(tmp_path: Path) -> None:
     config = yaml.safe_load((CHECKOUT / "cluster.yaml").read_text())
     config["provider"].update(head_ip="10.0.0.10", segtune_run_storage="s3://sweeps/seg tune")
     (tmp_path / "bootstrap.yaml").write_text(yaml.safe_dump(config))
-    done = _cluster("env", str(tmp_path / "bootstrap.yaml"))
+    home = tmp_path / "home"  # the head's, with its copy of the MLflow admin's password
+    create_password(home / PASSWORD_FILE[2:])
+    password = (home / PASSWORD_FILE[2:]).read_text().strip()
+    env = {**os.environ, "HOME": str(home)}
+    done = _cluster("env", str(tmp_path / "bootstrap.yaml"), env=env)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert "export MLFLOW_TRACKING_URI=http://10.0.0.10:5000" in lines
     assert "export SEGTUNE_RUN_STORAGE='s3://sweeps/seg tune'" in lines  # quoted for the shell
     assert "export RAY_AUTH_MODE=token" in lines
+    # the login: the password is read from each node's own copy of its file, never written here
+    assert "export MLFLOW_TRACKING_USERNAME=admin" in lines
+    (tmp_path / ".cluster.env").write_text(done.stdout)
+    shell = subprocess.run(
+        ["bash", "-c", '. "$0" && printf %s "$MLFLOW_TRACKING_PASSWORD"', tmp_path / ".cluster.env"],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert shell.stdout == password and password not in done.stdout + done.stderr
     config["provider"]["segtune_tracking_store"] = "mysql"
     (tmp_path / "bootstrap.yaml").write_text(yaml.safe_dump(config))
     done = _cluster("env", str(tmp_path / "bootstrap.yaml"))
@@ -158,38 +182,27 @@ def test_env_turns_the_fill_in_block_into_exports(tmp_path: Path) -> None:
     assert "provider.segtune_tracking_store must be one of" in done.stderr
 
 
-def test_the_tracking_server_lives_as_long_as_the_heads_ray(tmp_path: Path) -> None:
-    """It answers before the command returns, and stops once the head's Ray port closes."""
-    ray = socket.socket()  # stands in for the head's GCS port
-    ray.bind(("127.0.0.1", 0))
-    ray.listen()
-    port = free_port()
-    env = {**os.environ, "HOME": str(tmp_path), "SEGTUNE_TRACKING_STORE": "sqlite"}
-    done = _cluster(
-        "tracking-server", "--host", "127.0.0.1", "--port", str(port),
-        "--ray-port", str(ray.getsockname()[1]), "--workers", "1", env=env,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert f"tracking server: http://127.0.0.1:{port}" in done.stdout
-    assert answers(f"http://127.0.0.1:{port}/health")
-    supervisor = int((tmp_path / "segtune-tracking" / "tracking-server.pid").read_text())
-    ray.close()
-    wait_for(
-        lambda: not port_open("127.0.0.1", port) and not Path(f"/proc/{supervisor}").exists(),
-        "the server and its supervisor to stop",
-        timeout=60,
-    )
-
-
 def test_a_tracking_server_that_does_not_come_up_fails_the_command(tmp_path: Path) -> None:
+    create_password(tmp_path / PASSWORD_FILE[2:])
     env = {**os.environ, "HOME": str(tmp_path), "SEGTUNE_TRACKING_STORE": "postgresql"}
-    done = _cluster(
-        "tracking-server", "--host", "127.0.0.1", "--port", str(free_port()),
-        "--workers", "1", "--timeout", "30", env=env,
-    )  # fmt: skip
+    with _head_ray() as ray_port:  # the head's Ray is up: the store is what fails
+        done = _cluster(
+            "tracking-server", "--host", "127.0.0.1", "--port", str(free_port()),
+            "--ray-port", str(ray_port), "--workers", "1", "--timeout", "30", env=env,
+        )  # fmt: skip
     assert done.returncode == 2
     assert "the MLflow server did not answer at http://127.0.0.1:" in done.stderr
     assert "postgresql" in done.stderr.lower()  # the server's own log, so the cause shows
+
+
+@contextlib.contextmanager
+def _head_ray() -> Iterator[int]:
+    """A listening port that stands in for the head's GCS: the supervisor stops the MLflow
+    server once it closes."""
+    with socket.socket() as ray:
+        ray.bind(("127.0.0.1", 0))
+        ray.listen()
+        yield ray.getsockname()[1]
 
 
 def _cluster(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -229,6 +242,30 @@ def test_up_brings_two_nodes_with_token_auth(launched: Launched) -> None:
         "code 401",
         "code 200",
     ], done.stdout[-2000:]
+    # the MLflow server asks for the admin's login (the browser's prompt: 401 with a Basic
+    # challenge) and takes the password `check` made; it reached every node privately and is
+    # in no output of `ray up` and no .cluster.env (each node's shell reads its own copy)
+    probe = (
+        "import base64, os, urllib.request as u, urllib.error as e\n"
+        "url = 'http://10.213.7.2:5000/api/2.0/mlflow/experiments/search?max_results=1'\n"
+        f"password = open(os.path.expanduser('{PASSWORD_FILE}')).read().strip()\n"
+        "login = 'Basic ' + base64.b64encode(('admin:' + password).encode()).decode()\n"
+        "for h in ({}, {'Authorization': login}):\n"
+        "    try: print('code', u.urlopen(u.Request(url, headers=h)).status)\n"
+        "    except e.HTTPError as x: print('code', x.code, x.headers['WWW-Authenticate'])"
+    )
+    done = launched.launcher(sys.executable, "-c", probe, timeout=60)
+    assert [line for line in done.stdout.splitlines() if line.startswith("code")] == [
+        'code 401 Basic realm="mlflow"',
+        "code 200",
+    ], done.stdout[-2000:] + done.stderr[-2000:]
+    password = launched.password
+    assert password not in out + launched.up.stderr
+    for host in launched.hosts.hosts.values():
+        copy = host.home / PASSWORD_FILE[2:]
+        assert copy.read_text().strip() == password, host.name
+        assert stat.S_IMODE(copy.stat().st_mode) == 0o600, host.name
+        assert password not in (host.home / "segtune" / ".cluster.env").read_text(), host.name
     # a node without the token, or with another, is refused (from the launcher: it reaches the head)
     for env in ("", f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN={'0' * 64}"):
         stranger = launched.launcher(
@@ -244,12 +281,14 @@ def test_a_sweep_through_ray_exec_runs_on_both_hosts(launched: Launched) -> None
     done = launched.on_head(" ".join(SWEEP), timeout=300)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     assert "sweep quickstart: 2 trials" in done.stdout
+    assert launched.password not in done.stdout + done.stderr
     assert "the MLflow UI: http://10.213.7.2:5000" in done.stdout  # from .cluster.env
     trials = launched.tracking(
         "exp = client.get_experiment_by_name('quickstart')\n"
         f"runs = client.search_runs([exp.experiment_id], \"tags.`{ROLE_TAG}` = 'trial'\")\n"
         f"print(json.dumps([[r.info.status, r.data.tags.get('{NODE_TAG}', '')] for r in runs]))"
     )
+    # logged with the login of .cluster.env, on both hosts: the server refuses requests without
     assert isinstance(trials, list) and len(trials) == 2
     assert {status for status, _ in trials} == {"FINISHED"}
     assert {node.split()[0] for _, node in trials} == {"10.213.7.2", "10.213.7.3"}
