@@ -45,6 +45,7 @@ from segtune.sweep.progress import Progress, TrialNames
 from segtune.sweep.search import searcher, trial_scheduler
 from segtune.sweep.signals import StopSignals
 from segtune.sweep.space import GRID_KEY, discrete_trials, param_space
+from segtune.sweep.stall import watch_stalls
 from segtune.sweep.storage import RunStorage
 from segtune.sweep.trainable import run_trial
 from segtune.tracking.outage import watch_server
@@ -360,6 +361,8 @@ def _fit(
                 if not stop.stopped:
                     tuner = _tuner(sweep, storage, tracking_uri, parent, trainable, costs, path,
                                    given.resume, added)  # fmt: skip
+                    # restored or new: a sweep in which no trial can start ends in one line
+                    watch_stalls(tuner, lambda reason: stop.give_up(reason, close_runs=True))
                     results += list(tuner.fit())
         phases["tuner_s"] = time.perf_counter() - started
         if given.trials_done is not None and not stop.stopped:
