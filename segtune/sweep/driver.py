@@ -14,6 +14,7 @@ import posixpath
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import ray
@@ -362,8 +363,9 @@ def _fit(
                     tuner = _tuner(sweep, storage, tracking_uri, parent, trainable, costs, path,
                                    given.resume, added)  # fmt: skip
                     # restored or new: a sweep in which no trial can start ends in one line
-                    watch_stalls(tuner, lambda reason: stop.give_up(reason, close_runs=True))
-                    results += list(tuner.fit())
+                    give_up = partial(stop.give_up, close_runs=True)
+                    with watch_stalls(tuner, give_up, stop.stop_now):
+                        results += list(tuner.fit())
         phases["tuner_s"] = time.perf_counter() - started
         if given.trials_done is not None and not stop.stopped:
             given.trials_done(parent)

@@ -20,6 +20,7 @@ started ignoring (`nohup` ignores SIGHUP) stays ignored, by Ray's processes too.
 
 from __future__ import annotations
 
+import _thread
 import logging
 import os
 import signal
@@ -60,6 +61,7 @@ class StopSignals:
         self.lost: str | None = None
         self.close_runs = False
         self._graceful = False
+        self._at_once = False
         self._previous: dict[int, Any] = {}
         self._routed: tuple[int, ...] = ()
         self._tune_env: str | None = None
@@ -135,7 +137,18 @@ class StopSignals:
         os.kill(os.getpid(), TUNE_STOP)
         return True
 
+    def stop_now(self) -> None:
+        """From another thread, after `give_up`: stop at once, as a second signal does, where
+        Tune's loop would take the graceful stop too late (`segtune.sweep.stall`). The main
+        thread raises SweepInterrupted through the handler of a signal routed here, at its next
+        bytecode; Python only simulates that signal (`_thread.interrupt_main`)."""
+        if self._routed:
+            self._at_once = True
+            _thread.interrupt_main(self._routed[0])
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self._at_once:  # stop_now's, not a signal from outside
+            raise SweepInterrupted(f"stopped at once: {self.lost}", 1)
         name = signal.Signals(signum).name
         if self.received is None:
             self.received = signum
