@@ -73,17 +73,22 @@ class StallWatch(tune.Callback):
 
     def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
         self._step_began = time.monotonic()
+        self._saw(trials)  # a step may not end: Tune waits inside it for a searcher's trial
 
     def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
         self._step_began = None
+        self._saw(trials)
+
+    def _saw(self, trials: list[Trial]) -> None:
         states = tuple((t.trial_id, t.status) for t in trials)
         if states != self._states or any(t.status == Trial.RUNNING for t in trials):
             self._states, self._since = states, time.monotonic()
         self._trials = list(trials)
 
     def stalled(self, now: float) -> str | None:
-        """The line to stop with once nothing has run or changed for `window_s`, else None."""
-        if now - self._since < self.window_s:
+        """The line to stop with once the loop has begun and nothing has run or changed for
+        `window_s`, else None."""
+        if self._states is None or now - self._since < self.window_s:
             return None
         return stall_line(self._trials, self.window_s)
 
