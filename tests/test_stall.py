@@ -1,7 +1,7 @@
 """A sweep in which no trial can start (segtune.sweep.stall): the watch's rule on Ray's own trial
-objects, and a real stall, a driver whose trial's CPU another job holds on the Ray it joins,
-fresh and resumed: one line naming the trial and its state, exit 1, its runs closed; the CPU
-freed, `--resume` finishes the sweep."""
+objects; Ray Tune waiting inside a step on a searcher that hands out nothing, stopped at once;
+and a driver whose trial's CPU another job holds on the Ray it joins, new and resumed: one line
+naming the trial and its state, exit 1, its runs closed; the CPU freed, `--resume` finishes."""
 
 from __future__ import annotations
 
@@ -95,12 +95,6 @@ class NoTrials(Searcher):
 
     def suggest(self, trial_id: str) -> None:
         return None
-
-    def save(self, checkpoint_path: str) -> None:
-        Path(checkpoint_path).write_text("nothing to hand out")
-
-    def restore(self, checkpoint_path: str) -> None:
-        assert Path(checkpoint_path).read_text() == "nothing to hand out"
 
 
 def test_tune_waiting_on_a_searcher_that_hands_out_nothing_is_stopped_at_once(
