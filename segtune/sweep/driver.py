@@ -14,6 +14,7 @@ import posixpath
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import ray
@@ -45,6 +46,7 @@ from segtune.sweep.progress import Progress, TrialNames
 from segtune.sweep.search import searcher, trial_scheduler
 from segtune.sweep.signals import StopSignals
 from segtune.sweep.space import GRID_KEY, discrete_trials, param_space
+from segtune.sweep.stall import watch_stalls
 from segtune.sweep.storage import RunStorage
 from segtune.sweep.trainable import run_trial
 from segtune.tracking.address import public_uri
@@ -362,7 +364,10 @@ def _fit(
                 if not stop.stopped:
                     tuner = _tuner(sweep, storage, tracking_uri, parent, trainable, costs, path,
                                    given.resume, added)  # fmt: skip
-                    results += list(tuner.fit())
+                    # restored or new: a sweep in which no trial can start ends in one line
+                    give_up = partial(stop.give_up, close_runs=True)
+                    with watch_stalls(tuner, give_up, stop.stop_now):
+                        results += list(tuner.fit())
         phases["tuner_s"] = time.perf_counter() - started
         if given.trials_done is not None and not stop.stopped:
             given.trials_done(parent)

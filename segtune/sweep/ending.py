@@ -27,7 +27,15 @@ def end_stopped(
     sweep: SweepConfig, tracking_uri: str, storage: RunStorage, parent: str, stop: StopSignals
 ) -> None:
     """After a signal: the sweep's open runs KILLED with it (exit 128 + its number). After the
-    tracking server was given up: nothing written, since there is no server (exit 1)."""
+    tracking server was given up: nothing written, since there is no server (exit 1). After a
+    sweep given up whose store answers (no trial could start): its open runs KILLED (exit 1)."""
+    if stop.lost is not None and stop.close_runs:
+        closed = _close(sweep, tracking_uri, parent, f"stopped at {now()}: {stop.lost}")
+        raise SweepInterrupted(
+            f"sweep {sweep.name} stopped: {stop.lost}; {len(closed)} run(s) closed as KILLED",
+            1,
+            resumable(sweep, storage, parent),
+        )
     if stop.lost is not None:
         raise SweepInterrupted(
             f"sweep {sweep.name} stopped: {stop.lost}; its runs stay RUNNING until the next "

@@ -8,7 +8,8 @@ other moment, or at a second signal, the sweep stops at once with `SweepInterrup
 the driver then closes its MLflow runs as KILLED and exits with 128 + the signal's number
 (130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP, 131 for SIGQUIT), as shells and CI expect of
 an interrupted command. A lost server stops the trials the same graceful way; the driver then
-leaves its runs to the next one and exits 1.
+leaves its runs to the next one and exits 1. So does a sweep in which no trial can start
+(segtune.sweep.stall), whose runs the driver closes, since its store answers.
 
 A terminal sends SIGHUP and SIGQUIT to its whole foreground process group, Ray's GCS and raylet
 included: those would die at once and take the trials with them, before the driver could stop
@@ -19,6 +20,7 @@ started ignoring (`nohup` ignores SIGHUP) stays ignored, by Ray's processes too.
 
 from __future__ import annotations
 
+import _thread
 import logging
 import os
 import signal
@@ -51,12 +53,15 @@ class SweepInterrupted(SegtuneError):
 class StopSignals:
     """`with StopSignals() as stop:` routes SIGNALS; `with stop.graceful():` marks the
     stretch in which Tune can stop gracefully; `stop.received` is the first signal, if any, and
-    `stop.lost` why the tracking server was given up (`stop.give_up`)."""
+    `stop.lost` why the driver gave the sweep up (`stop.give_up`), and `stop.close_runs` whether
+    its store still takes the runs' end."""
 
     def __init__(self) -> None:
         self.received: int | None = None
         self.lost: str | None = None
+        self.close_runs = False
         self._graceful = False
+        self._at_once = False
         self._previous: dict[int, Any] = {}
         self._routed: tuple[int, ...] = ()
         self._tune_env: str | None = None
@@ -120,17 +125,30 @@ class StopSignals:
         log.debug("%s landed in a finalizer; sent again", signal.Signals(signum).name)
         threading.Timer(RESEND_S, os.kill, (os.getpid(), signum)).start()
 
-    def give_up(self, reason: str) -> bool:
+    def give_up(self, reason: str, close_runs: bool = False) -> bool:
         """From any thread: stop the trials as a first signal would (Tune saves its state),
-        because of `reason`; False, and nothing done, before Tune can stop gracefully."""
+        because of `reason`; False, and nothing done, before Tune can stop gracefully.
+        `close_runs`: the store answers (not a lost server), so the driver closes its runs as
+        it ends."""
         if not (self._graceful and callable(signal.getsignal(TUNE_STOP))):
             return False
-        self.lost = reason
+        self.lost, self.close_runs = reason, close_runs
         log.warning("%s: stopping the trials and saving the sweep's state", reason)
         os.kill(os.getpid(), TUNE_STOP)
         return True
 
+    def stop_now(self) -> None:
+        """From another thread, after `give_up`: stop at once, as a second signal does, where
+        Tune's loop would take the graceful stop too late (`segtune.sweep.stall`). The main
+        thread raises SweepInterrupted through the handler of a signal routed here, at its next
+        bytecode; Python only simulates that signal (`_thread.interrupt_main`)."""
+        if self._routed:
+            self._at_once = True
+            _thread.interrupt_main(self._routed[0])
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self._at_once:  # stop_now's, not a signal from outside
+            raise SweepInterrupted(f"stopped at once: {self.lost}", 1)
         name = signal.Signals(signum).name
         if self.received is None:
             self.received = signum
