@@ -6,17 +6,22 @@ short, or no state of Ray's at all. On local storage and on an S3 server; real R
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import posixpath
+import random
 import re
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pyarrow.fs as pafs
 import pytest
 from mlflow.tracking import MlflowClient
@@ -27,7 +32,7 @@ from segtune.sweep.restore import MARKER_FILE, TUNER_FILE
 from segtune.sweep.storage import RunStorage
 from tests.helpers import start_driver, wait_for
 from tests.servers import s3_server
-from tests.test_sweep import _sweep_runs, run, steps, trial_runs, write_sweep
+from tests.test_sweep import _ray_processes, _sweep_runs, run, steps, trial_runs, write_sweep
 
 EPOCHS = 6
 S3_ENV = {
@@ -236,3 +241,70 @@ def test_a_driver_killed_before_ray_saved_a_state_resumes_under_its_sweep_run(
     client = MlflowClient(uri)
     ids = {r.data.tags[TRIAL_ID_TAG] for r in trial_runs(tmp_path, "killed")}
     assert len(ids) == 2 and client.get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+def _group_gone(pgid: int) -> bool:
+    """Whether every process of the killed driver's group, and its Ray, has ended: a trial
+    process that outlived its driver could still write a checkpoint or log an epoch."""
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                return False
+    return not _ray_processes(pgid)
+
+
+@pytest.mark.launch  # minutes of drivers started and killed: make test-cluster
+def test_drivers_killed_at_random_moments_then_resumed_finish_the_sweep(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    """SEGTUNE_RANDOM_KILLS (20) drivers killed outright (SIGKILL to the process group) at a
+    random moment of a short sweep, each followed by `--resume` (or a plain start where the
+    killed driver had not yet made its sweep run): the sweep finishes, with every trial
+    FINISHED in Ray's state and in MLflow, each epoch logged once, in one sweep run."""
+    kills = int(os.environ.get("SEGTUNE_RANDOM_KILLS", "20"))
+    seed = int(os.environ.get("SEGTUNE_RANDOM_SEED", str(time.time_ns() % 10**6)))
+    rng = random.Random(seed)
+    epochs = 4
+    sweep = write_sweep(tmp_path / "chaos.yaml", synthetic_root, train={"epochs": epochs},
+                        search_space={"lr": {"grid_search": [0.003, 0.002, 0.001]}},
+                        tune={"max_concurrent_trials": 1})  # fmt: skip
+    uri, log = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "chaos.log"
+    cmd = [sys.executable, "-m", "segtune.run", str(sweep), "--tracking-uri", uri, "--no-report"]
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    experiment = tmp_path / "ray" / "chaos"
+    started, killed, moments = time.monotonic(), 0, []
+    while True:
+        resume = ["--resume"] if (experiment / "segtune_sweep.json").exists() else []
+        driver = start_driver([*cmd, *resume], log, tmp_path, env)
+        moment = rng.uniform(0, 40) if killed < kills else None
+        try:
+            driver.wait(timeout=moment if moment is not None else 600)
+        except subprocess.TimeoutExpired:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+            killed += 1
+            moments.append(round(moment, 1))
+            gone = functools.partial(_group_gone, driver.pid)
+            wait_for(gone, "the killed driver's processes to end", timeout=120)
+            continue
+        finally:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+                driver.wait()
+        out = log.read_text()
+        assert driver.returncode == 0, f"seed {seed}, kills at {moments}:\n{out[-4000:]}"
+        break
+    took = time.monotonic() - started
+    print(f"{killed} kills at {moments} s (seed {seed}), finished in {took:.0f} s")
+    state = json.loads((experiment / "segtune_sweep.json").read_text())
+    ids = {json.loads(t)["trial_id"]: json.loads(t)["status"] for t, _ in json.loads(
+        max(experiment.glob("experiment_state-*.json")).read_text())["trial_data"]}  # fmt: skip
+    assert len(ids) == 3 and set(ids.values()) == {"TERMINATED"}, (seed, moments, ids)
+    client = MlflowClient(uri)
+    runs = [r for r in trial_runs(tmp_path, "chaos")
+            if r.data.tags.get("mlflow.parentRunId") == state["parent_run_id"]]  # fmt: skip
+    assert {r.data.tags[TRIAL_ID_TAG] for r in runs} == set(ids), (seed, moments)
+    for r in runs:
+        assert r.info.status == "FINISHED", (seed, moments, r.info.run_id)
+        assert steps(tmp_path, r.info.run_id) == list(range(epochs)), (seed, moments)
+    assert client.get_run(state["parent_run_id"]).info.status == "FINISHED"
