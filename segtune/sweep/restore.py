@@ -108,11 +108,15 @@ class _Experiment:
     def write(self, name: str, data: bytes) -> None:
         self.storage.write_bytes(data, *self._parts(name))
 
+    def names(self, pattern: str) -> list[str]:
+        """The files of the experiment's folder that match `pattern`, newest (by name) first."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        return sorted(fnmatch.filter([i.base_name for i in infos], pattern), reverse=True)
+
     def newest(self, pattern: str, load: Callable[[bytes], Any]) -> tuple[str, Any] | None:
         """The newest file by name (as Tune picks it) that loads, and what it holds; newer ones
         cut short are set aside."""
-        infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
-        for name in sorted(fnmatch.filter([i.base_name for i in infos], pattern), reverse=True):
+        for name in self.names(pattern):
             try:
                 return name, load(self.read(name) or b"")
             except DAMAGED as exc:
@@ -124,7 +128,8 @@ class _Experiment:
 
     def tuner_state(self) -> bool:
         """`tuner.pkl` whole (and segtune's copy of it kept), or put back from that copy; False
-        when there is neither. A damaged one without a copy is left to `Tuner.restore`."""
+        when there is neither. A damaged one without a copy was cut short as the Tuner began
+        (before any state of the trials: they start anew), else it is left to `Tuner.restore`."""
         data, copy = self.read(TUNER_FILE), self.read(TUNER_COPY)
         try:
             if data is not None:
@@ -134,7 +139,7 @@ class _Experiment:
                 return True
         except DAMAGED as exc:
             if copy is None:
-                return True
+                return bool(self.names(STATE_FILES))
             log.info("sweep %s: %s is damaged (%s: a driver killed while Ray copied it); put "
                      "back from segtune's copy", self.sweep, TUNER_FILE, exc)  # fmt: skip
         if copy is not None:
