@@ -75,6 +75,8 @@ def prepare(storage: RunStorage, path: str, sweep: str, grid: bool) -> bool:
                  "start anew under the same sweep run", sweep)  # fmt: skip
         return False
     name, state = found
+    if not any(experiment.names(files) for files in (GRID_FILES, *OPTUNA_FILES)):
+        return experiment.first_upload_cut(name, state)
     repaired = [experiment.repair_trial(pair) for pair in state["trial_data"]]
     if any(repaired):
         experiment.write(name, json.dumps(state).encode())
@@ -125,6 +127,26 @@ class _Experiment:
                 log.info("sweep %s: %s is damaged (%s: a driver killed while Ray copied it); "
                          "set aside, an older one is read", self.sweep, name, exc)  # fmt: skip
         return None
+
+    def first_upload_cut(self, name: str, state: dict[str, Any]) -> bool:
+        """A trials' state without a searcher's: Tune's first upload, cut short before its trials
+        checkpointed (Ray would make the whole sweep again beside them). Set aside: they start
+        anew."""
+        trials = [json.loads(trial) for trial, _ in state["trial_data"]]
+        if any(
+            t["status"] in ENDED
+            or self._checkpoints(posixpath.join(self.path, t["relative_logdir"]))
+            for t in trials
+        ):
+            raise ConfigError(
+                f"--resume: sweep {self.sweep}: Ray's saved state at {self.path} holds trials "
+                "but no searcher state; run the sweep again without --resume"
+            )
+        target = posixpath.join(self.path, name)
+        self.fs.move(target, target + SET_ASIDE)
+        log.info("sweep %s: Ray's first saved state was cut short before its trials "
+                 "checkpointed; they start anew under the same sweep run", self.sweep)  # fmt: skip
+        return False
 
     def tuner_state(self) -> bool:
         """`tuner.pkl` whole (and segtune's copy of it kept), or put back from that copy; False
