@@ -253,58 +253,66 @@ def _group_gone(pgid: int) -> bool:
     return not _ray_processes(pgid)
 
 
-@pytest.mark.launch  # minutes of drivers started and killed: make test-cluster
-def test_drivers_killed_at_random_moments_then_resumed_finish_the_sweep(
-    synthetic_root: Path, tmp_path: Path
-) -> None:
-    """SEGTUNE_RANDOM_KILLS (20) drivers killed outright (SIGKILL to the process group) at a
-    random moment of a short sweep, each followed by `--resume` (or a plain start where the
-    killed driver had not yet made its sweep run): the sweep finishes, with every trial
-    FINISHED in Ray's state and in MLflow, each epoch logged once, in one sweep run."""
-    kills = int(os.environ.get("SEGTUNE_RANDOM_KILLS", "20"))
-    seed = int(os.environ.get("SEGTUNE_RANDOM_SEED", str(time.time_ns() % 10**6)))
-    rng = random.Random(seed)
-    epochs = 4
-    sweep = write_sweep(tmp_path / "chaos.yaml", synthetic_root, train={"epochs": epochs},
+def _killed_until_finished(
+    folder: Path, data: Path, name: str, kills: int, rng: random.Random
+) -> list[float]:
+    """Run the sweep `name` to its end, its drivers killed (SIGKILL to the process group) at
+    random moments, at most `kills` of them, each followed by `--resume` (or a plain start
+    where the killed driver had not made its sweep run yet); the kill moments. Then every
+    trial FINISHED in Ray's state and in MLflow, each epoch logged once, in one sweep run."""
+    epochs = 12
+    sweep = write_sweep(folder / f"{name}.yaml", data, train={"epochs": epochs},
                         search_space={"lr": {"grid_search": [0.003, 0.002, 0.001]}},
                         tune={"max_concurrent_trials": 1})  # fmt: skip
-    uri, log = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "chaos.log"
+    uri, log = f"sqlite:///{folder / 'mlflow.db'}", folder / f"{name}.log"
     cmd = [sys.executable, "-m", "segtune.run", str(sweep), "--tracking-uri", uri, "--no-report"]
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
-    experiment = tmp_path / "ray" / "chaos"
-    started, killed, moments = time.monotonic(), 0, []
+    experiment, moments = folder / "ray" / name, []
     while True:
         resume = ["--resume"] if (experiment / "segtune_sweep.json").exists() else []
-        driver = start_driver([*cmd, *resume], log, tmp_path, env)
-        moment = rng.uniform(0, 40) if killed < kills else None
+        driver = start_driver([*cmd, *resume], log, folder, env)
+        moment = rng.uniform(0, 30) if len(moments) < kills else None
         try:
             driver.wait(timeout=moment if moment is not None else 600)
+            break
         except subprocess.TimeoutExpired:
-            os.killpg(driver.pid, signal.SIGKILL)
-            driver.wait()
-            killed += 1
-            moments.append(round(moment, 1))
-            gone = functools.partial(_group_gone, driver.pid)
-            wait_for(gone, "the killed driver's processes to end", timeout=120)
-            continue
+            moments.append(round(moment or 0, 1))
         finally:
             if driver.poll() is None:
                 os.killpg(driver.pid, signal.SIGKILL)
                 driver.wait()
-        out = log.read_text()
-        assert driver.returncode == 0, f"seed {seed}, kills at {moments}:\n{out[-4000:]}"
-        break
-    took = time.monotonic() - started
-    print(f"{killed} kills at {moments} s (seed {seed}), finished in {took:.0f} s")
+        gone = functools.partial(_group_gone, driver.pid)
+        wait_for(gone, "the killed driver's processes to end", timeout=120)
+    assert driver.returncode == 0, f"kills at {moments}:\n{log.read_text()[-4000:]}"
     state = json.loads((experiment / "segtune_sweep.json").read_text())
-    ids = {json.loads(t)["trial_id"]: json.loads(t)["status"] for t, _ in json.loads(
-        max(experiment.glob("experiment_state-*.json")).read_text())["trial_data"]}  # fmt: skip
-    assert len(ids) == 3 and set(ids.values()) == {"TERMINATED"}, (seed, moments, ids)
-    client = MlflowClient(uri)
-    runs = [r for r in trial_runs(tmp_path, "chaos")
+    newest = max(experiment.glob("experiment_state-*.json")).read_text()
+    ids = {json.loads(t)["trial_id"]: json.loads(t)["status"]
+           for t, _ in json.loads(newest)["trial_data"]}  # fmt: skip
+    assert len(ids) == 3 and set(ids.values()) == {"TERMINATED"}, (moments, ids)
+    runs = [r for r in trial_runs(folder, name)
             if r.data.tags.get("mlflow.parentRunId") == state["parent_run_id"]]  # fmt: skip
-    assert {r.data.tags[TRIAL_ID_TAG] for r in runs} == set(ids), (seed, moments)
+    assert {r.data.tags[TRIAL_ID_TAG] for r in runs} == set(ids), moments
     for r in runs:
-        assert r.info.status == "FINISHED", (seed, moments, r.info.run_id)
-        assert steps(tmp_path, r.info.run_id) == list(range(epochs)), (seed, moments)
-    assert client.get_run(state["parent_run_id"]).info.status == "FINISHED"
+        assert r.info.status == "FINISHED", (moments, r.info.run_id)
+        assert steps(folder, r.info.run_id) == list(range(epochs)), moments
+    assert MlflowClient(uri).get_run(state["parent_run_id"]).info.status == "FINISHED"
+    return moments
+
+
+@pytest.mark.launch  # minutes of drivers started and killed: make test-cluster
+def test_drivers_killed_at_random_moments_then_resumed_finish_their_sweeps(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    """SEGTUNE_RANDOM_KILLS (20) kills at random moments, over as many short sweeps as it
+    takes; every sweep finishes whole (`_killed_until_finished`)."""
+    kills = int(os.environ.get("SEGTUNE_RANDOM_KILLS", "20"))
+    seed = int(os.environ.get("SEGTUNE_RANDOM_SEED", str(time.time_ns() % 10**6)))
+    rng, started, done = random.Random(seed), time.monotonic(), []
+    while (left := kills - sum(map(len, done))) > 0:
+        name = f"chaos{len(done)}"
+        try:
+            done.append(_killed_until_finished(tmp_path, synthetic_root, name, left, rng))
+        except AssertionError as exc:
+            raise AssertionError(f"seed {seed}, sweep {name}: {exc}") from None
+    took = time.monotonic() - started
+    print(f"kills at {done} s (seed {seed}); {len(done)} sweep(s) finished in {took:.0f} s")
