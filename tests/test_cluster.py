@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import secrets
 import shlex
 import shutil
@@ -23,9 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-import pyarrow.fs as pafs
 import pytest
 import yaml
 from mlflow.entities import Run
@@ -160,41 +157,6 @@ class Cluster:
     def output(self, sweep: Path) -> str:
         return self.log(sweep).read_text()
 
-    def in_saved_state(self, sweep: str, trial_id: str) -> bool:
-        """Whether the state Tune saved to S3 (in the background) can resume the trial: both its
-        files name it, the trials' (experiment_state) and the grid's (basic-variant-state, a
-        pickle), and every checkpoint the trials' file names is still there. Tune writes both
-        files while an earlier upload may still be copying them, and skips an upload while one
-        runs, so S3 can hold a new trial file beside an old grid file (a resume then waits
-        forever for a trial the grid counts as live), or name a checkpoint that the trial has
-        since replaced twice and deleted (Ray's races, named in docs/design.md)."""
-        endpoint = urlsplit(self.s3)
-        s3 = pafs.S3FileSystem(
-            access_key="testing",
-            secret_key="testing",
-            region="us-east-1",
-            endpoint_override=endpoint.netloc,
-            scheme=endpoint.scheme,
-        )
-        found = s3.get_file_info(pafs.FileSelector(f"segtune/runs/{sweep}", allow_not_found=True))
-        named, checkpoints = set(), set()
-        for info in found:
-            kind = next((k for k in STATE_FILES if info.base_name.startswith(k)), None)
-            if kind and info.base_name.endswith(".json"):
-                with s3.open_input_stream(info.path) as stream:
-                    state = stream.read()
-                if trial_id.encode() in state:
-                    named.add(kind)
-                for blob in re.findall(rb"[0-9a-f]{64,}", state):  # Tune's pickles, in hex
-                    found_in = bytes.fromhex(blob.decode()) if len(blob) % 2 == 0 else b""
-                    checkpoints.update(
-                        re.findall(rb"segtune/runs/[\w./=-]+?/checkpoint_\d{6}", found_in)
-                    )
-        gone = [
-            p for p in checkpoints if s3.get_file_info(p.decode()).type == pafs.FileType.NotFound
-        ]
-        return named == set(STATE_FILES) and bool(checkpoints) and not gone
-
     def trials(self, experiment: str) -> list[Run]:
         client = MlflowClient(self.tracking_uri)
         exp = client.get_experiment_by_name(experiment)
@@ -312,24 +274,16 @@ def test_s3_sweep_places_a_trial_on_each_node(cluster: Cluster) -> None:
         assert {"checkpoints", "eval"} <= artifacts, "artifacts reach the server from both nodes"
 
 
-STATE_FILES = ("experiment_state", "basic-variant-state")
-
-
 def test_killed_driver_resumes_from_s3(cluster: Cluster) -> None:
-    epochs = 10  # room for Tune's background upload of its state before the second trial ends
+    """The driver is killed once the second trial has trained an epoch, whatever Tune's
+    background upload to S3 holds then (segtune.sweep.restore repairs it); --resume finishes
+    the sweep without training the first trial again."""
+    epochs = 10
     sweep = cluster.sweep("resume", train={"epochs": epochs}, tune={"max_concurrent_trials": 1})
     with cluster.driver(sweep) as driver:
-        # the second trial has trained an epoch, and Tune's state on S3 (uploaded in the
-        # background) knows it: a state from before it began would leave Ray's grid search
-        # waiting ten minutes on resume for a trial it cannot generate again
-        def second_saved() -> bool:
-            second = [r for r in _second(cluster) if cluster.epochs(r.info.run_id)]
-            return bool(second) and cluster.in_saved_state(
-                "resume", second[0].data.tags["ray.trial_id"]
-            )
-
-        wait_for(second_saved, "S3's state naming a started second trial", timeout=300,
-                 process=driver, log=cluster.log(sweep), every=0.3)  # fmt: skip
+        wait_for(lambda: any(cluster.epochs(r.info.run_id) for r in _second(cluster)),
+                 "a second trial's first epoch", timeout=300, process=driver,
+                 log=cluster.log(sweep), every=0.3)  # fmt: skip
     first = next(r for r in cluster.trials("resume") if r.info.status == "FINISHED")
     cluster.wait_idle()  # the killed driver's trials are gone from the cluster
     done = cluster.run(sweep, "--resume")

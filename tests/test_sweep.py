@@ -437,29 +437,7 @@ def test_interrupted_killed_and_resumed_sweeps_leave_a_true_record(
 
     proc = run(sweep, "--resume")
     assert "closed 2 run(s) an earlier driver of this sweep left RUNNING" in proc.stderr
-    if proc.returncode == 2 and "state of sweep resume is damaged" in proc.stderr:
-        # Ray uploads its state in place: a SIGKILL in the middle of it can leave tuner.pkl
-        # empty (seen once in many runs). Then a true record and one line are all there can be.
-        assert all(r.info.status == "KILLED" for r in trial_runs(tmp_path, "resume"))
-        pytest.skip("the SIGKILL landed while Ray wrote its state (Ray's own hazard)")
     runs = trial_runs(tmp_path, "resume")
-    if proc.returncode == 1 and "does not exist on storage anymore" in proc.stdout:
-        # Ray's saved state lagged its checkpoints by more than num_to_keep (epochs of 0.3 s
-        # here) and named one it had pruned: Ray fails that trial on restore (issue 14's open
-        # item). Then it must be one FAILED trial with Ray's reason, the other finished once,
-        # and nothing left RUNNING.
-        status = sorted(r.info.status for r in runs)
-        assert status == ["FAILED", "FINISHED"], status
-        # only Ray's lag, not checkpoints of ours lost: the named one is gone, newer ones remain
-        named = Path(re.search(r"path: (\S+checkpoint_(\d{6}))", proc.stdout).group(1))
-        newer = [p for p in named.parent.glob("checkpoint_*") if p.name > named.name]
-        assert not named.exists() and newer, (named, sorted(named.parent.iterdir()))
-        assert re.search(r"^FAILED .*Could not recover from checkpoint", proc.stdout, re.M)
-        for r in runs:
-            logged = steps(tmp_path, r.info.run_id)
-            assert logged == list(range(len(logged)))  # every epoch once
-        assert client.get_run(parent.info.run_id).info.status == "FAILED"
-        pytest.skip("Ray's saved state named a checkpoint it had pruned (Ray's own hazard)")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
     for r in runs:

@@ -43,6 +43,7 @@ from segtune.sweep.ending import end_failed, end_stopped, now
 from segtune.sweep.lock import SweepLock
 from segtune.sweep.node_checks import check_nodes, node_name
 from segtune.sweep.progress import Progress, TrialNames
+from segtune.sweep.restore import keep_tuner_copy, prepare
 from segtune.sweep.search import searcher, trial_scheduler
 from segtune.sweep.signals import StopSignals
 from segtune.sweep.space import GRID_KEY, discrete_trials, param_space
@@ -157,8 +158,11 @@ def _tuner(
     --resume), or the trials `--accept-changes` added (restored once Ray saved their state)."""
     filesystem, _ = storage.filesystem
     remote = None if storage.is_local else filesystem
-    if resume if added is None else tune.Tuner.can_restore(path, storage_filesystem=filesystem):
+    restoring = resume or added is not None
+    if restoring:
         answer_to_former_name()
+    # from what the storage holds, repaired (segtune.sweep.restore); none: the trials start anew
+    if restoring and prepare(storage, path, sweep.name, grid=sweep.tune.search == "grid"):
         try:
             return tune.Tuner.restore(
                 path, trainable, resume_unfinished=True, storage_filesystem=remote
@@ -193,7 +197,7 @@ def _tuner(
     objectives = sweep.objectives()
     multi = len(objectives) > 1
     names = TrialNames(sweep)
-    return tune.Tuner(
+    tuner = tune.Tuner(
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(
@@ -211,6 +215,8 @@ def _tuner(
         ),
         run_config=run_config,
     )
+    keep_tuner_copy(storage, path)  # written whole by now
+    return tuner
 
 
 @dataclass(frozen=True)
@@ -256,9 +262,10 @@ def run_sweep(
     143)."""
     storage = RunStorage.of(sweep.tune.storage_path, sweep.tune.storage_endpoint)
     filesystem, _ = storage.filesystem
-    try:
-        restorable = given.resume and tune.Tuner.can_restore(
-            storage.path(sweep.name), storage_filesystem=filesystem
+    try:  # the sweep's own state is enough: a driver may stop before Ray saves any
+        restorable = given.resume and (
+            tune.Tuner.can_restore(storage.path(sweep.name), storage_filesystem=filesystem)
+            or bool(read_state(storage, sweep.name))
         )
     except OSError as exc:
         raise ConfigError(f"tune.storage_path {storage}: cannot read it ({exc})") from None

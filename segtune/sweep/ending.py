@@ -10,9 +10,9 @@ import signal
 import time
 
 from mlflow.tracking import MlflowClient
-from ray import tune
 
 from segtune.config.sweep import SweepConfig
+from segtune.sweep.edits import SWEEP_STATE_FILE
 from segtune.sweep.signals import StopSignals, SweepInterrupted
 from segtune.sweep.storage import RunStorage
 from segtune.tracking.runs import close_open_runs
@@ -104,13 +104,12 @@ def keep_line(sweep: SweepConfig, line: str) -> str | None:
 
 
 def resumable(sweep: SweepConfig, storage: RunStorage, parent: str) -> bool:
-    """Whether `--resume` can continue the sweep: its trials began, and Tune saved a state it
-    can restore."""
+    """Whether `--resume` can continue the sweep: its sweep run began and its state file names
+    it (a Tune state is not needed: without one the trials start anew under that run)."""
     if not parent:
         return False
     try:
-        filesystem, _ = storage.filesystem
-        return tune.Tuner.can_restore(storage.path(sweep.name), storage_filesystem=filesystem)
+        return storage.read_text(sweep.name, SWEEP_STATE_FILE) is not None
     except Exception as exc:  # the storage is gone too: the one line must still come out
         log.warning("could not read the sweep's saved state (%s)", _cause(exc))
         return False

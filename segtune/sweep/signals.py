@@ -43,7 +43,7 @@ RESEND_S = 0.05  # a signal a finalizer swallowed is sent again after this, outs
 
 class SweepInterrupted(SegtuneError):
     """The sweep stopped before its end: exit status 128 + the signal's number, or 1 for a lost
-    tracking server. `resumable`: Tune saved a state that `--resume` can continue."""
+    tracking server. `resumable`: its sweep run began, so `--resume` can continue it."""
 
     def __init__(self, message: str, exit_code: int, resumable: bool = False) -> None:
         super().__init__(message)

@@ -96,14 +96,22 @@ class RunStorage:
 
     def read_text(self, *parts: str) -> str | None:
         """A small file's text, or None when it does not exist."""
+        data = self.read_bytes(*parts)
+        return None if data is None else data.decode()
+
+    def read_bytes(self, *parts: str) -> bytes | None:
+        """A small file's bytes, or None when it does not exist."""
         fs, path = self.filesystem[0], self.path(*parts)
         with self._errors("read"):
             if fs.get_file_info(path).type != pafs.FileType.File:
                 return None
             with fs.open_input_stream(path) as stream:
-                return stream.read().decode()
+                return stream.read()
 
     def write_text(self, text: str, *parts: str) -> None:
+        self.write_bytes(text.encode(), *parts)
+
+    def write_bytes(self, data: bytes, *parts: str) -> None:
         """A small file written whole: a local one under a partial name, then renamed into place
         (a driver killed meanwhile leaves the old file, never half a new one); an object store
         writes an object whole by itself."""
@@ -112,7 +120,7 @@ class RunStorage:
         with self._errors("write"):
             fs.create_dir(posixpath.dirname(path), recursive=True)
             with fs.open_output_stream(target) as stream:
-                stream.write(text.encode())
+                stream.write(data)
             if target != path:
                 fs.move(target, path)
 

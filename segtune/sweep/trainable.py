@@ -35,6 +35,7 @@ from segtune.models.checkpoint import atomic_save, best_checkpoint, load_dict
 from segtune.models.device import amp_dtype, resolve_device
 from segtune.sweep.cost_stage import trial_cost
 from segtune.sweep.node_checks import node_name
+from segtune.sweep.restore import write_marker
 from segtune.sweep.space import resolve_trial
 from segtune.tracking.runs import TrialRun, find_trial_run, finished_metrics
 from segtune.training.engine import EpochEnd, fit
@@ -100,7 +101,7 @@ def run_trial(
         # Ray's saved state is older than the trial's end (it is uploaded in the background), so
         # a resumed sweep restarts it from its last epoch: its run has finished, run nothing
         log.info("trial %s already finished in MLflow run %s", trial_id, run_id)
-        _report_final(final)
+        _report_final(final, cfg.epochs)
         return
     run = TrialRun.open(
         client,
@@ -132,14 +133,16 @@ def run_trial(
         run.finish(exc)
         raise
     run.finish()  # before the last report: a scheduler may stop the trial right there
-    _report_final(final)
+    _report_final(final, cfg.epochs)
 
 
-def _report_final(final: dict[str, Any]) -> None:
+def _report_final(final: dict[str, Any], epochs: int) -> None:
     """Report the trial's final result with itself as the last checkpoint: a sweep resumed from
-    an experiment state saved before this trial's end does not evaluate it again."""
+    an experiment state saved before this trial's end does not evaluate it again. It comes
+    after the `epochs` reports of the epochs (its marker's count of Ray's results)."""
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / FINAL_RESULT_FILE).write_text(json.dumps(final))
+        write_marker(Path(folder), epochs + 1, final)
         tune.report(final, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
@@ -161,15 +164,16 @@ def _train_evaluate_bench(
 
     def report(event: EpochEnd) -> None:
         run.log_epoch(event.epoch, event.metrics)
+        # the summary so far travels with each result: a trial that a scheduler stops early is
+        # closed by the driver with it (sweep.CloseRuns)
+        reported = {**event.metrics, **event.summary}
         with tempfile.TemporaryDirectory() as folder:
             state = {**event.build_state(), "mlflow_run_id": run.run_id}
             atomic_save(state, Path(folder) / TRAINING_STATE_FILE)
-            # the summary so far travels with each result: a trial that a scheduler stops
-            # early is closed by the driver with it (sweep.CloseRuns)
-            tune.report(
-                {**event.metrics, **event.summary},
-                checkpoint=tune.Checkpoint.from_directory(folder),
-            )
+            # last: a folder Ray copied in part does not match it (segtune.sweep.restore); one
+            # result per epoch, so Ray's count of results is the epoch's number plus one
+            write_marker(Path(folder), event.epoch + 1, reported)
+            tune.report(reported, checkpoint=tune.Checkpoint.from_directory(folder))
         _maybe_fail(event.epoch)
 
     result = fit(
