@@ -89,6 +89,7 @@ def _holding(root: Path, needle: bytes, skip: set[Path]) -> list[str]:
             if p.is_file() and p not in skip and needle in p.read_bytes()]  # fmt: skip
 
 
+@pytest.mark.launch  # a sweep, its report and an export: make test-cluster (make test's 12 min)
 def test_a_password_in_the_tracking_uri_shows_nowhere(
     synthetic_root: Path,
     tmp_path: Path,

@@ -181,6 +181,10 @@ class _Experiment:
         manager = meta["checkpoint_manager"]
         named = manager.latest_checkpoint_result
         named_name = posixpath.basename(named.checkpoint.path) if named else None
+        if named_name in found and self._unmarked(posixpath.join(folder, named_name)):
+            # a sweep started before the marker: Ray copies a checkpoint whole before its
+            # state can name it, so the named one is complete; Ray resumes from it as before
+            return False
         for name in [n for n, marker in found.items() if marker is None]:
             self.fs.delete_dir(posixpath.join(folder, name))
             if name != named_name:
@@ -221,6 +225,11 @@ class _Experiment:
             changed = True
         pair[0] = json.dumps(trial, indent=2)
         return changed
+
+    def _unmarked(self, checkpoint: str) -> bool:
+        """A checkpoint folder with no marker file at all (written before segtune wrote one)."""
+        marker = posixpath.join(checkpoint, MARKER_FILE)
+        return self.fs.get_file_info(marker).type == pafs.FileType.NotFound
 
     def _checkpoints(self, folder: str) -> dict[str, dict[str, Any] | None]:
         """A trial's checkpoint folders on storage, each with its marker, or None where the
