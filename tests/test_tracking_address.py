@@ -21,11 +21,13 @@ from segtune.tracking.address import (
     USER_ENV,
     bare_uri,
     check_tracking_uri,
+    create_store_whole,
     public_uri,
     resolve_tracking_uri,
     server_health,
     take_credentials,
 )
+from tests.helpers import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -205,3 +207,31 @@ def test_a_name_no_resolver_answers_is_one_line_within_the_timeout(tmp_path: Pat
         assert message is not None and "\n" not in message, message
         assert f"{host} did not resolve within 2 s" in message, message
         assert seconds < 2 + 2, (check, seconds)
+
+
+def test_a_new_sqlite_store_is_whole_or_absent_after_a_kill_during_its_migration(
+    tmp_path: Path,
+) -> None:
+    """The process that makes the store is killed while MLflow migrates its partial file: the
+    store's own name is then absent (never a half-migrated file), and the next call makes it
+    whole. An existing store is left byte for byte as it is."""
+    path = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{path}"
+    code = f"from segtune.tracking.address import create_store_whole; create_store_whole({uri!r})"
+    maker = subprocess.Popen([sys.executable, "-c", code])
+    wait_for(lambda: list(tmp_path.glob(".mlflow.db.partial-*")), "the partial store", 60,
+             process=maker)  # fmt: skip
+    maker.kill()
+    maker.wait()
+    assert not path.exists() or _experiments(uri) == ["Default"]
+    create_store_whole(uri)
+    assert _experiments(uri) == ["Default"]
+    before = path.read_bytes()
+    create_store_whole(uri)
+    assert path.read_bytes() == before
+
+
+def _experiments(uri: str) -> list[str]:
+    from mlflow.tracking import MlflowClient
+
+    return [e.name for e in MlflowClient(uri).search_experiments()]

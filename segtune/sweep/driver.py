@@ -50,7 +50,7 @@ from segtune.sweep.space import GRID_KEY, discrete_trials, param_space
 from segtune.sweep.stall import watch_stalls
 from segtune.sweep.storage import RunStorage
 from segtune.sweep.trainable import run_trial
-from segtune.tracking.address import public_uri
+from segtune.tracking.address import create_store_whole, public_uri
 from segtune.tracking.outage import watch_server
 from segtune.tracking.runs import close_open_runs, start_sweep_run
 
@@ -307,6 +307,7 @@ def _fit(
     joined, configs = given.address is not None, _cost_stage_configs(sweep)
     phases = outcome.phases
     try:  # Ray stops here (finally), whatever happens
+        create_store_whole(tracking_uri)  # the cost stage may be the first to use it
         started = time.perf_counter()
         if not joined:  # this machine alone: Ray's processes are up, and idle until the trials
             costs, measured = run_cost_stage(

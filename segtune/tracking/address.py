@@ -233,6 +233,27 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
         raise ConfigError(f"tracking URI {shown}: {problem}; {START_HINT}")
 
 
+def create_store_whole(uri: str) -> None:
+    """A new sqlite store is made under a partial name and linked into place once MLflow has
+    made its tables: a driver killed during MLflow's schema migration (seconds, on a first
+    run) would leave a file that every later command fails on ("duplicate column name")."""
+    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+        return
+    path = Path(uri[len("sqlite:///") :])
+    if path.exists():
+        return
+    from mlflow.tracking import MlflowClient
+
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        MlflowClient(f"sqlite:///{partial}").search_experiments(max_results=1)
+        os.link(partial, path)  # never over a store another process made meanwhile
+    except FileExistsError:
+        pass
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def _check_driver(uri: str, shown: str) -> None:
     """A database URI whose Python driver is not installed: one line, not SQLAlchemy's error
     after the trials' start."""
