@@ -62,6 +62,7 @@ def test_check_makes_the_mlflow_password_once_and_keeps_it_private(tmp_path: Pat
     assert f"file_mounts lacks {PASSWORD_FILE}: {PASSWORD_FILE}" in done.stderr
 
 
+@pytest.mark.launch  # a login server started and restarted: make test-cluster (make test's 12 min)
 def test_the_tracking_server_asks_for_a_login_and_lives_as_long_as_the_heads_ray(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -103,6 +104,7 @@ def test_the_tracking_server_asks_for_a_login_and_lives_as_long_as_the_heads_ray
     assert stat.S_IMODE((state / "basic_auth.db").stat().st_mode) == 0o600
 
 
+@pytest.mark.launch  # a login server started and restarted: make test-cluster (make test's 12 min)
 def test_a_sweep_logs_its_trials_with_the_login(
     tmp_path: Path, synthetic_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
