@@ -226,6 +226,7 @@ def test_a_new_sqlite_store_is_whole_or_absent_after_a_kill_during_its_migration
     assert not path.exists() or _experiments(uri) == ["Default"]
     create_store_whole(uri)
     assert _experiments(uri) == ["Default"]
+    assert not list(tmp_path.glob(".mlflow.db.partial-*"))  # the killed maker's file removed
     before = path.read_bytes()
     create_store_whole(uri)
     assert path.read_bytes() == before

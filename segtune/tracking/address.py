@@ -14,6 +14,7 @@ the URL into its errors, which reach logs and the trials' error tags.
 
 from __future__ import annotations
 
+import glob
 import http.client
 import os
 import socket
@@ -244,6 +245,9 @@ def create_store_whole(uri: str) -> None:
         return
     from mlflow.tracking import MlflowClient
 
+    for left in path.parent.glob(f".{glob.escape(path.name)}.partial-*"):
+        if not _alive(left.name.rpartition("-")[2]):  # a maker killed: its file is ours to remove
+            left.unlink(missing_ok=True)
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
         MlflowClient(f"sqlite:///{partial}").search_experiments(max_results=1)
@@ -252,6 +256,17 @@ def create_store_whole(uri: str) -> None:
         pass
     finally:
         partial.unlink(missing_ok=True)
+
+
+def _alive(pid: str) -> bool:
+    """Whether the process of a partial file's pid is still there."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _check_driver(uri: str, shown: str) -> None:
