@@ -307,9 +307,9 @@ def _fit(
     joined, configs = given.address is not None, _cost_stage_configs(sweep)
     phases = outcome.phases
     try:  # Ray stops here (finally), whatever happens
-        create_store_whole(tracking_uri)  # the cost stage may be the first to use it
         started = time.perf_counter()
         if not joined:  # this machine alone: Ray's processes are up, and idle until the trials
+            create_store_whole(tracking_uri)  # the cost stage may be the first to use it
             costs, measured = run_cost_stage(
                 configs, sweep.bench, tracking_uri, joined=False, before_timing=given.before_timing
             )
@@ -317,7 +317,8 @@ def _fit(
         started = time.perf_counter()
         check_cluster(sweep)
         check_nodes(sweep.data, storage, tracking_uri, joined=joined)
-        client = MlflowClient(tracking_uri)  # only now: no store is made before the checks pass
+        create_store_whole(tracking_uri)  # only now: no store is made before the checks pass
+        client = MlflowClient(tracking_uri)
         state = read_state(storage, sweep.name)  # the previous driver's run
         previous = [state["parent_run_id"]] if state else []
         left = close_open_runs(
