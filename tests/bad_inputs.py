@@ -2263,6 +2263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         RAY_USAGE_STATS_ENABLED="0",
         RAY_TMPDIR=str(tmp / "ray"),  # our Ray sessions apart from anyone else's
         TORCH_HOME=str(tmp / "torch-home"),
+        SEGTUNE_WEIGHTS_MIRROR="http://127.0.0.1:9",  # nothing answers: offline, at once
         PYTHONPATH=str(REPO),
     )
     (tmp / "ray").mkdir()

@@ -42,6 +42,7 @@ from segtune.sweep.edits import (
 from segtune.sweep.ending import end_failed, end_stopped, now
 from segtune.sweep.lock import SweepLock
 from segtune.sweep.node_checks import check_nodes, node_name
+from segtune.sweep.preflight import needed_weights
 from segtune.sweep.progress import Progress, TrialNames
 from segtune.sweep.restore import keep_tuner_copy, prepare
 from segtune.sweep.search import searcher, trial_scheduler
@@ -316,7 +317,7 @@ def _fit(
             phases["cost_stage_s"] = time.perf_counter() - started
         started = time.perf_counter()
         check_cluster(sweep)
-        check_nodes(sweep.data, storage, tracking_uri, joined=joined)
+        check_nodes(sweep.data, storage, tracking_uri, joined, needed_weights(sweep))
         create_store_whole(tracking_uri)  # only now: no store is made before the checks pass
         client = MlflowClient(tracking_uri)
         state = read_state(storage, sweep.name)  # the previous driver's run
