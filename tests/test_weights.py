@@ -261,7 +261,7 @@ def test_two_trials_on_a_node_download_once(
     assert sorted(t.count("downloading http") for t in texts) == [0, 1]
     name = f"w-{sha256(data)}.pth"
     assert cached(torch_home) == [name]
-    loaded = f"loading {server.url}/w.pth weights from {torch_home / name}"
+    loaded = f"pretrained {server.url}/w.pth: {torch_home / name}"
     assert all(loaded in t and "best epoch 1" in t for t in texts), texts
 
 

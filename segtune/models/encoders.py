@@ -272,7 +272,8 @@ def pretrained_file(pretrained: str, backbone: str) -> Path:
     if download is None:
         return Path(pretrained)
     path = fetch(download)
-    log.info("loading %s weights from %s", pretrained.partition("#")[0], path)
+    what = f"imagenet ({backbone})" if pretrained == "imagenet" else pretrained.partition("#")[0]
+    log.info("pretrained %s: %s", what, path)
     return path
 
 
