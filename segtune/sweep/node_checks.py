@@ -23,7 +23,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from segtune.config.trial import DataConfig
 from segtune.data.dataset import fingerprint
-from segtune.data.pipeline import ensure_dataset
+from segtune.data.pipeline import cache_room, ensure_dataset
 from segtune.errors import ConfigError, SegtuneError, problems_message
 from segtune.sweep.storage import RunStorage
 from segtune.tracking.address import public_uri, server_health
@@ -65,6 +65,7 @@ def _inspect(data: DataConfig, storage: RunStorage, marker: str, token: str, uri
     report: dict[str, Any] = {"node": node_name(), "versions": versions()}
     try:
         report["dataset"] = fingerprint(ensure_dataset(data, progress=False))
+        report["cache_room"] = cache_room(data)
     except SegtuneError as exc:
         report["dataset_error"] = str(exc)
     try:
@@ -158,6 +159,8 @@ def _problems(
             f"{node}: data.root {data.root} holds another dataset than the driver's (file "
             "names and sizes differ); copy the same dataset to every node"
         )
+    if report.get("cache_room"):
+        found.append(f"{node}: {report['cache_room']}")  # names the folder and the fix
     if "storage_error" in report:
         found.append(f"{node}: {report['storage_error']}")  # names the key and the fix
     elif not report["marker_seen"]:

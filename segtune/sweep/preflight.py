@@ -30,7 +30,7 @@ def absolute_paths(sweep: SweepConfig, tracking_uri: str) -> tuple[SweepConfig, 
 def preflight(sweep: SweepConfig, local: bool) -> Scan:
     """Fail before any trial on what would fail every trial; returns the checked dataset, which
     every trial then reads instead of checking it again."""
-    from segtune.data.pipeline import scan_dataset
+    from segtune.data.pipeline import cache_room, scan_dataset
     from segtune.models import pretrained_weights_file
     from segtune.sweep.space import check_combinations, discrete_trials
 
@@ -57,7 +57,11 @@ def preflight(sweep: SweepConfig, local: bool) -> Scan:
                 "set it to 0 (--set tune.resources_per_trial.gpu=0) or join a GPU cluster "
                 "with --address"
             )
-    return scan_dataset(sweep.data, progress=True)  # generates a synthetic set, checks every pair
+    scan = scan_dataset(sweep.data, progress=True)  # generates a synthetic set, checks every pair
+    room = cache_room(sweep.data, scan) if local else None  # nodes of a cluster: node_checks
+    if room:
+        raise ConfigError(room)
+    return scan
 
 
 # what the driver imports while Ray starts: the pre-flight's modules, the Tuner and the trainable,
