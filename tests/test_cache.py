@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from segtune.data.transforms import PRESETS
 from segtune.models import build_model
 from segtune.training.engine import fit, seed_everything
 from segtune.training.losses import build_loss
-from tests.helpers import start_driver
+from tests.helpers import mount_namespace_missing, start_driver
 from tests.test_sweep import write_sweep
 
 TINY_UNET = {
@@ -125,6 +126,34 @@ def test_room_is_one_line(small_root: Path, tmp_path: Path) -> None:
     assert huge.startswith("data.cache: the decoded copy of the data needs 1.15e+09 GB, ")
     assert f"GB free in {tmp_path};" in huge
     assert cache_room(data.model_copy(update={"cache": False})) is None
+
+
+def test_a_node_without_room_is_one_line_before_any_trial(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    """The cache folder is a 1 MB tmpfs of the driver's own; the decoded set takes 1.6 MB."""
+    if missing := mount_namespace_missing():
+        pytest.skip(missing)
+    small = tmp_path / "small"
+    small.mkdir()
+    sweep = write_sweep(tmp_path / "room.yaml", synthetic_root, data={"cache_dir": str(small)})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep_cmd = f"{sys.executable} -m segtune.run {sweep} --tracking-uri {uri} --no-report"
+    mount = f"mount -t tmpfs -o size=1m tmpfs {small}"
+    done = subprocess.run(
+        ["unshare", "--mount", "--fork", "--", "sh", "-c", f"{mount} && exec {sweep_cmd}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert [line for line in done.stderr.splitlines() if "error" in line] == [
+        "error: data.cache: the decoded copy of the data needs 0.00157 GB, 0.00105 GB free in "
+        f"{small}; set data.cache_dir to a node-local folder with room, or data.cache: false "
+        "(decode every epoch)"
+    ]
+    assert not (tmp_path / "mlflow.db").exists()  # before any run
 
 
 def test_other_datasets_are_removed_oldest_first(small_root: Path, tmp_path: Path) -> None:
