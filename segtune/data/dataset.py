@@ -316,8 +316,9 @@ def image_sizes(root: Path | str, split: str) -> list[tuple[int, int]]:
 
 
 def available_splits(root: Path | str) -> list[str]:
-    """The splits of docs/design.md that exist under `root`."""
-    return [s for s in SPLITS if (Path(root) / s / "image").is_dir()]
+    """The splits of docs/design.md that exist under `root` (a DatasetError if it does not)."""
+    root = _existing_root(root)
+    return [s for s in SPLITS if (root / s / "image").is_dir()]
 
 
 def holdout(

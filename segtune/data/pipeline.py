@@ -165,33 +165,38 @@ def split_samples(
     return scan["train"], scan[name], name
 
 
+def _decoded(data: DataConfig, scan: Scan, progress: bool) -> dict[str, DecodedSplit | None]:
+    """The node's decoded copy of each scanned split (decoded here if this process is the
+    node's first), or None for each without `data.cache`."""
+    if not data.cache:
+        return dict.fromkeys(scan)
+    dataset = fingerprint(data.root)
+    names = {split: cache_name(dataset, split, data.rgb_masks) for split in scan}
+    found = ensure_decoded(
+        data.cache_dir, {names[split]: scan[split] for split in scan}, data.rgb_masks, progress
+    )
+    return {split: found[names[split]] for split in scan}
+
+
 def build_data(
     data: DataConfig, trial: TrialConfig, progress: bool = True, scan: Scan | None = None
 ) -> DataBundle:
     """Datasets with the trial's augmentation preset, and seeded loaders."""
     scan = scan or scan_dataset(data, progress)
     train_samples, val_samples, val_name = split_samples(data, trial.seed, progress, scan)
-    caches: dict[str, DecodedSplit | None] = dict.fromkeys(scan)
-    if data.cache:
-        dataset = fingerprint(data.root)
-        names = {split: cache_name(dataset, split, data.rgb_masks) for split in scan}
-        found = ensure_decoded(
-            data.cache_dir, {names[split]: scan[split] for split in scan}, data.rgb_masks, progress
-        )
-        caches = {split: found[names[split]] for split in scan}
-    val_source = next((split for split in scan if split != "train"), "train")
-    rgb_masks = data.rgb_masks
+    caches = _decoded(data, scan, progress)
+    val_source = next((split for split in scan if split != "train"), "train")  # or a holdout
     train = SegmentationDataset(
         train_samples,
         train_transform(trial.augment, trial.image_size, seed=trial.seed),
         cache=caches["train"],
-        rgb_masks=rgb_masks,
+        rgb_masks=data.rgb_masks,
     )
     val = SegmentationDataset(
         val_samples,
         eval_transform(data.eval_resize, trial.eval_multiple),
         cache=caches[val_source],
-        rgb_masks=rgb_masks,
+        rgb_masks=data.rgb_masks,
     )
     loader = {"seed": trial.seed, "num_workers": trial.num_workers}
     return DataBundle(

@@ -19,7 +19,10 @@ if TYPE_CHECKING:  # the heavy modules load in the pre-flight's thread (PREFLIGH
 def absolute_paths(sweep: SweepConfig, tracking_uri: str) -> tuple[SweepConfig, str]:
     """Trials run in Ray's own working directories: make every local path absolute (a storage
     URI stays as it is)."""
-    data = sweep.data.model_copy(update={"root": str(Path(sweep.data.root).resolve())})
+    paths = {"root": sweep.data.root, "cache_dir": sweep.data.cache_dir}
+    data = sweep.data.model_copy(
+        update={key: str(Path(path).resolve()) for key, path in paths.items() if path}
+    )
     storage = RunStorage.of(sweep.tune.storage_path, sweep.tune.storage_endpoint)
     tune = sweep.tune.model_copy(update={"storage_path": storage.location})
     if tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:////"):
