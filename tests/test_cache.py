@@ -23,6 +23,7 @@ from segtune.data.loader import set_epoch
 from segtune.data.pipeline import build_data, cache_room
 from segtune.data.transforms import PRESETS
 from segtune.models import build_model
+from segtune.sweep.stall import STALL_ENV
 from segtune.training.engine import fit, seed_everything
 from segtune.training.losses import build_loss
 from tests.helpers import mount_namespace_missing, start_driver
@@ -219,7 +220,8 @@ def test_four_trials_on_a_node_hold_one_copy(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd = [sys.executable, "-m", "segtune.run", str(sweep), "--tracking-uri", uri, "--no-report"]
     log = tmp_path / "driver.log"
-    driver = start_driver(cmd, log, tmp_path)
+    stall = {**os.environ, STALL_ENV: "600"}  # four trial processes start slowly on a busy CI
+    driver = start_driver(cmd, log, tmp_path, env=stall)
     samples = []
     try:
         while driver.poll() is None:
