@@ -197,7 +197,10 @@ class DataConfig(BaseModel):
     # auto: ROOT/val when present, else ROOT/test (the study validated on its test split);
     # "val" or "test" name a split; a number in (0, 1) holds out that share of train.
     val_split: Literal["auto", "val", "test"] | float = "auto"
+    # one decoded copy per node, mapped by every trial (segtune.data.cache); a node-local folder,
+    # default /dev/shm when it has room, else the temp dir
     cache: bool = True
+    cache_dir: str | None = None
     rgb_masks: bool = False
     eval_resize: Literal["pad", "resize", "none"] = "pad"
 

@@ -25,7 +25,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from segtune.config.trial import DataConfig
 from segtune.data.dataset import fingerprint
-from segtune.data.pipeline import ensure_dataset
+from segtune.data.pipeline import cache_room, ensure_dataset
 from segtune.errors import ConfigError, SegtuneError, problems_message
 from segtune.sweep.preflight import fetch_weights
 from segtune.sweep.storage import RunStorage
@@ -80,6 +80,7 @@ def _inspect(
         report["weights_error"] = str(exc)
     try:
         report["dataset"] = fingerprint(ensure_dataset(data, progress=False))
+        report["cache_room"] = cache_room(data)
     except SegtuneError as exc:
         report["dataset_error"] = str(exc)
     try:
@@ -180,6 +181,8 @@ def _problems(
         )
     if "weights_error" in report:
         found.append(f"{node}: {report['weights_error']}")  # names the URL and the fix
+    if report.get("cache_room"):
+        found.append(f"{node}: {report['cache_room']}")  # names the folder and the fix
     if "storage_error" in report:
         found.append(f"{node}: {report['storage_error']}")  # names the key and the fix
     elif not report["marker_seen"]:

@@ -21,7 +21,10 @@ if TYPE_CHECKING:  # the heavy modules load in the pre-flight's thread (PREFLIGH
 def absolute_paths(sweep: SweepConfig, tracking_uri: str) -> tuple[SweepConfig, str]:
     """Trials run in Ray's own working directories: make every local path absolute (a storage
     URI stays as it is)."""
-    data = sweep.data.model_copy(update={"root": str(Path(sweep.data.root).resolve())})
+    paths = {"root": sweep.data.root, "cache_dir": sweep.data.cache_dir}
+    data = sweep.data.model_copy(
+        update={key: str(Path(path).resolve()) for key, path in paths.items() if path}
+    )
     storage = RunStorage.of(sweep.tune.storage_path, sweep.tune.storage_endpoint)
     tune = sweep.tune.model_copy(update={"storage_path": storage.location})
     if tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:////"):
@@ -54,8 +57,9 @@ def fetch_weights(needed: Sequence[tuple[str, str]]) -> None:
 def preflight(sweep: SweepConfig, local: bool) -> Scan:
     """Fail before any trial on what would fail every trial; returns the checked dataset, which
     every trial then reads instead of checking it again. On this machine alone (`local`) the
-    pretrained weights are downloaded here; on a cluster, by each node's check (node_checks)."""
-    from segtune.data.pipeline import scan_dataset
+    pretrained weights are downloaded and the data cache's room checked here; on a cluster, by
+    each node's check (node_checks)."""
+    from segtune.data.pipeline import cache_room, scan_dataset
     from segtune.sweep.space import check_combinations, discrete_trials
 
     check_combinations(sweep)
@@ -80,7 +84,11 @@ def preflight(sweep: SweepConfig, local: bool) -> Scan:
             )
     if local:
         fetch_weights(needed_weights(sweep))
-    return scan_dataset(sweep.data, progress=True)  # generates a synthetic set, checks every pair
+    scan = scan_dataset(sweep.data, progress=True)  # generates a synthetic set, checks every pair
+    room = cache_room(sweep.data, scan) if local else None  # nodes of a cluster: node_checks
+    if room:
+        raise ConfigError(room)
+    return scan
 
 
 # what the driver imports while Ray starts: the pre-flight's modules, the Tuner and the trainable,
