@@ -87,6 +87,7 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "size_mb": ("MB", "{:.1f}"),
     "params_m": ("params M", "{:.2f}"),
     "gflops": ("GFLOPs", "{:.2f}"),
+    DATA_WAIT_MEAN: ("data wait", "{:.0%}"),
 }
 
 # --- artifacts -------------------------------------------------------------------------------

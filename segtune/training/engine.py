@@ -65,8 +65,8 @@ class FitResult:
 def training_summary(history: Sequence[dict[str, float]], best_epoch: int) -> dict[str, float]:
     """The final training metrics of the MLflow contract: the best epoch's mIoU, the training
     time of every epoch (validation included), the median training throughput, and the mean
-    of the epochs' data wait fractions (NaN for epochs from a state saved before they were
-    measured, which MLflow logging skips)."""
+    of the epochs' data wait fractions, each epoch alike (over the epochs that measured it: a
+    state saved before segtune did has none; NaN, which logging skips, if no epoch did)."""
     waits = [h["data_wait_frac"] for h in history if "data_wait_frac" in h]
     return {
         OBJECTIVE: history[best_epoch]["val_miou"],
