@@ -14,12 +14,16 @@ from dashboards.analysis import compare_configs, seed_groups
 from segtune.classes import iou_per_class
 from segtune.config.names import (
     CONFUSION_ARTIFACT,
+    DATA_WAIT_MEAN,
     EVAL_DIR,
     EXAMPLES_DIR,
+    INPUT_BOUND_FIX,
+    INPUT_BOUND_FRAC,
     OBJECTIVE,
     PARETO_COSTS,
     PER_IMAGE_ARTIFACT,
     format_metric,
+    input_bound,
 )
 from segtune.tracking.query import SEED_PARAM, SweepData, download_eval, metrics_at_step
 from segtune.tracking.runs import run_page
@@ -94,6 +98,20 @@ def _floor(report: Report, trials: pd.DataFrame) -> None:
         f"Colour-only floor of the validation split (each pixel the class of the nearest mean "
         f"training colour): {OBJECTIVE} {floor:.3f}. Trials that do not beat it ({len(below)} of "
         f"{len(trials)}): {names}."
+    )
+
+
+def _input_bound(report: Report, trials: pd.DataFrame) -> None:
+    """The trials whose loader held them back: what to change before renting more GPUs."""
+    if DATA_WAIT_MEAN not in trials:
+        return
+    starved = trials[trials[DATA_WAIT_MEAN].map(input_bound).astype(bool)]
+    if starved.empty:
+        return
+    names = ", ".join(f"{row['label']} {row[DATA_WAIT_MEAN]:.0%}" for _, row in starved.iterrows())
+    report.summary.append(
+        f"Input-bound trials (waited for data more than {INPUT_BOUND_FRAC:.0%} of the epoch, "
+        f"mean over epochs): {names}; try {INPUT_BOUND_FIX}."
     )
 
 
@@ -341,6 +359,7 @@ def compose(data: SweepData, out: Path, weight: float, budget: list[Constraint])
     _floor(report, trials)
     _best_trial(report, trials)
     _budget(report, trials)
+    _input_bound(report, trials)
     _curves(report, trials, colors)
     _pareto(report, trials, colors)
     _seeds(report, trials, colors)

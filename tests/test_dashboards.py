@@ -279,6 +279,12 @@ def test_report_tables_notes_and_verdicts(report: Path, store: Store) -> None:
     assert "no trial has `infer_ms_gpu`" in page
     assert "left out for want of a value: deeplabv3-resnet18-aspp-basic" in page
     assert "Best trial: unet-none-basic-s1" in page
+    # the one trial that waited for its data over 20% of its epochs, with what to change
+    assert re.search(
+        r"Input-bound trials \(waited for data more than 20% [^)]*\): "
+        r"deeplabv3-mobilenet_v3_small-aspp-basic 45%; try more cpu per trial, data\.cache",
+        page,
+    ), page
     assert "Best within the budget infer_ms_cpu&lt;=50: deeplabv3-mobilenet_v3_small" in page
     assert re.search(r"unet-none-basic vs unet-none-none \(differ in augment\).*larger than", page)
     assert f"mlflow ui --backend-store-uri {store.uri}" in page
