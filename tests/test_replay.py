@@ -16,10 +16,12 @@ FIXTURE = Path(__file__).parent / "fixtures" / "replay_grid.json"
 
 
 def test_hypervolume_of_a_front() -> None:
-    # cost normalised by 10, reference at cost 1.1: a band per point, mIoU up from 0
+    # mIoU 0.4..0.8 and cost 2..8 become 0..1; the reference is (mIoU -0.1, cost 1.1)
+    box = (0.4, 0.8, 2.0, 8.0)
     points = [(0.5, 2.0), (0.8, 8.0), (0.4, 5.0)]  # the last is dominated
-    assert hypervolume(points, 10.0) == pytest.approx(0.5 * (1.1 - 0.2) + 0.3 * (1.1 - 0.8))
-    assert hypervolume([], 10.0) == 0.0
+    assert hypervolume(points, box) == pytest.approx(0.35 * 1.1 + 0.75 * 0.1)
+    assert hypervolume([(0.3, 2.0)], box) == 0.0  # below the reference
+    assert hypervolume([], box) == 0.0
 
 
 def test_slots_take_trials_in_order_until_the_budget() -> None:

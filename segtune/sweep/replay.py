@@ -8,7 +8,8 @@ end), random (configurations drawn with replacement, trained to the end), ASHA o
 (`segtune.sweep.moasha.Halving`, as `tune.scheduler: moasha` runs it). With constraints, the
 configurations whose costs break one are removed first, as `tune.constraints` does. A trial's
 found point is its best mIoU over the epochs it ran and its model's cost; a strategy's result is
-the hypervolume of its points' Pareto front (`hypervolume`) as a share of the whole grid's.
+the hypervolume of its points' Pareto front (`hypervolume`) as a share of the whole grid's
+(of its feasible trials' with constraints).
 Trial-epochs are the budget's unit: the recording holds epochs, not their seconds.
 """
 
@@ -41,20 +42,26 @@ from segtune.tracking.select import Constraint, parse_budget
 
 STRATEGIES = ("grid", "random", "asha", "moasha")
 BUDGETS = (0.25, 0.5, 1.0)  # shares of the grid's trial-epochs
-REFERENCE_MARGIN = 0.1  # the reference point's cost: the grid's largest, plus this share
+REFERENCE_MARGIN = 0.1  # the reference point: the grid's worst of each objective, plus this share
 
+Box = tuple[float, float, float, float]  # the grid's mIoU low and high, cost low and high
 Decide = Callable[[int, int], bool]  # (trial, epochs run) -> goes on
 
 
-def hypervolume(points: Sequence[tuple[float, float]], max_cost: float) -> float:
-    """The area that (mIoU, cost) points dominate, mIoU up from 0 and cost normalised by
-    `max_cost` up to the reference 1 + REFERENCE_MARGIN (2-D: one sweep over the front)."""
-    reference = 1.0 + REFERENCE_MARGIN
-    area, best = 0.0, 0.0
+def hypervolume(points: Sequence[tuple[float, float]], box: Box) -> float:
+    """The area that (mIoU, cost) points dominate, each objective normalised by the grid's range
+    (`box`) and the reference point beyond its worst by REFERENCE_MARGIN (2-D: one sweep over
+    the front by cost). Normalised so that neither objective's units weigh, and the reference
+    near the grid's worst so that the area tells fronts apart (from mIoU 0 every front of
+    trained models covers nearly the same area)."""
+    m_low, m_high, c_low, c_high = box
+    m_span, c_span = (m_high - m_low) or 1.0, (c_high - c_low) or 1.0
+    area, best = 0.0, -REFERENCE_MARGIN
     for miou, cost in sorted(points, key=lambda p: (p[1], -p[0])):
-        if miou > best:
-            area += (miou - best) * (reference - cost / max_cost)
-            best = miou
+        m, c = (miou - m_low) / m_span, (cost - c_low) / c_span
+        if m > best and c < 1.0 + REFERENCE_MARGIN:
+            area += (m - best) * (1.0 + REFERENCE_MARGIN - c)
+            best = m
     return area
 
 
@@ -85,12 +92,15 @@ class Replay:
     def grid_epochs(self) -> int:
         return sum(len(t.curve) for t in self.trials)
 
-    def max_cost(self) -> float:
-        return max(t.costs[self.cost] for t in self.trials)
+    def box(self) -> Box:
+        """The whole grid's range of best mIoU and of cost: the hypervolume's normalisation."""
+        best = [max(t.curve) for t in self.trials]
+        costs = [t.costs[self.cost] for t in self.trials]
+        return min(best), max(best), min(costs), max(costs)
 
     def grid_volume(self, feasible: Sequence[int]) -> float:
         points = [(max(self.trials[i].curve), self.trials[i].costs[self.cost]) for i in feasible]
-        return hypervolume(points, self.max_cost())
+        return hypervolume(points, self.box())
 
     def run(
         self, strategy: str, budget: int, seed: int, constraints: Sequence[Constraint] = ()
@@ -113,7 +123,7 @@ class Replay:
         return Outcome(
             epochs=sum(ran.values()),
             best_miou=max((m for m, _ in points), default=math.nan),
-            hv_share=hypervolume(points, self.max_cost()) / whole if whole else math.nan,
+            hv_share=hypervolume(points, self.box()) / whole if whole else math.nan,
         )
 
     def _decider(self, strategy: str, order: Sequence[int]) -> Decide | None:
