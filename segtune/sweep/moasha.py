@@ -89,13 +89,17 @@ class Halving:
             raise ValueError("moasha: grace_period >= 1 and reduction_factor > 1")
         self.signs = np.array([-1.0 if mode == "max" else 1.0 for mode in modes])
         self.reduction_factor = reduction_factor
+        self.max_t = max_t
         self.recorded: dict[int, dict[str, np.ndarray]] = {
             r: {} for r in rungs(grace_period, reduction_factor, max_t)
         }
 
     def on_result(self, trial: str, epoch: int, objectives: Sequence[float]) -> bool:
         """True: the trial goes on; False: it stops here. `epoch` counts from 1. A trial is
-        judged once per rung, at the first result at or past it."""
+        judged once per rung, at its first result at or past it and not past `max_t` (the
+        trainable's last result, its evaluation, is never judged)."""
+        if epoch > self.max_t:
+            return True
         for milestone in sorted(self.recorded, reverse=True):
             if epoch < milestone:
                 continue
