@@ -3,10 +3,11 @@ load test of the tracking server.
 
 `models` measures every registered architecture x backbone x ASPP variant (untrained weights)
 with the cost library (`segtune.models.cost`), without training; `engine` times one `fit()` epoch
-against a bare PyTorch loop on the same tensors (`segtune.training.overhead`); `tracking` has many trials log epochs to one
-`mlflow server` at once and reads every value back (`segtune.tracking.server_load`); `sweep` runs a
-sweep and prints where its time went (`segtune.sweep.bench`); `loader` prints images/s per loader
-worker for a sweep's data and augmentations (`segtune.data.throughput`).
+against a bare PyTorch loop on the same tensors (`segtune.training.overhead`); `tracking` has many
+trials log epochs to one `mlflow server` at once and reads every value back
+(`segtune.tracking.server_load`); `sweep` runs a sweep and prints where its time went (`segtune.sweep.bench`); `loader` prints images/s per loader
+worker for a sweep's data and augmentations (`segtune.data.throughput`); `replay` replays
+search strategies on a finished sweep's recorded curves (`segtune.sweep.replay`).
 """
 
 from __future__ import annotations
@@ -156,6 +157,16 @@ def _cmd_loader(args: argparse.Namespace) -> int:
         "a trial training at R img/s needs about R / (img/s per worker) loader workers "
         "(train.num_workers), each a cpu of tune.resources_per_trial"
     )
+    return 0
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from segtune.sweep.replay import replay_command
+
+    seeds = check_count("--seeds", args.seeds, 1)
+    halving = (args.grace_period, args.reduction_factor)
+    print(replay_command(args.experiment, args.tracking_uri, args.constraints, args.cost, seeds,
+                         halving, args.load, args.export))  # fmt: skip
     return 0
 
 
@@ -341,6 +352,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--cold", action="store_true", help="an empty cost table each run (a first sweep)"
     )
     sweep.set_defaults(func=_cmd_sweep)
+    replay = sub.add_parser(
+        "replay",
+        help="replay grid, random, ASHA and MO-ASHA on a finished sweep's curves, no training",
+        description="Read a finished sweep's val_miou curves and costs from MLflow and replay "
+        "each strategy (10 seeds) at 25/50/100%% of the grid's trial-epochs, with and without "
+        "constraints: trial-epochs spent, best mIoU, share of the grid's hypervolume.",
+    )
+    replay.add_argument("--experiment", metavar="NAME", help="the sweep's MLflow experiment")
+    replay.add_argument("--tracking-uri", metavar="URI", help="(default: MLFLOW_TRACKING_URI)")
+    replay.add_argument(
+        "--constraints", metavar="TEXT", help="e.g. 'size_mb<=5' (default: the sweep's own)"
+    )
+    replay.add_argument("--cost", help="the fronts' cost (default: the sweep's, else infer_ms_cpu)")
+    replay.add_argument("--seeds", type=int, default=10, help="orders drawn (default 10)")
+    replay.add_argument("--grace-period", type=int, help="(default: the sweep file's)")
+    replay.add_argument("--reduction-factor", type=float, help="(default: the sweep file's)")
+    replay.add_argument("--load", type=Path, metavar="FILE", help="first write this recording")
+    replay.add_argument("--export", type=Path, metavar="FILE", help="keep the recording as JSON")
+    replay.set_defaults(func=_cmd_replay)
     return parser
 
 

@@ -53,7 +53,7 @@ class TuneSection(BaseModel):
     mode: Literal["max", "min"] | list[Literal["max", "min"]] = "max"
     search: Literal["grid", "random", "optuna"] = "grid"
     sampler: Literal["tpe", "nsga2"] = "tpe"
-    scheduler: Literal["fifo", "asha"] = "fifo"
+    scheduler: Literal["fifo", "asha", "moasha"] = "fifo"
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(2.0, gt=1)
     num_samples: int = Field(1, ge=1)
@@ -207,10 +207,13 @@ def _check_tune(sweep: SweepConfig) -> list[str]:
             problems.append(
                 "tune.metric: several metrics (multi-objective) need tune.search: optuna"
             )
-        if tune.scheduler != "fifo":
+        if tune.scheduler == "asha":
             problems.append(
-                "tune.scheduler: asha stops trials on one metric; use fifo with several metrics"
+                "tune.scheduler: asha stops trials on one metric; use moasha (Pareto ranks) or "
+                "fifo with several metrics"
             )
+    elif tune.scheduler == "moasha":
+        problems.append("tune.scheduler: moasha ranks several metrics; use asha with one")
     if tune.search == "grid" and forms & {"uniform", "loguniform", "randint", "choice"}:
         problems.append(
             "tune.search: grid expands only grid_search; sample uniform/loguniform/randint/choice "
@@ -221,13 +224,16 @@ def _check_tune(sweep: SweepConfig) -> list[str]:
     if tune.search == "optuna" and tune.repeats > 1:
         problems.append("tune.repeats: seeds per configuration need tune.search grid or random")
     epochs = sweep.train_value("epochs")
-    if tune.scheduler == "asha" and isinstance(epochs, int) and tune.grace_period >= epochs:
+    halving = tune.scheduler != "fifo"
+    if halving and isinstance(epochs, int) and tune.grace_period >= epochs:
         problems.append(
-            f"tune.grace_period: {tune.grace_period} must be below train.epochs ({epochs}) for asha"
+            f"tune.grace_period: {tune.grace_period} must be below train.epochs ({epochs}) for "
+            f"{tune.scheduler}"
         )
+    # the first metric is judged at every rung; moasha's costs may come with each result
     first = metrics[0] if metrics else ""  # an unknown name is said once, above
-    if tune.scheduler == "asha" and first in REPORTED_METRICS and first not in EPOCH_SCORES:
-        problems.append(f"tune.metric: asha needs a per-epoch metric, not {first}")
+    if halving and first in REPORTED_METRICS and first not in EPOCH_SCORES:
+        problems.append(f"tune.metric: {tune.scheduler} needs a per-epoch metric, not {first}")
     return problems + size_problems(sweep.search_space, tune.num_samples, tune.repeats)
 
 

@@ -32,15 +32,20 @@ def searcher(sweep: SweepConfig, offset: int = 0) -> Any:
 
 
 def trial_scheduler(sweep: SweepConfig) -> Any:
-    """ASHA on the sweep's one objective, or None (FIFO)."""
-    if sweep.tune.scheduler != "asha":
+    """ASHA on the sweep's one objective, MO-ASHA on its several, or None (FIFO)."""
+    if sweep.tune.scheduler == "fifo":
         return None
-    from ray.tune.schedulers import ASHAScheduler
-
     epochs = int(sweep.train_value("epochs"))
     # Rungs lie at grace * rf^k <= max_t: below the last epoch, so that a trial is judged while
     # it still has epochs to save, and never stopped between its last epoch and its final
     # evaluation and benchmark (which come as one more report).
+    if sweep.tune.scheduler == "moasha":
+        from segtune.sweep.moasha_scheduler import MOASHA
+
+        return MOASHA(sweep.objectives(), sweep.tune.grace_period, sweep.tune.reduction_factor,
+                      max_t=max(1, epochs - 1))  # fmt: skip
+    from ray.tune.schedulers import ASHAScheduler
+
     return ASHAScheduler(
         time_attr="training_iteration",
         max_t=max(1, epochs - 1),
