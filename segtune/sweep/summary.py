@@ -28,6 +28,7 @@ def print_summary(sweep: SweepConfig, tracking_uri: str, parent: str) -> pd.Data
     the trial table it read."""
     from mlflow.tracking import MlflowClient
 
+    from segtune.tracking.excluded import excluded_lines
     from segtune.tracking.query import load_sweep_table
     from segtune.tracking.runs import runs_page
     from segtune.tracking.select import pareto_front
@@ -36,7 +37,7 @@ def print_summary(sweep: SweepConfig, tracking_uri: str, parent: str) -> pd.Data
     if table.empty:
         print("no trial ran")
         return table
-    ok = table[table["status"] == "FINISHED"].copy()
+    ok = table[(table["status"] == "FINISHED") & (table["infeasible"] == "")].copy()
     for key in SUMMARY_COLUMNS:
         if key not in ok:
             ok[key] = math.nan
@@ -75,6 +76,8 @@ def print_summary(sweep: SweepConfig, tracking_uri: str, parent: str) -> pd.Data
             print(f"  {name}: {row['mean']:.4f} ± {row['std']:.4f} (n={int(row['count'])})")
     for _, row in ok[ok["cost_noisy"] != ""].iterrows():
         print(f"noisy cost {row['label']}: {row['cost_noisy']} (timed with the other work)")
+    for line in excluded_lines(tracking_uri, table, [parent]):  # by tune.constraints
+        print(line)
     failed = table[table["status"] == "FAILED"]
     for _, row in failed.iterrows():
         print(f"FAILED {row['label']}: {row['error']}")
