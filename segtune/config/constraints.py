@@ -25,6 +25,7 @@ _OPS: dict[str, Callable[[Any, Any], Any]] = {
 }
 _NUMBER = r"([-+]?[\d.]+(?:[eE][-+]?\d+)?)"
 _CONSTRAINT = re.compile(rf"^\s*([A-Za-z_][\w.\-]*)\s*(<=|>=|<|>)\s*{_NUMBER}\s*$")
+_BOUND = re.compile(rf"^\s*(<=|>=|<|>)\s*{_NUMBER}\s*$")  # a sweep file's `"<=30"`
 # a violation that must count as one though the values are equal (a strict `<` at its bound)
 _AT_BOUND = 1e-9
 
@@ -73,11 +74,15 @@ def parse_constraints(text: str, option: str = "--constraints") -> list[Constrai
 
 def constraints_of(mapping: Mapping[str, Any], option: str) -> list[Constraint]:
     """A sweep file's `{infer_ms_gpu: "<=5", size_mb: "<=30"}`, each entry read as `KEY<=5`."""
-    return [
-        c
-        for key, bound in mapping.items()
-        for c in parse_constraints(f"{key}{bound}", f"{option}.{key}")
-    ]
+    constraints = []
+    for key, bound in mapping.items():
+        if not isinstance(bound, str) or _BOUND.match(bound) is None:
+            raise ConfigError(
+                f"{option}.{key}: cannot read {bound!r}; expected an operator (<=, <, >=, >) "
+                "and a number, e.g. '<=30'"
+            )
+        constraints += parse_constraints(f"{key}{bound}", f"{option}.{key}")
+    return constraints
 
 
 def broken(constraints: list[Constraint], costs: Mapping[str, float]) -> list[str]:
