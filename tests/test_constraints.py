@@ -14,7 +14,10 @@ from mlflow.tracking import MlflowClient
 
 from segtune.config.constraints import parse_constraints
 from segtune.config.names import COST_EXPERIMENT, EXCLUDED_ARTIFACT, INFEASIBLE_TAG
+from segtune.config.sweep import validate_sweep
+from segtune.errors import ConfigError
 from segtune.sweep.optuna_search import CONSTRAINTS_ATTR
+from segtune.sweep.space import param_space, resolve_trial
 from tests.test_sweep import run, steps, trial_runs, write_sweep
 
 MODELS = [
@@ -22,6 +25,7 @@ MODELS = [
     {"arch": "deeplabv3", "backbone": "mobilenet_v3_small"},  # 25 MB
 ]
 SMALL = {"size_mb": "<=1"}
+GPU_LIMITS = {"infer_ms_gpu": "<=5", "size_mb": "< 30"}
 ARCHITECTURE_COSTS = ("params_m", "size_mb", "gflops", "infer_ms_cpu")
 
 
@@ -38,6 +42,40 @@ def test_constraint_violation_values() -> None:
     assert at_most.violation(25.0) == -5.0 and at_most.violation(31.5) == 1.5
     assert above.violation(2.0) > 0  # at a strict bound: broken
     assert above.violation(None) == float("inf")
+
+
+def test_a_sweep_file_takes_constraints_on_costs_it_measures() -> None:
+    raw = {"name": "c", "tune": {"resources_per_trial": {"gpu": 1}, "constraints": GPU_LIMITS}}
+    sweep = validate_sweep(raw)
+    assert [str(c) for c in sweep.tune.constraint_list()] == ["infer_ms_gpu<=5", "size_mb<30"]
+    with pytest.raises(ConfigError, match=r"infer_ms_gpu: no GPU latency .*\(bench.gpu is false\)"):
+        validate_sweep({**raw, "bench": {"gpu": False}})
+
+
+def test_a_random_sweep_draws_only_what_its_constraints_keep() -> None:
+    """Ray's own variant generator on the space: every draw is feasible, and each grid value
+    comes with the feasible choices only (no Ray started)."""
+    from ray.tune.search.variant_generator import generate_variants
+
+    sweep = validate_sweep(
+        {
+            "name": "r",
+            "search_space": {
+                "model": {"choice": MODELS},
+                "augment": {"grid_search": ["none", "basic"]},
+                "lr": {"loguniform": [0.001, 0.01]},
+            },
+            "tune": {"search": "random", "constraints": SMALL},
+        }
+    )
+    space = param_space(sweep, keep=lambda cfg: cfg.arch == "unet")  # as the costs would say
+    drawn = [
+        resolve_trial(sweep, v["config"])
+        for _ in range(5)
+        for _, v in generate_variants({"config": space})
+    ]
+    assert {(cfg.arch, cfg.augment) for cfg in drawn} == {("unet", "none"), ("unet", "basic")}
+    assert len({cfg.lr for cfg in drawn}) == len(drawn) == 10
 
 
 def test_a_grid_never_trains_what_breaks_its_constraints(

@@ -257,12 +257,14 @@ def _check_constraints(sweep: SweepConfig) -> list[str]:
                 f"{did_you_mean(key, MODEL_COSTS)}; one of {', '.join(MODEL_COSTS)}"
             )
         elif key == "infer_ms_gpu" and not (sweep.tune.resources_per_trial.gpu and sweep.bench.gpu):
-            why = (
-                "bench.gpu is false" if not sweep.bench.gpu else "tune.resources_per_trial.gpu is 0"
+            why, fix = (
+                ("bench.gpu is false", "set bench.gpu: true")
+                if not sweep.bench.gpu
+                else ("tune.resources_per_trial.gpu is 0", "give the trials a GPU")
             )
             problems.append(
                 f"{where}: no GPU latency is measured on this sweep's nodes ({why}); constrain "
-                "infer_ms_cpu instead, or give the trials a GPU"
+                f"infer_ms_cpu instead, or {fix}"
             )
     return problems
 

@@ -106,7 +106,10 @@ def run_trial(
         # Ray's saved state is older than the trial's end (it is uploaded in the background), so
         # a resumed sweep restarts it from its last epoch: its run has finished, run nothing
         log.info("trial %s already finished in MLflow run %s", trial_id, run_id)
-        _report_final(final, cfg.epochs)
+        if INFEASIBLE_TAG in client.get_run(run_id).data.tags:  # it ended before training
+            _report_final(infeasible_result(sweep, architecture_costs(final)), 0)
+        else:
+            _report_final(final, cfg.epochs)
         return
     run = TrialRun.open(
         client,
