@@ -178,3 +178,23 @@ def test_optuna_learns_the_constraints_and_trains_no_infeasible_trial(
     first = {k: v[0] for k, v in ray_results(tmp_path / "ray" / name).items()}
     assert len(first) == 6
     assert all(all(key in result for key in ARCHITECTURE_COSTS) for result in first.values())
+
+
+def test_a_sweep_that_its_constraints_leave_empty_ends_in_one_line(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    sweep = write_sweep(
+        tmp_path / "none_left.yaml",
+        synthetic_root,
+        search_space={"model": {"grid_search": MODELS[1:]}},
+        tune={"constraints": SMALL},
+    )
+    proc = run(sweep)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = "tune.constraints: every configuration of the sweep breaks them (1; e.g. deeplabv3-"
+    assert line in proc.stderr and "Traceback" not in proc.stderr
+    assert trial_runs(tmp_path, "none_left") == []
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("none_left").experiment_id
+    (parent,) = client.search_runs([experiment])
+    assert parent.info.status == "FAILED" and line in parent.data.tags["segtune.error"]

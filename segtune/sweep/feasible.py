@@ -61,23 +61,24 @@ def exclude(
 ) -> int:
     """The configurations of a grid or a random sweep that break tune.constraints (left out of
     its space by `segtune.sweep.space.param_space`), kept on the sweep run `parent`; returns how
-    many of `configs` they are. None left: the sweep run fails with one line."""
-    if sweep.tune.search == "optuna" or not sweep.tune.constraints:
-        return 0
+    many of `configs` they are. None left (Optuna's too): the sweep run fails with one line.
+    Optuna's are not left out: its sampler learns the constraints from the trials."""
     excluded = Feasibility(sweep.tune.constraint_list(), costs).excluded(sweep, configs)
     if not excluded:
         return 0
-    log_excluded(client, parent, excluded)
     labels = {e["label"] for e in excluded}
     removed = sum(1 for cfg in configs if sweep.config_label(cfg) in labels)
     if removed == len(configs):
         message = (
-            f"tune.constraints: all {len(labels)} configurations break them (e.g. "
-            f"{excluded[0]['label']}: {excluded[0]['reason']}); relax them"
+            f"tune.constraints: every configuration of the sweep breaks them ({len(labels)}; "
+            f"e.g. {excluded[0]['label']}: {excluded[0]['reason']}); relax them"
         )
         client.set_tag(parent, ERROR_TAG, message)
         client.set_terminated(parent, "FAILED")
         raise ConfigError(message)
+    if sweep.tune.search == "optuna":
+        return 0
+    log_excluded(client, parent, excluded)
     return removed
 
 
