@@ -12,6 +12,7 @@ import pandas as pd
 from dashboards import class_figures, figures, importance, interactive
 from dashboards.analysis import compare_configs, seed_groups
 from segtune.classes import iou_per_class
+from segtune.config.constraints import Constraint
 from segtune.config.names import (
     CONFUSION_ARTIFACT,
     DATA_WAIT_MEAN,
@@ -25,9 +26,10 @@ from segtune.config.names import (
     format_metric,
     input_bound,
 )
+from segtune.tracking.excluded import excluded_lines
 from segtune.tracking.query import SEED_PARAM, SweepData, download_eval, metrics_at_step
 from segtune.tracking.runs import run_page
-from segtune.tracking.select import Constraint, pareto_front, within_budget
+from segtune.tracking.select import pareto_front, within_constraints
 
 FAILED = "FAILED"
 EXAMPLE = re.compile(r"^(best|worst)_(\d+)_(.+)\.png$")
@@ -55,12 +57,12 @@ class Report:
     data: SweepData
     out: Path
     weight: float
-    budget: list[Constraint]
+    constraints: list[Constraint]
     figures: dict[str, list[Picture]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     summary: list[str] = field(default_factory=list)
     fronts: dict[str, pd.Series] = field(default_factory=dict)
-    in_budget: pd.Series | None = None
+    within: pd.Series | None = None  # the trials within --constraints
     best: BestTrial | None = None
 
     def figure(
@@ -224,16 +226,16 @@ def _importance(report: Report, trials: pd.DataFrame) -> None:
         )
 
 
-def _budget(report: Report, trials: pd.DataFrame) -> None:
-    if report.in_budget is None:
+def _constraints(report: Report, trials: pd.DataFrame) -> None:
+    if report.within is None:
         return
-    text = ", ".join(str(c) for c in report.budget)
-    fitting = trials[report.in_budget].dropna(subset=[OBJECTIVE])
+    text = ", ".join(str(c) for c in report.constraints)
+    fitting = trials[report.within].dropna(subset=[OBJECTIVE])
     if fitting.empty:
-        report.summary.append(f"No trial fits the budget {text}.")
+        report.summary.append(f"No trial is within the constraints {text}.")
     else:
         best = fitting.loc[fitting[OBJECTIVE].idxmax()]
-        report.summary.append(f"Best within the budget {text}: {_short(best)}.")
+        report.summary.append(f"Best within the constraints {text}: {_short(best)}.")
 
 
 def _iou_per_class(report: Report, row: pd.Series, matrix: pd.DataFrame | None) -> dict[str, float]:
@@ -348,22 +350,25 @@ def _per_class_examples(scores: pd.DataFrame, files: set[str]) -> list[dict[str,
     return rows
 
 
-def compose(data: SweepData, out: Path, weight: float, budget: list[Constraint]) -> Report:
+def compose(data: SweepData, out: Path, weight: float, constraints: list[Constraint]) -> Report:
     """Every section of the report of `data`, its figures drawn into `out`."""
-    trials = data.table[data.table["status"] != FAILED]
-    report = Report(data, out, weight, budget)
-    if budget:  # checked against the sweep's metrics before anything is drawn
-        report.in_budget = within_budget(trials, budget, data.metric_columns)
+    # trained trials: not failed, nor ended before training by the sweep's tune.constraints
+    trials = data.table[(data.table["status"] != FAILED) & (data.table["infeasible"] == "")]
+    report = Report(data, out, weight, constraints)
+    if constraints:  # checked against the sweep's metrics before anything is drawn
+        report.within = within_constraints(trials, constraints, data.metric_columns)
     out.mkdir(parents=True, exist_ok=True)
     colors = figures.trial_colors(list(trials["label"]))
     _floor(report, trials)
     _best_trial(report, trials)
-    _budget(report, trials)
+    _constraints(report, trials)
     _input_bound(report, trials)
     _curves(report, trials, colors)
     _pareto(report, trials, colors)
     _seeds(report, trials, colors)
     _importance(report, trials)
+    # what the sweep's own tune.constraints kept from training, and why
+    report.notes += excluded_lines(data.tracking_uri, data.table, data.sweeps["run_id"])
     for _, row in data.table[data.table["status"] == FAILED].iterrows():
         report.notes.append(
             f"failed trial {row['label']} (not plotted): {row['error'] or 'no error recorded'}"

@@ -26,6 +26,9 @@ SWEEP_TAG = "segtune.sweep"
 # instead of its GenAI overview of traces
 EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
 EARLY_STOP_TAG = "segtune.early_stopped"  # the scheduler stopped the trial; value says when
+# the trial's architecture breaks the sweep's tune.constraints: it ended before its first epoch;
+# the value says which constraint and by how much
+INFEASIBLE_TAG = "segtune.infeasible"
 SOURCE_RUN_TAG = "segtune.source_run_id"  # on an export run: the trial it exported
 # the conditions a trial's cost was measured under (threads, CPU, input size...), one tag each
 COST_TAG_PREFIX = "segtune.cost."
@@ -92,6 +95,8 @@ COLUMNS: dict[str, tuple[str, str]] = {
 
 # --- artifacts -------------------------------------------------------------------------------
 SWEEP_ARTIFACT = "sweep.yaml"
+# on the sweep run: the configurations its tune.constraints removed before the trials, and why
+EXCLUDED_ARTIFACT = "excluded.json"
 REPORT_DIR = "report"
 CHECKPOINT_ARTIFACT = "checkpoints/best.pt"
 EVAL_DIR = "eval"

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from segtune.config.constraints import Constraint, constraints_of
 from segtune.config.grammar import (
     check_param,
     check_trial_values,
@@ -22,7 +23,7 @@ from segtune.config.grammar import (
     search_form,
     size_problems,
 )
-from segtune.config.names import EPOCH_SCORES, REPORTED_METRICS
+from segtune.config.names import EPOCH_SCORES, MODEL_COSTS, REPORTED_METRICS
 from segtune.config.trial import (
     DataConfig,
     SizeText,
@@ -65,6 +66,13 @@ class TuneSection(BaseModel):
     # as s3://bucket/prefix; storage_endpoint: an S3-compatible server (MinIO, Ceph, ...)
     storage_path: str = "runs"
     storage_endpoint: str | None = None
+    # limits on an architecture's costs, e.g. {infer_ms_gpu: "<=5"}: what breaks them is never
+    # trained (segtune.config.constraints)
+    constraints: dict[str, str] = Field(default_factory=dict)
+
+    def constraint_list(self) -> list[Constraint]:
+        """`constraints` read; valid once the sweep is (validate_sweep)."""
+        return constraints_of(self.constraints, "tune.constraints")
 
     def metrics_and_modes(self) -> tuple[list[str], list[str]]:
         """`metric` and `mode` as lists, whether the file wrote one or several."""
@@ -234,7 +242,37 @@ def _check_tune(sweep: SweepConfig) -> list[str]:
     first = metrics[0] if metrics else ""  # an unknown name is said once, above
     if halving and first in REPORTED_METRICS and first not in EPOCH_SCORES:
         problems.append(f"tune.metric: {tune.scheduler} needs a per-epoch metric, not {first}")
+    problems += _check_constraints(sweep)
     return problems + size_problems(sweep.search_space, tune.num_samples, tune.repeats)
+
+
+def _check_constraints(sweep: SweepConfig) -> list[str]:
+    """Each of `tune.constraints` readable, on a cost known before training, and measurable on
+    the sweep's nodes: a GPU latency only where trials have a GPU and the bench times it."""
+    problems = []
+    for key, bound in sweep.tune.constraints.items():
+        where = f"tune.constraints.{key}"
+        try:
+            constraints_of({key: bound}, "tune.constraints")
+        except ConfigError as exc:
+            problems.append(str(exc))
+            continue
+        if key not in MODEL_COSTS:
+            problems.append(
+                f"{where}: not a cost the cost stage measures before training"
+                f"{did_you_mean(key, MODEL_COSTS)}; one of {', '.join(MODEL_COSTS)}"
+            )
+        elif key == "infer_ms_gpu" and not (sweep.tune.resources_per_trial.gpu and sweep.bench.gpu):
+            why, fix = (
+                ("bench.gpu is false", "set bench.gpu: true")
+                if not sweep.bench.gpu
+                else ("tune.resources_per_trial.gpu is 0", "give the trials a GPU")
+            )
+            problems.append(
+                f"{where}: no GPU latency is measured on this sweep's nodes ({why}); constrain "
+                f"infer_ms_cpu instead, or {fix}"
+            )
+    return problems
 
 
 def load_sweep(path: Path | str, overrides: Sequence[str] = ()) -> SweepConfig:

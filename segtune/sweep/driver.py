@@ -40,6 +40,7 @@ from segtune.sweep.edits import (
     read_state,
 )
 from segtune.sweep.ending import end_failed, end_stopped, now
+from segtune.sweep.feasible import Feasibility, exclude
 from segtune.sweep.lock import SweepLock
 from segtune.sweep.node_checks import check_nodes, node_name
 from segtune.sweep.preflight import needed_weights
@@ -190,7 +191,9 @@ def _tuner(
         verbose=1 if log.isEnabledFor(logging.DEBUG) else 0,
     )
     if added is None:
-        space, samples = param_space(sweep, _duration(sweep, costs)), sweep.tune.num_samples
+        constraints = sweep.tune.constraint_list()  # a grid's or a random sweep's (`exclude`)
+        keep = Feasibility(constraints, costs).keep if constraints else None
+        space, samples = param_space(sweep, _duration(sweep, costs), keep), sweep.tune.num_samples
     elif added.trials is not None:  # a grid's new combinations, each once
         space, samples = {GRID_KEY: tune.grid_search(added.trials)}, 1
     else:  # more draws from the same space
@@ -344,7 +347,8 @@ def _fit(
             )
             phases["cost_stage_s"] = time.perf_counter() - started
         started = time.perf_counter()
-        grid = len(configs) if sweep.tune.search == "grid" else 1
+        excluded = exclude(sweep, configs, costs, client, parent)
+        grid = len(configs) - excluded if sweep.tune.search == "grid" else 1
         outcome.slots = _slots(sweep, grid * sweep.tune.num_samples)
         resources = sweep.tune.resources_per_trial
         trainable = tune.with_resources(
@@ -361,9 +365,6 @@ def _fit(
         # num_to_keep makes Tune save its state at every checkpoint, as meant (below); its
         # warning about that, every few seconds with short epochs, would bury the progress
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-        # several objectives: costs such as infer_ms_cpu arrive with a trial's final result only
-        if len(sweep.objectives()) > 1:
-            os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
         main = storage.path(sweep.name)
         # the sweep's own experiment, then the trials --accept-changes added, one after another
         experiments: list[tuple[str, Addition | None]] = [(main, None)]

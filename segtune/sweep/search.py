@@ -9,26 +9,34 @@ from segtune.config.sweep import SweepConfig
 
 def searcher(sweep: SweepConfig, offset: int = 0) -> Any:
     """Optuna's searcher (None for grid and random: Ray's variant generator); `offset` moves its
-    seed, for trials added to a sweep (`segtune.sweep.edits.Addition`)."""
+    seed, for trials added to a sweep (`segtune.sweep.edits.Addition`). Under tune.constraints
+    its sampler learns them from each trial's constraint values (segtune.sweep.optuna_search)."""
     if sweep.tune.search != "optuna":
         return None
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
+    from segtune.sweep.optuna_search import ConstrainedOptunaSearch, ConstraintValues
+
     objectives = sweep.objectives()
     seed = int(sweep.train_value("seed")) + offset
+    constraints = sweep.tune.constraint_list()
+    limits = {"constraints_func": ConstraintValues(len(constraints))} if constraints else {}
     sampler = (
-        optuna.samplers.NSGAIISampler(seed=seed)
+        optuna.samplers.NSGAIISampler(seed=seed, **limits)
         if sweep.tune.sampler == "nsga2"
-        else optuna.samplers.TPESampler(seed=seed, multivariate=True)
+        else optuna.samplers.TPESampler(seed=seed, multivariate=True, **limits)
     )
     metrics = [m for m, _ in objectives]
     modes = [m for _, m in objectives]
-    return OptunaSearch(
-        metric=metrics if len(metrics) > 1 else metrics[0],
-        mode=modes if len(modes) > 1 else modes[0],
-        sampler=sampler,
-    )
+    options = {
+        "metric": metrics if len(metrics) > 1 else metrics[0],
+        "mode": modes if len(modes) > 1 else modes[0],
+        "sampler": sampler,
+    }
+    if constraints:
+        return ConstrainedOptunaSearch(constraints, **options)
+    return OptunaSearch(**options)
 
 
 def trial_scheduler(sweep: SweepConfig) -> Any:

@@ -36,6 +36,7 @@ def print_summary(sweep: SweepConfig, tracking_uri: str, parent: str) -> pd.Data
     the trial table it read."""
     from mlflow.tracking import MlflowClient
 
+    from segtune.tracking.excluded import excluded_lines
     from segtune.tracking.query import load_sweep_table
     from segtune.tracking.runs import runs_page
     from segtune.tracking.select import pareto_front
@@ -44,7 +45,7 @@ def print_summary(sweep: SweepConfig, tracking_uri: str, parent: str) -> pd.Data
     if table.empty:
         print("no trial ran")
         return table
-    ok = table[table["status"] == "FINISHED"].copy()
+    ok = table[(table["status"] == "FINISHED") & (table["infeasible"] == "")].copy()
     for key in SUMMARY_COLUMNS:
         if key not in ok:
             ok[key] = math.nan
@@ -93,6 +94,8 @@ def print_summary(sweep: SweepConfig, tracking_uri: str, parent: str) -> pd.Data
             f"input-bound {row['label']}: waited {row[DATA_WAIT_MEAN]:.0%} of its epochs for "
             f"data (mean over epochs; over {INPUT_BOUND_FRAC:.0%} flags it): {INPUT_BOUND_FIX}"
         )
+    for line in excluded_lines(tracking_uri, table, [parent]):  # by tune.constraints
+        print(line)
     failed = table[table["status"] == "FAILED"]
     for _, row in failed.iterrows():
         print(f"FAILED {row['label']}: {row['error']}")
