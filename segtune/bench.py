@@ -5,9 +5,10 @@ load test of the tracking server.
 with the cost library (`segtune.models.cost`), without training; `engine` times one `fit()` epoch
 against a bare PyTorch loop on the same tensors (`segtune.training.overhead`); `tracking` has many
 trials log epochs to one `mlflow server` at once and reads every value back
-(`segtune.tracking.server_load`); `sweep` runs a sweep and prints where its time went (`segtune.sweep.bench`); `loader` prints images/s per loader
-worker for a sweep's data and augmentations (`segtune.data.throughput`); `replay` replays
-search strategies on a finished sweep's recorded curves (`segtune.sweep.replay`).
+(`segtune.tracking.server_load`); `sweep` runs a sweep and prints where its time went
+(`segtune.sweep.bench`); `loader` prints images/s per loader worker for a sweep's data and
+augmentations (`segtune.data.throughput`); `replay` replays search strategies on a finished
+sweep's recorded curves (`segtune.sweep.replay`).
 """
 
 from __future__ import annotations
