@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from segtune.bench import main as bench_main
+from segtune.config.constraints import parse_constraints
 from segtune.sweep.recording import Recording, Trial, load_json, read_recording, write_to_mlflow
 from segtune.sweep.replay import Replay, _schedule, hypervolume, replay_table
-from segtune.tracking.select import parse_budget
 
 FIXTURE = Path(__file__).parent / "fixtures" / "replay_grid.json"
 
@@ -43,7 +43,7 @@ def test_grid_at_full_budget_finds_the_whole_front() -> None:
         outcome = replay.run("grid", replay.grid_epochs, seed)
         assert (outcome.epochs, outcome.best_miou, outcome.hv_share) == (9, 0.6, 1.0)
     # with a constraint the large models are never trained; the share is of the feasible grid's
-    kept = parse_budget("size_mb<=5")
+    kept = parse_constraints("size_mb<=5")
     outcome = replay.run("grid", replay.grid_epochs, 0, kept)
     assert (outcome.epochs, outcome.best_miou, outcome.hv_share) == (3, 0.3, 1.0)
 

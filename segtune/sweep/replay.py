@@ -25,8 +25,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import pandas as pd
 
+from segtune.config.constraints import Constraint, broken, parse_constraints
 from segtune.config.names import MODEL_COSTS
 from segtune.errors import ConfigError
 from segtune.sweep.moasha import Halving
@@ -38,7 +38,6 @@ from segtune.sweep.recording import (
     write_json,
     write_to_mlflow,
 )
-from segtune.tracking.select import Constraint, parse_budget
 
 STRATEGIES = ("grid", "random", "asha", "moasha")
 BUDGETS = (0.25, 0.5, 1.0)  # shares of the grid's trial-epochs
@@ -161,8 +160,7 @@ class Replay:
 
 
 def _meets(trial: Trial, constraints: Sequence[Constraint]) -> bool:
-    row = pd.DataFrame([trial.costs]) if trial.costs else pd.DataFrame(index=[0])
-    return all(c.column in row and bool(c.holds(row).iloc[0]) for c in constraints)
+    return not broken(list(constraints), trial.costs)
 
 
 def _schedule(
@@ -284,7 +282,7 @@ def replay_command(
         raise ConfigError(f"--cost {cost}: not recorded for {', '.join(missing[:5])}; "
                           f"one of {', '.join(MODEL_COSTS)}")  # fmt: skip
     wanted = constraints if constraints is not None else sweep_constraints(recording)
-    kept = parse_budget(wanted) if wanted else []
+    kept = parse_constraints(wanted) if wanted else []
     if kept and not any(_meets(t, kept) for t in recording.trials):
         raise ConfigError(f"--constraints {wanted}: no recorded trial meets them")
     replay = Replay(recording.trials, cost, grace, factor)
