@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from segtune.config.sweep import SweepConfig
 
 
-def searcher(sweep: SweepConfig, offset: int = 0) -> Any:
+def searcher(sweep: SweepConfig, offset: int = 0, told: Sequence[Any] = ()) -> Any:
     """Optuna's searcher (None for grid and random: Ray's variant generator); `offset` moves its
-    seed, for trials added to a sweep (`segtune.sweep.edits.Addition`)."""
+    seed, for trials added to a sweep (`segtune.sweep.edits.Addition`); `told`: earlier trials
+    it knows before its first suggestion (`segtune.sweep.warm`)."""
     if sweep.tune.search != "optuna":
         return None
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
+
+    from segtune.sweep.warm import WarmOptunaSearch
 
     objectives = sweep.objectives()
     seed = int(sweep.train_value("seed")) + offset
@@ -24,10 +27,11 @@ def searcher(sweep: SweepConfig, offset: int = 0) -> Any:
     )
     metrics = [m for m, _ in objectives]
     modes = [m for _, m in objectives]
-    return OptunaSearch(
+    return WarmOptunaSearch(
         metric=metrics if len(metrics) > 1 else metrics[0],
         mode=modes if len(modes) > 1 else modes[0],
         sampler=sampler,
+        told=told,
     )
 
 

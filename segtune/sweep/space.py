@@ -65,7 +65,8 @@ def resolve_trial(sweep: SweepConfig, sampled: Mapping[str, Any]) -> TrialConfig
     return trial_config(values)
 
 
-def _fixed_values(sweep: SweepConfig) -> dict[str, Any]:
+def fixed_values(sweep: SweepConfig) -> dict[str, Any]:
+    """The search space's plain values: a sampled trial's config holds them besides its draws."""
     return {k: v for k, v in sweep.search_space.items() if search_form(v)[0] is None}
 
 
@@ -76,7 +77,7 @@ def discrete_trials(sweep: SweepConfig) -> list[TrialConfig]:
 
 def _combinations(sweep: SweepConfig) -> Iterator[dict[str, Any]]:
     dims = _discrete(sweep)
-    fixed = _fixed_values(sweep)
+    fixed = fixed_values(sweep)
     keys = list(dims)
     for combo in itertools.product(*(dims[k] for k in keys)):
         yield {**fixed, **dict(zip(keys, combo, strict=True))}

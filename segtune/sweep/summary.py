@@ -28,6 +28,8 @@ def print_summary(sweep: SweepConfig, tracking_uri: str, parent: str) -> pd.Data
     the trial table it read."""
     from mlflow.tracking import MlflowClient
 
+    from segtune.sweep.budget import budget_line
+    from segtune.sweep.warm import reused_lines
     from segtune.tracking.query import load_sweep_table
     from segtune.tracking.runs import runs_page
     from segtune.tracking.select import pareto_front
@@ -78,7 +80,12 @@ def print_summary(sweep: SweepConfig, tracking_uri: str, parent: str) -> pd.Data
     failed = table[table["status"] == "FAILED"]
     for _, row in failed.iterrows():
         print(f"FAILED {row['label']}: {row['error']}")
-    experiment = MlflowClient(tracking_uri).get_experiment_by_name(sweep.experiment)
+    client = MlflowClient(tracking_uri)
+    # the compute budget against its spend, and the earlier runs a warm start reused
+    notes = [budget_line(sweep, client, parent), *reused_lines(client, tracking_uri, parent)]
+    for note in filter(None, notes):
+        print(note)
+    experiment = client.get_experiment_by_name(sweep.experiment)
     if experiment is not None:
         page = runs_page(tracking_uri, experiment.experiment_id, parent)
         print(f"\nthe sweep's trials in the MLflow UI: {page}")

@@ -1,0 +1,224 @@
+"""Warm starts (`tune.warm_start`): what earlier sweeps on the same data already finished.
+
+The finished trial runs of the named experiments' sweeps whose dataset fingerprint
+(DATASET_TAG on the sweep run) is this sweep's are read from MLflow. Optuna is told them before
+its first suggestion (`WarmOptunaSearch`: one completed Optuna trial each, so that TPE and
+NSGA-II start from what is known); a grid leaves out each configuration an earlier run finished
+with the same trial keys, seed included (`skip_finished`). The sweep run names them all
+(REUSED_TAG), for the summary and the report, with links to the runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+from segtune.config.grammar import is_group, search_form
+from segtune.config.names import (
+    CONFIG_LABEL_TAG,
+    DATASET_TAG,
+    OBJECTIVE,
+    REUSED_TAG,
+    ROLE_SWEEP,
+    ROLE_TAG,
+    ROLE_TRIAL,
+)
+from segtune.config.sweep import SweepConfig
+from segtune.errors import ConfigError
+from segtune.sweep.space import GRID_KEY, fixed_values, param_space, resolve_trial
+from segtune.tracking.runs import run_page, run_params
+
+log = logging.getLogger(__name__)
+
+MAX_TAG = 7900  # characters of run ids on REUSED_TAG (MLflow keeps 8000)
+
+
+@dataclass(frozen=True)
+class Earlier:
+    """A finished trial run of an earlier sweep."""
+
+    run_id: str
+    experiment: str
+    label: str
+    params: dict[str, str]
+    metrics: dict[str, float]
+
+
+def earlier_trials(sweep: SweepConfig, client: MlflowClient, dataset: str) -> list[Earlier]:
+    """The finished trials of the `tune.warm_start` experiments' sweeps on dataset `dataset`
+    (a fingerprint); an experiment whose sweeps ran on other data is skipped with a line."""
+    found: list[Earlier] = []
+    for name in sweep.tune.warm_start:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise ConfigError(f"tune.warm_start: no experiment {name!r} at this tracking URI")
+        ids = [experiment.experiment_id]
+        sweeps = client.search_runs(ids, f"tags.`{ROLE_TAG}` = '{ROLE_SWEEP}'")
+        same = [s.info.run_id for s in sweeps if s.data.tags.get(DATASET_TAG) == dataset]
+        if not same:
+            other = sorted({s.data.tags.get(DATASET_TAG, "not recorded") for s in sweeps})
+            log.warning(
+                "warm start: experiment %r skipped: its sweeps ran on other data (dataset "
+                "fingerprint %s; this sweep's is %s)", name, ", ".join(other) or "none", dataset
+            )  # fmt: skip
+            continue
+        for parent in same:
+            runs = client.search_runs(
+                ids,
+                f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent}' and tags.`{ROLE_TAG}` = "
+                f"'{ROLE_TRIAL}' and attributes.status = 'FINISHED'",
+            )
+            for r in runs:
+                label = r.data.tags.get(CONFIG_LABEL_TAG) or r.info.run_name
+                found.append(Earlier(r.info.run_id, name, label, r.data.params, r.data.metrics))
+    if found and sweep.tune.search == "grid":  # refused before the sweep's run if none is left
+        skip_finished(sweep, param_space(sweep), found)
+    return found
+
+
+def _params(sweep: SweepConfig, config: Mapping[str, Any]) -> dict[str, str]:
+    """The params a trial of `config` (Ray's config of one trial) would log."""
+    return run_params(resolve_trial(sweep, config).model_dump(mode="json"))
+
+
+def skip_finished(
+    sweep: SweepConfig, space: dict[str, Any], earlier: Sequence[Earlier]
+) -> tuple[dict[str, Any], list[Earlier]]:
+    """A grid's `param_space` without the configurations earlier runs finished (every trial key
+    alike, the seed too), and those runs."""
+    finished = {frozenset(e.params.items()): e for e in earlier}
+    kept, reused = [], []
+    for combo in space[GRID_KEY]["grid_search"]:
+        match = finished.get(frozenset(_params(sweep, combo).items()))
+        if match is None:
+            kept.append(combo)
+        else:
+            reused.append(match)
+    if not kept:
+        raise ConfigError(
+            f"tune.warm_start: every configuration of this grid finished in "
+            f"{', '.join(sweep.tune.warm_start)}; nothing is left to train"
+        )
+    return {GRID_KEY: tune.grid_search(kept)}, reused
+
+
+def optuna_point(sweep: SweepConfig, params: Mapping[str, str]) -> dict[str, Any] | None:
+    """An earlier run's values in this sweep's sampled space (a group as the index of its
+    mapping), or None where the run is no point of it or differs in a key it does not sample
+    (the seed aside: another seed still tells where the good region is)."""
+    point: dict[str, Any] = {}
+    for key, spec in sweep.search_space.items():
+        form, values = search_form(spec)
+        if form == "choice":
+            group = is_group(key)
+            agree = [
+                i if group else value
+                for i, value in enumerate(values)
+                if all(_params(sweep, {key: i if group else value})[k] == params.get(k)
+                       for k in (value if group else [key]))
+            ]  # fmt: skip
+            if not agree:
+                return None
+            point[key] = agree[0]
+        elif form in ("uniform", "loguniform", "randint") and key in params:
+            point[key] = (int if form == "randint" else float)(params[key])
+    own = _params(sweep, {**fixed_values(sweep), **point})
+    keys = (set(own) | set(params)) - {"seed"}
+    return point if all(own.get(k) == params.get(k) for k in keys) else None
+
+
+def told_points(
+    sweep: SweepConfig, earlier: Sequence[Earlier]
+) -> tuple[list[tuple[dict[str, Any], list[float]]], list[Earlier]]:
+    """(point, objective values) for Optuna of each earlier run that is a point of this
+    sweep's space with every objective recorded, and those runs."""
+    told, used = [], []
+    for run in earlier:
+        point = optuna_point(sweep, run.params)
+        values = [run.metrics.get(metric) for metric, _ in sweep.objectives()]
+        if point is not None and None not in values:
+            told.append((point, [float(v) for v in values if v is not None]))
+            used.append(run)
+    return told, used
+
+
+class WarmOptunaSearch(OptunaSearch):
+    """Ray's OptunaSearch whose study holds the earlier trials `told` before its first
+    suggestion (Ray's own `evaluated_rewards` takes one objective only)."""
+
+    def __init__(self, *args: Any, told: Sequence[tuple[dict[str, Any], list[float]]] = (),
+                 **kwargs: Any) -> None:  # fmt: skip
+        self._told = list(told)
+        super().__init__(*args, **kwargs)
+
+    def _setup_study(self, mode: Any) -> None:
+        super()._setup_study(mode)
+        if not self._told or not isinstance(self._space, dict):
+            return
+        trials = []
+        for point, values in self._told:
+            params = {k: v for k, v in point.items() if k in self._space}
+            try:
+                trials.append(optuna.trial.create_trial(
+                    state=optuna.trial.TrialState.COMPLETE, values=values, params=params,
+                    distributions={k: self._space[k] for k in params},
+                ))  # fmt: skip
+            except ValueError as exc:  # a value outside this sweep's range
+                log.info("warm start: %s not told to Optuna (%s)", point, exc)
+        self._ot_study.add_trials(trials)
+        self._told = []  # once: a restored searcher has its study already
+
+
+def record_reused(client: MlflowClient, parent: str, reused: Sequence[Earlier]) -> None:
+    """Name the reused runs on the sweep run (as many as the tag holds)."""
+    ids = ""
+    for run in reused:
+        if len(ids) + len(run.run_id) + 1 > MAX_TAG:
+            break
+        ids = f"{ids},{run.run_id}" if ids else run.run_id
+    if ids:
+        client.set_tag(parent, REUSED_TAG, ids)
+
+
+def reused_lines(client: MlflowClient, tracking_uri: str, parent: str) -> list[str]:
+    """The summary's lines on the earlier runs this sweep reused, each with its link."""
+    ids = client.get_run(parent).data.tags.get(REUSED_TAG, "")
+    if not ids:
+        return []
+    lines = [f"\nreused from earlier sweeps (warm start): {len(ids.split(','))} run(s)"]
+    for run_id in ids.split(","):
+        run = client.get_run(run_id)
+        label = run.data.tags.get(CONFIG_LABEL_TAG) or run.info.run_name
+        miou = run.data.metrics.get(OBJECTIVE, float("nan"))
+        page = run_page(tracking_uri, run.info.experiment_id, run_id)
+        lines.append(f"  {label}: mIoU {miou:.3f}  {page or f'run {run_id}'}")
+    return lines
+
+
+def warm_space(
+    sweep: SweepConfig,
+    space: dict[str, Any],
+    earlier: Sequence[Earlier],
+    client: MlflowClient,
+    parent: str,
+) -> tuple[dict[str, Any], list[tuple[dict[str, Any], list[float]]]]:
+    """The sweep's `param_space` (a grid without what earlier runs finished) and the points to
+    tell Optuna; the runs reused are named on the sweep run."""
+    if not earlier:
+        return space, []
+    told: list[tuple[dict[str, Any], list[float]]] = []
+    if sweep.tune.search == "grid":
+        space, reused = skip_finished(sweep, space, earlier)
+    else:
+        told, reused = told_points(sweep, earlier)
+    record_reused(client, parent, reused)
+    log.warning("warm start: %d earlier finished trial(s) reused", len(reused))
+    return space, told
