@@ -43,14 +43,16 @@ def test_budget_and_warm_start_are_checked_with_the_sweep() -> None:
 def test_a_device_hours_budget_stops_launching_when_the_next_trial_would_pass_it(
     synthetic_root: Path, tmp_path: Path
 ) -> None:
-    """Four trials one at a time, a budget of 50 core-seconds: the driver measures each trial's
-    time and starts the next only while what was spent plus its expected cost (the mean trial
-    so far) fits; the trials started are exactly those the measured times allowed."""
-    budget = 50 / 3600
+    """Six trials one at a time, a budget of 10 core-seconds (a trial takes 2-5 s here): the
+    driver measures each trial's time and starts the next only while what was spent plus its
+    expected cost (the mean trial so far) fits; the trials started are exactly those the
+    measured times allowed, and fewer than six."""
+    budget = 10 / 3600
+    lrs = [0.001, 0.002, 0.003, 0.005, 0.01, 0.03]
     sweep = write_sweep(
         tmp_path / "hours.yaml",
         synthetic_root,
-        search_space={"lr": {"grid_search": LRS}},
+        search_space={"lr": {"grid_search": lrs}},
         tune={"max_concurrent_trials": 1, "budget": {"device_hours": budget}},
     )
     proc = run(sweep)
@@ -62,7 +64,7 @@ def test_a_device_hours_budget_stops_launching_when_the_next_trial_would_pass_it
     # the spend after each trial ended, as the driver measured it (core-hours, cumulative)
     history = _client(tmp_path).get_metric_history(parent.info.run_id, BUDGET_SPENT_METRIC)
     spent = [m.value for m in sorted(history, key=lambda m: m.step)]
-    assert len(spent) == len(started) and 1 <= len(started) < len(LRS)
+    assert len(spent) == len(started) and 1 <= len(started) < len(lrs)
     assert all(b > a > 0 for a, b in zip([0.0, *spent], spent, strict=False))
     for i, total in enumerate(spent[:-1], start=1):  # each next trial fitted when it started
         assert total + total / i <= budget

@@ -82,7 +82,7 @@ def print_summary(sweep: SweepConfig, tracking_uri: str, parent: str) -> pd.Data
         print(f"FAILED {row['label']}: {row['error']}")
     client = MlflowClient(tracking_uri)
     # the compute budget against its spend, and the earlier runs a warm start reused
-    notes = [budget_line(sweep, client, parent), *reused_lines(client, tracking_uri, parent)]
+    notes = [budget_line(sweep, client, parent), *reused_lines(tracking_uri, parent)]
     for note in filter(None, notes):
         print(note)
     experiment = client.get_experiment_by_name(sweep.experiment)

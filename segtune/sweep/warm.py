@@ -30,10 +30,12 @@ from segtune.config.names import (
     ROLE_SWEEP,
     ROLE_TAG,
     ROLE_TRIAL,
+    format_metric,
 )
 from segtune.config.sweep import SweepConfig
 from segtune.errors import ConfigError
 from segtune.sweep.space import GRID_KEY, fixed_values, param_space, resolve_trial
+from segtune.tracking.query import reused_runs
 from segtune.tracking.runs import run_page, run_params
 
 log = logging.getLogger(__name__)
@@ -188,18 +190,14 @@ def record_reused(client: MlflowClient, parent: str, reused: Sequence[Earlier]) 
         client.set_tag(parent, REUSED_TAG, ids)
 
 
-def reused_lines(client: MlflowClient, tracking_uri: str, parent: str) -> list[str]:
+def reused_lines(tracking_uri: str, parent: str) -> list[str]:
     """The summary's lines on the earlier runs this sweep reused, each with its link."""
-    ids = client.get_run(parent).data.tags.get(REUSED_TAG, "")
-    if not ids:
-        return []
-    lines = [f"\nreused from earlier sweeps (warm start): {len(ids.split(','))} run(s)"]
-    for run_id in ids.split(","):
-        run = client.get_run(run_id)
-        label = run.data.tags.get(CONFIG_LABEL_TAG) or run.info.run_name
-        miou = run.data.metrics.get(OBJECTIVE, float("nan"))
-        page = run_page(tracking_uri, run.info.experiment_id, run_id)
-        lines.append(f"  {label}: mIoU {miou:.3f}  {page or f'run {run_id}'}")
+    runs = reused_runs(tracking_uri, [parent])
+    lines = [f"\nreused from earlier sweeps (warm start): {len(runs)} run(s)"] if runs else []
+    for run in runs:
+        page = run_page(tracking_uri, str(run["experiment_id"]), str(run["run_id"]))
+        link = page or f"run {run['run_id']}"
+        lines.append(f"  {run['label']}: mIoU {format_metric(run[OBJECTIVE], '{:.3f}')}  {link}")
     return lines
 
 
