@@ -3,6 +3,7 @@ real MLflow store: each test runs `python -m segtune.run` as a user would, then 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from segtune.config.names import BUDGET_SPENT_METRIC, BUDGET_TAG, DATASET_TAG, R
 from segtune.config.sweep import load_sweep, validate_sweep
 from segtune.data.dataset import fingerprint
 from segtune.errors import ConfigError
+from segtune.sweep.budget import STATE_FILE
 from segtune.sweep.space import resolve_trial
 from segtune.tracking.runs import TrialRun, start_sweep_run
 from tests.test_sweep import run, steps, trial_runs, write_sweep
@@ -65,7 +67,7 @@ def test_a_device_hours_budget_stops_launching_when_the_next_trial_would_pass_it
     history = _client(tmp_path).get_metric_history(parent.info.run_id, BUDGET_SPENT_METRIC)
     spent = [m.value for m in sorted(history, key=lambda m: m.step)]
     assert len(spent) == len(started) and 1 <= len(started) < len(lrs)
-    assert all(b > a > 0 for a, b in zip([0.0, *spent], spent, strict=False))
+    assert all(b > a for a, b in zip([0.0, *spent], spent, strict=False)), spent
     for i, total in enumerate(spent[:-1], start=1):  # each next trial fitted when it started
         assert total + total / i <= budget
     last = len(spent)
@@ -73,6 +75,9 @@ def test_a_device_hours_budget_stops_launching_when_the_next_trial_would_pass_it
     reached = parent.data.tags[BUDGET_TAG]
     assert reached.startswith("reached:") and f"no new trial started after {last}" in reached
     assert f"budget: spent {spent[-1]:.4g} of {budget:g} core-hours (reached:" in proc.stdout
+    # saved beside the searcher's state in Tune's experiment state: --resume goes on counting
+    saved = json.loads((tmp_path / "ray" / "hours" / STATE_FILE).read_text())
+    assert saved["reached"] == reached and len(saved["trials"]) == last and not saved["live"]
 
 
 def test_a_trial_epochs_budget(synthetic_root: Path, tmp_path: Path) -> None:
@@ -136,7 +141,9 @@ def _record_earlier(folder: Path, sweep_file: Path, data: Path) -> list[float]:
         trial = TrialRun.open(client, experiment="earlier", parent_run_id=parent, label=label,
                               config_label=label, trial_id=f"t{i}",
                               params=cfg.model_dump(mode="json"))  # fmt: skip
-        trial.log_final({"best_val_miou": 0.6 - abs(lr - 0.02) * 10, "best_epoch": 1})
+        miou = 0.6 - abs(lr - 0.02) * 10
+        trial.log_epoch(1, {"val_miou": miou})  # the objective: its last epoch's, as Optuna saw
+        trial.log_final({"best_val_miou": miou, "best_epoch": 1})
         trial.finish()
     client.set_terminated(parent, "FINISHED")
     return lrs

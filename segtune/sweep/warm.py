@@ -218,5 +218,9 @@ def warm_space(
     else:
         told, reused = told_points(sweep, earlier)
     record_reused(client, parent, reused)
-    log.warning("warm start: %d earlier finished trial(s) reused", len(reused))
+    log.warning(
+        "warm start: %d earlier finished trial(s) reused; %d left out (another point, other "
+        "trial keys, or no %s)", len(reused), len(earlier) - len(reused),
+        " and ".join(m for m, _ in sweep.objectives()),
+    )  # fmt: skip
     return space, told
