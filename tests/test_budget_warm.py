@@ -114,7 +114,7 @@ def test_a_warm_grid_trains_only_the_new_configurations(
         search_space={"lr": {"grid_search": LRS[:3]}},
         tune={"warm_start": ["first", "other"]},
     )
-    proc = run(second)
+    proc = run(second, report=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "warm start: experiment 'other' skipped: its sweeps ran on other data" in proc.stderr
     trained = trial_runs(tmp_path, "second")
@@ -123,8 +123,11 @@ def test_a_warm_grid_trains_only_the_new_configurations(
     reused = _sweep_run(tmp_path, "second").data.tags[REUSED_TAG].split(",")
     assert sorted(reused) == sorted(earlier)
     assert "reused from earlier sweeps (warm start): 2 run(s)" in proc.stdout
+    page = Path(proc.stdout.strip().splitlines()[-1].removeprefix("report: ")).read_text()
     for run_id, r in earlier.items():
         assert f"  {r.info.run_name}: mIoU " in proc.stdout and f"run {run_id}" in proc.stdout
+        assert f"Reused from an earlier sweep (warm start): {r.info.run_name} (" in page
+        assert f"run {run_id}." in page  # its link: the run page on a tracking server
 
 
 def _record_earlier(folder: Path, sweep_file: Path, data: Path) -> list[float]:
