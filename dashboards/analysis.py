@@ -1,6 +1,6 @@
 """The numbers behind the pictures: curve smoothing and seed-to-seed spread.
 
-Pareto fronts and budgets, which export uses too, live in `segtune.tracking.select`.
+Pareto fronts and constraints, which export uses too, live in `segtune.tracking.select`.
 """
 
 from __future__ import annotations

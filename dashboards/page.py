@@ -52,7 +52,9 @@ def _summary_table(report: Report) -> str:
     head = ["trial", "status", *where, *(p[len(PARAM_PREFIX) :] for p in params)]
     head += [m for m, _ in metrics]
     head += (
-        ["Pareto front"] + (["in budget"] if report.in_budget is not None else []) + ["MLflow run"]
+        ["Pareto front"]
+        + (["within constraints"] if report.within is not None else [])
+        + ["MLflow run"]
     )
     lines = ['<div class="wide"><table id="summary"><thead><tr>']
     lines += [f"<th>{html.escape(h)}</th>" for h in head]
@@ -68,8 +70,8 @@ def _summary_table(report: Report) -> str:
             COLUMNS[c][0] for c, mask in report.fronts.items() if idx in mask.index and mask[idx]
         ]
         tail = [", ".join(fronts)]
-        if report.in_budget is not None:
-            tail.append("yes" if idx in report.in_budget.index and report.in_budget[idx] else "")
+        if report.within is not None:
+            tail.append("yes" if idx in report.within.index and report.within[idx] else "")
         tail.append(_run_link(report, row["run_id"]))
         tds = [f"<td>{c}</td>" for c in cells] + [f'<td class="num">{c}</td>' for c in num]
         tds += [f"<td>{c}</td>" for c in tail]

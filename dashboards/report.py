@@ -24,11 +24,11 @@ from dashboards.page import inline, render
 from dashboards.sections import Report, compose
 from dashboards.tables import write_tables
 from segtune.cli import check_out_folder, command_parser, run_cli, setup_logging
+from segtune.config.constraints import parse_constraints
 from segtune.config.names import REPORT_DIR
 from segtune.errors import ConfigError
 from segtune.tracking.address import resolve_tracking_uri
 from segtune.tracking.query import load_sweep_data
-from segtune.tracking.select import parse_budget
 
 log = logging.getLogger("dashboards.report")
 
@@ -61,7 +61,7 @@ def build_report(
     sweep_run_id: str | None = None,
     all_sweeps: bool = False,
     ema: float = DEFAULT_EMA,
-    budget: str | None = None,
+    constraints: str | None = None,
     log_to_mlflow: bool = True,
     csv: Path | None = None,
 ) -> Path:
@@ -70,11 +70,11 @@ def build_report(
     weight = check_ema(ema)
     out = Path(out) if out is not None else Path("reports") / experiment
     check_out_folder(out, "--out")
-    constraints = parse_budget(budget) if budget else []
+    parsed = parse_constraints(constraints) if constraints else []
     data = load_sweep_data(experiment, tracking_uri, sweep_run_id, all_sweeps)
     if csv is not None:
         write_tables(data, Path(csv))
-    report = compose(data, out, weight, constraints)
+    report = compose(data, out, weight, parsed)
 
     shown: list[str] = []  # every image the page links to, to log beside it
 
@@ -103,7 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--ema", type=float, default=DEFAULT_EMA, help="curve smoothing weight in [0, 1)"
     )
     parser.add_argument(
-        "--budget",
+        "--constraints",
+        "--budget",  # its former name
+        dest="constraints",
         help="name the best trial within constraints on metrics, comma-separated, with "
         "<=, <, >=, >: e.g. 'infer_ms_cpu<=50,size_mb<20'",
     )
@@ -139,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sweep_run_id=args.run_id,
         all_sweeps=args.all,
         ema=args.ema,
-        budget=args.budget,
+        constraints=args.constraints,
         log_to_mlflow=not args.no_log,
         csv=args.csv,
     )

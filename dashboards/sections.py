@@ -12,15 +12,21 @@ import pandas as pd
 from dashboards import class_figures, figures, importance, interactive
 from dashboards.analysis import compare_configs, seed_groups
 from segtune.classes import iou_per_class
+from segtune.config.constraints import Constraint
 from segtune.config.names import (
     CONFUSION_ARTIFACT,
+    DATA_WAIT_MEAN,
     EVAL_DIR,
     EXAMPLES_DIR,
+    INPUT_BOUND_FIX,
+    INPUT_BOUND_FRAC,
     OBJECTIVE,
     PARETO_COSTS,
     PER_IMAGE_ARTIFACT,
     format_metric,
+    input_bound,
 )
+from segtune.tracking.excluded import excluded_lines
 from segtune.tracking.query import (
     SEED_PARAM,
     SweepData,
@@ -29,7 +35,7 @@ from segtune.tracking.query import (
     reused_runs,
 )
 from segtune.tracking.runs import run_page
-from segtune.tracking.select import Constraint, pareto_front, within_budget
+from segtune.tracking.select import pareto_front, within_constraints
 
 FAILED = "FAILED"
 EXAMPLE = re.compile(r"^(best|worst)_(\d+)_(.+)\.png$")
@@ -57,12 +63,12 @@ class Report:
     data: SweepData
     out: Path
     weight: float
-    budget: list[Constraint]
+    constraints: list[Constraint]
     figures: dict[str, list[Picture]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     summary: list[str] = field(default_factory=list)
     fronts: dict[str, pd.Series] = field(default_factory=dict)
-    in_budget: pd.Series | None = None
+    within: pd.Series | None = None  # the trials within --constraints
     best: BestTrial | None = None
 
     def figure(
@@ -112,6 +118,20 @@ def _reused(report: Report) -> None:
             f"Reused from an earlier sweep (warm start): {run['label']} ({OBJECTIVE} "
             f"{format_metric(run[OBJECTIVE], '{:.3f}')}), {link or 'run ' + str(run['run_id'])}."
         )
+
+
+def _input_bound(report: Report, trials: pd.DataFrame) -> None:
+    """The trials whose loader held them back: what to change before renting more GPUs."""
+    if DATA_WAIT_MEAN not in trials:
+        return
+    starved = trials[trials[DATA_WAIT_MEAN].map(input_bound).astype(bool)]
+    if starved.empty:
+        return
+    names = ", ".join(f"{row['label']} {row[DATA_WAIT_MEAN]:.0%}" for _, row in starved.iterrows())
+    report.summary.append(
+        f"Input-bound trials (waited for data more than {INPUT_BOUND_FRAC:.0%} of the epoch, "
+        f"mean over epochs): {names}; try {INPUT_BOUND_FIX}."
+    )
 
 
 def _curves(report: Report, trials: pd.DataFrame, colors: dict) -> None:
@@ -223,16 +243,16 @@ def _importance(report: Report, trials: pd.DataFrame) -> None:
         )
 
 
-def _budget(report: Report, trials: pd.DataFrame) -> None:
-    if report.in_budget is None:
+def _constraints(report: Report, trials: pd.DataFrame) -> None:
+    if report.within is None:
         return
-    text = ", ".join(str(c) for c in report.budget)
-    fitting = trials[report.in_budget].dropna(subset=[OBJECTIVE])
+    text = ", ".join(str(c) for c in report.constraints)
+    fitting = trials[report.within].dropna(subset=[OBJECTIVE])
     if fitting.empty:
-        report.summary.append(f"No trial fits the budget {text}.")
+        report.summary.append(f"No trial is within the constraints {text}.")
     else:
         best = fitting.loc[fitting[OBJECTIVE].idxmax()]
-        report.summary.append(f"Best within the budget {text}: {_short(best)}.")
+        report.summary.append(f"Best within the constraints {text}: {_short(best)}.")
 
 
 def _iou_per_class(report: Report, row: pd.Series, matrix: pd.DataFrame | None) -> dict[str, float]:
@@ -347,22 +367,26 @@ def _per_class_examples(scores: pd.DataFrame, files: set[str]) -> list[dict[str,
     return rows
 
 
-def compose(data: SweepData, out: Path, weight: float, budget: list[Constraint]) -> Report:
+def compose(data: SweepData, out: Path, weight: float, constraints: list[Constraint]) -> Report:
     """Every section of the report of `data`, its figures drawn into `out`."""
-    trials = data.table[data.table["status"] != FAILED]
-    report = Report(data, out, weight, budget)
-    if budget:  # checked against the sweep's metrics before anything is drawn
-        report.in_budget = within_budget(trials, budget, data.metric_columns)
+    # trained trials: not failed, nor ended before training by the sweep's tune.constraints
+    trials = data.table[(data.table["status"] != FAILED) & (data.table["infeasible"] == "")]
+    report = Report(data, out, weight, constraints)
+    if constraints:  # checked against the sweep's metrics before anything is drawn
+        report.within = within_constraints(trials, constraints, data.metric_columns)
     out.mkdir(parents=True, exist_ok=True)
     colors = figures.trial_colors(list(trials["label"]))
     _floor(report, trials)
     _reused(report)
     _best_trial(report, trials)
-    _budget(report, trials)
+    _constraints(report, trials)
+    _input_bound(report, trials)
     _curves(report, trials, colors)
     _pareto(report, trials, colors)
     _seeds(report, trials, colors)
     _importance(report, trials)
+    # what the sweep's own tune.constraints kept from training, and why
+    report.notes += excluded_lines(data.tracking_uri, data.table, data.sweeps["run_id"])
     for _, row in data.table[data.table["status"] == FAILED].iterrows():
         report.notes.append(
             f"failed trial {row['label']} (not plotted): {row['error'] or 'no error recorded'}"

@@ -3,9 +3,12 @@ load test of the tracking server.
 
 `models` measures every registered architecture x backbone x ASPP variant (untrained weights)
 with the cost library (`segtune.models.cost`), without training; `engine` times one `fit()` epoch
-against a bare PyTorch loop on the same tensors; `tracking` has many trials log epochs to one
-`mlflow server` at once and reads every value back (`segtune.tracking.server_load`); `sweep` runs a
-sweep and prints where its time went (`segtune.sweep.bench`).
+against a bare PyTorch loop on the same tensors (`segtune.training.overhead`); `tracking` has many
+trials log epochs to one `mlflow server` at once and reads every value back
+(`segtune.tracking.server_load`); `sweep` runs a sweep and prints where its time went
+(`segtune.sweep.bench`); `loader` prints images/s per loader worker for a sweep's data and
+augmentations (`segtune.data.throughput`); `replay` replays search strategies on a finished
+sweep's recorded curves (`segtune.sweep.replay`).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from segtune.models.cost import (
     measure_cost,
     warn_if_busy,
 )
-from segtune.models.device import AMP_MODES, resolve_device, sync
+from segtune.models.device import AMP_MODES
 
 log = logging.getLogger(__name__)
 
@@ -119,95 +122,6 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-class _TensorDataset(torch.utils.data.Dataset):
-    """Pre-built tensors in the dataset's `{"image", "mask", "id"}` form: no decoding, no augmentation."""
-
-    def __init__(self, images: torch.Tensor, masks: torch.Tensor) -> None:
-        self.images, self.masks = images, masks
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, object]:
-        index = key[0] if isinstance(key, tuple) else key
-        return {"image": self.images[index], "mask": self.masks[index], "id": str(index)}
-
-
-def engine_overhead(
-    arch: str, backbone: str, size: int, batch: int, images: int, repeats: int, device: str
-) -> dict[str, float]:
-    """Images/s of one `fit()` epoch against a bare PyTorch loop on the same model and tensors.
-
-    Both train the same architecture from the same initial weights on the same pre-built
-    tensors, in alternation, `repeats` times; the medians and their ratio are returned.
-    """
-    import torch.nn.functional as F
-
-    from segtune.classes import IGNORE_INDEX, NUM_CLASSES
-    from segtune.data.loader import make_loader
-    from segtune.models import build_model
-    from segtune.training.engine import fit
-    from segtune.training.losses import build_loss
-
-    dev = resolve_device(device)
-    cfg = trial_config(
-        {
-            "arch": arch,
-            "backbone": backbone,
-            "batch_size": batch,
-            "epochs": 1,
-            "scheduler": "none",
-            "image_size": size,
-            "amp": "off",
-        }
-    )
-    generator = torch.Generator().manual_seed(0)
-    xs = torch.randn(images, 3, size, size, generator=generator)
-    ys = torch.randint(0, NUM_CLASSES, (images, size, size), generator=generator)
-    dataset = _TensorDataset(xs, ys)
-    train = make_loader(dataset, batch, shuffle=True, drop_last=True)
-    val = make_loader(_TensorDataset(xs[:batch], ys[:batch]), batch, shuffle=False)
-    torch.manual_seed(0)
-    initial = build_model(cfg).state_dict()
-    # host tensors, moved per step as fit() must; pinned as its loader pins them on CUDA
-    batches = [(xs[i : i + batch], ys[i : i + batch]) for i in range(0, images - batch + 1, batch)]
-    if dev.type == "cuda":
-        batches = [(x.pin_memory(), y.pin_memory()) for x, y in batches]
-
-    def bare() -> float:
-        model = build_model(cfg).to(dev)
-        model.load_state_dict(initial)
-        model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sync(dev)
-        started = time.perf_counter()
-        for x_host, y_host in batches:
-            x, y = x_host.to(dev, non_blocking=True), y_host.to(dev, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y, ignore_index=IGNORE_INDEX)
-            loss.backward()
-            optimizer.step()
-        sync(dev)
-        return len(batches) * batch / (time.perf_counter() - started)
-
-    def engine() -> float:
-        model = build_model(cfg)
-        model.load_state_dict(initial)
-        result = fit(model, train, val, cfg, build_loss("ce"), device=dev)
-        return result.history[0]["train_img_s"]
-
-    bare_runs, engine_runs = [], []
-    bare()  # warm-up: allocator, kernels, thread pools
-    for _ in range(repeats):
-        bare_runs.append(bare())
-        engine_runs.append(engine())
-    return {
-        "bare_img_s": statistics.median(bare_runs),
-        "engine_img_s": statistics.median(engine_runs),
-        "ratio": statistics.median(engine_runs) / statistics.median(bare_runs),
-    }
-
-
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from segtune.sweep.bench import bench_sweep, print_bench
 
@@ -217,7 +131,49 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_loader(args: argparse.Namespace) -> int:
+    """Images/s per loader worker for each augmentation and crop of a sweep."""
+    from segtune.config.sweep import load_sweep
+    from segtune.data.throughput import loader_rates, worker_threads
+    from segtune.sweep.space import discrete_trials
+
+    images = check_count("--images", args.images, 1)
+    repeats = check_count("--repeats", args.repeats, 1)
+    warmup = check_count("--warmup", args.warmup, 0)
+    sweep = load_sweep(args.sweep, args.set)
+    load_before = os.getloadavg()[0]
+    rates = loader_rates(sweep.data, discrete_trials(sweep), images, repeats, warmup)
+    print(
+        f"# {sweep.data.root} | one loader worker process; {worker_threads()} | CPU {cpu_name()}, "
+        f"{os.cpu_count()} cores, load {load_before:.1f} before, {os.getloadavg()[0]:.1f} after | "
+        f"{images}+ images a run, warmup {warmup}, median of {repeats}"
+    )
+    print(f"{'augment':<8} {'crop':>5} {'cache':>5} {'img/s per worker':>16} {'spread':>7}")
+    for r in rates:
+        print(
+            f"{r.augment:<8} {r.image_size:>5} {'on' if r.cache else 'off':>5} "
+            f"{r.img_s:>16.1f} {r.spread:>7.0%}"
+        )
+    print(
+        "a trial training at R img/s needs about R / (img/s per worker) loader workers "
+        "(train.num_workers), each a cpu of tune.resources_per_trial"
+    )
+    return 0
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from segtune.sweep.replay import replay_command
+
+    seeds = check_count("--seeds", args.seeds, 1)
+    halving = (args.grace_period, args.reduction_factor)
+    print(replay_command(args.experiment, args.tracking_uri, args.constraints, args.cost, seeds,
+                         halving, args.load, args.export))  # fmt: skip
+    return 0
+
+
 def _cmd_engine(args: argparse.Namespace) -> int:
+    from segtune.training.overhead import engine_overhead
+
     result = engine_overhead(
         args.arch, args.backbone, args.size, args.batch, args.images, args.repeats, args.device
     )
@@ -335,6 +291,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="GPU autocast: off = float32 (default), auto = bfloat16 where supported",
     )
     models.set_defaults(func=_cmd_models)
+    loader = sub.add_parser(
+        "loader",
+        help="images/s per loader worker for each augmentation and crop of a sweep",
+        description="Read the sweep's training data through one loader worker with each "
+        "augmentation and crop (image_size) of its search space, the cache as the sweep sets "
+        "it, and print images/s: size resources_per_trial.cpu and num_workers from it.",
+    )
+    loader.add_argument("sweep", type=Path, help="sweep YAML file, e.g. sweeps/hpo.yaml")
+    loader.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
+    loader.add_argument("--images", type=int, default=256, help="a run's images (default 256)")
+    loader.add_argument("--repeats", type=int, default=3, help="timed runs, median (default 3)")
+    loader.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    loader.set_defaults(func=_cmd_loader)
     engine = sub.add_parser(
         "engine",
         help="images/s of fit() against a bare PyTorch loop (the engine's overhead)",
@@ -384,6 +353,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--cold", action="store_true", help="an empty cost table each run (a first sweep)"
     )
     sweep.set_defaults(func=_cmd_sweep)
+    replay = sub.add_parser(
+        "replay",
+        help="replay grid, random, ASHA and MO-ASHA on a finished sweep's curves, no training",
+        description="Read a finished sweep's val_miou curves and costs from MLflow and replay "
+        "each strategy (10 seeds) at 25/50/100%% of the grid's trial-epochs, with and without "
+        "constraints: trial-epochs spent, best mIoU, share of the grid's hypervolume.",
+    )
+    replay.add_argument("--experiment", metavar="NAME", help="the sweep's MLflow experiment")
+    replay.add_argument("--tracking-uri", metavar="URI", help="(default: MLFLOW_TRACKING_URI)")
+    replay.add_argument(
+        "--constraints", metavar="TEXT", help="e.g. 'size_mb<=5' (default: the sweep's own)"
+    )
+    replay.add_argument("--cost", help="the fronts' cost (default: the sweep's, else infer_ms_cpu)")
+    replay.add_argument("--seeds", type=int, default=10, help="orders drawn (default 10)")
+    replay.add_argument("--grace-period", type=int, help="(default: the sweep file's)")
+    replay.add_argument("--reduction-factor", type=float, help="(default: the sweep file's)")
+    replay.add_argument("--load", type=Path, metavar="FILE", help="first write this recording")
+    replay.add_argument("--export", type=Path, metavar="FILE", help="keep the recording as JSON")
+    replay.set_defaults(func=_cmd_replay)
     return parser
 
 

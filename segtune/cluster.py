@@ -6,7 +6,7 @@
 - `env BOOTSTRAP_YAML` (head setup): the settings of the config that `ray up` leaves on the head,
   as the shell exports every node's commands read (`.cluster.env`, synced to the workers with the
   checkout): token mode, the venv on PATH, the head's address, the tracking URI and its
-  credentials (the password read from the node's copy of its file).
+  credentials (the password read from the node's copy of its file), the weights mirror if any.
 - `tracking-store` (head setup): the MLflow server's store, a sqlite folder or PostgreSQL
   (Debian's package, a role and database for the SSH user, peer authentication: no password).
 - `tracking-server` (head start): the MLflow server on the head's private address, asking for
@@ -40,6 +40,7 @@ from typing import Any
 import yaml
 
 from segtune.cli import command_parser, run_cli, setup_logging
+from segtune.config.trial import WEIGHTS_MIRROR_ENV
 from segtune.errors import ConfigError
 from segtune.tracking.address import server_health
 from segtune.tracking.auth import (
@@ -78,7 +79,19 @@ def _settings(config: dict[str, Any], where: str) -> dict[str, Any]:
             f"{where}: provider.segtune_run_storage must be s3://bucket/prefix or an absolute "
             "path that every node mounts (a node-local folder breaks trials on other nodes)"
         )
-    return {"head_ip": provider.get("head_ip"), "store": store, "gpus": gpus, "storage": storage}
+    mirror = str(provider.get("segtune_weights_mirror") or "")
+    if mirror and not mirror.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"{where}: provider.segtune_weights_mirror must be empty (download.pytorch.org) or "
+            "the http(s):// URL of a folder serving torchvision's weights files"
+        )
+    return {
+        "head_ip": provider.get("head_ip"),
+        "store": store,
+        "gpus": gpus,
+        "storage": storage,
+        "mirror": mirror,
+    }
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -178,6 +191,8 @@ def _cmd_env(args: argparse.Namespace) -> int:
         "MLFLOW_TRACKING_URI": f"http://{head}:{TRACKING_PORT}",
         "MLFLOW_TRACKING_USERNAME": ADMIN_USER,
     }
+    if settings["mirror"]:
+        exports[WEIGHTS_MIRROR_ENV] = settings["mirror"]
     print(f"# written by `python -m segtune.cluster env {path}` on the head; read by ~/.bashrc")
     print('export PATH="$HOME/segtune/.venv/bin:$PATH"')
     for name, value in exports.items():

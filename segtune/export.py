@@ -1,7 +1,7 @@
 """`python -m segtune.export --experiment NAME`: the best trial of a sweep as deployable files.
 
 The trial is chosen from MLflow as the dashboards see it (`segtune.tracking.select`): the best finished
-trial by `--metric` (ties go to the smaller model, `size_mb`), within an optional `--budget`,
+trial by `--metric` (ties go to the smaller model, `size_mb`), within optional `--constraints`,
 or the run named by `--run-id`. Its `checkpoints/best.pt` is downloaded through the MLflow
 client, so a remote server's artifact proxy works, and loaded with `weights_only=True`.
 
@@ -117,7 +117,7 @@ def export(
     out: Path | None = None,
     metric: str = OBJECTIVE,
     mode: str = "max",
-    budget: str | None = None,
+    constraints: str | None = None,
     run_id: str | None = None,
     formats: Sequence[str] = FORMATS,
     register_as: str | None = None,
@@ -140,7 +140,7 @@ def export(
         source = trial_by_id(client, run_id, experiment)
     else:
         assert experiment is not None
-        source = best_trial(client, experiment, uri, metric, mode, budget, all_sweeps)
+        source = best_trial(client, experiment, uri, metric, mode, constraints, all_sweeps)
     out = check_out(out or Path("exports") / source.experiment, force).path
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -229,8 +229,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default=OBJECTIVE, help=f"what 'best' means (default {OBJECTIVE})")
     p.add_argument("--mode", choices=("max", "min"), default="max")
     p.add_argument(
-        "--budget",
-        help="only trials within it, e.g. 'infer_ms_cpu<=50,size_mb<20' (as in the dashboards)",
+        "--constraints",
+        "--budget",  # its former name
+        dest="constraints",
+        help="only trials within them, e.g. 'infer_ms_cpu<=50,size_mb<20' (as in the report)",
     )
     p.add_argument("--run-id", help="export this trial run instead of choosing the best")
     p.add_argument(
@@ -267,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out=args.out,
         metric=args.metric,
         mode=args.mode,
-        budget=args.budget,
+        constraints=args.constraints,
         run_id=args.run_id,
         formats=formats,
         register_as=args.register,

@@ -4,9 +4,11 @@ a crash never leaves half of it."""
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 _KINDS = (
@@ -48,3 +50,21 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+@contextmanager
+def folder_written_whole(target: Path) -> Iterator[Path]:
+    """A partial folder beside `target` to fill, renamed onto it (missing, or an empty folder)
+    when the block ends and removed if it raises: readers see no folder or the whole one. Hold
+    the target's lock: the partial folders a killed writer left are removed first."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    partial = target.parent / f".{target.name}.partial-{os.getpid()}"
+    try:
+        yield partial
+        if target.is_dir():
+            target.rmdir()  # empty, or OSError: never replaces a user's files
+        os.replace(partial, target)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)

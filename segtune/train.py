@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone")
     p.add_argument("--aspp", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--augment", choices=get_args(Augment))
-    p.add_argument("--pretrained", help="none | imagenet | path to a state dict")
+    p.add_argument("--pretrained", help="none | imagenet | a path | URL#sha256=HEX")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, dest="batch_size")
     p.add_argument("--lr", type=float)

@@ -1824,14 +1824,14 @@ def export_cases(m: Matrix) -> list[Case]:
     return [
         e("unknown experiment", "--experiment", "nope", "--out", out / "a", expect=("nope",)),
         e(
-            "--budget malformed",
+            "--constraints malformed",
             "--experiment",
             "mx-good",
-            "--budget",
+            "--constraints",
             "size_mb<<3",
             "--out",
             out / "b",
-            expect=("--budget",),
+            expect=("--constraints",),
         ),
         e(
             "--budget on a metric nobody has",
@@ -1844,14 +1844,14 @@ def export_cases(m: Matrix) -> list[Case]:
             expect=("nosuch",),
         ),
         e(
-            "--budget that no trial meets",
+            "--budget (former name of --constraints) that no trial meets",
             "--experiment",
             "mx-good",
             "--budget",
             "size_mb<0",
             "--out",
             out / "d",
-            expect=("budget",),
+            expect=("within the constraints",),
         ),
         e(
             "--format foo",
@@ -1982,14 +1982,14 @@ def report_cases(m: Matrix) -> list[Case]:
     return [
         r("unknown experiment", "--experiment", "nope", "--out", out / "a", expect=("nope",)),
         r(
-            "--budget malformed",
+            "--constraints malformed",
             "--experiment",
             "mx-good",
-            "--budget",
+            "--constraints",
             "size_mb<<3",
             "--out",
             out / "b",
-            expect=("--budget",),
+            expect=("--constraints",),
         ),
         r(
             "--run-id - with empty stdin",
@@ -2263,6 +2263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         RAY_USAGE_STATS_ENABLED="0",
         RAY_TMPDIR=str(tmp / "ray"),  # our Ray sessions apart from anyone else's
         TORCH_HOME=str(tmp / "torch-home"),
+        SEGTUNE_WEIGHTS_MIRROR="http://127.0.0.1:9",  # nothing answers: offline, at once
         PYTHONPATH=str(REPO),
     )
     (tmp / "ray").mkdir()

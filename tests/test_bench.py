@@ -95,7 +95,7 @@ def test_cli_bad_options_give_one_error_line(
 
 
 def test_engine_overhead_compares_fit_with_a_bare_loop() -> None:
-    from segtune.bench import engine_overhead
+    from segtune.training.overhead import engine_overhead
 
     # three alternations: their medians leave out a pair that a first call's one-time costs, or
     # another process of a shared machine, slowed (one alternation once gave a ratio of 31)

@@ -157,6 +157,10 @@ def test_env_turns_the_fill_in_block_into_exports(tmp_path: Path) -> None:
     config = yaml.safe_load((CHECKOUT / "cluster.yaml").read_text())
     config["provider"].update(head_ip="10.0.0.10", segtune_run_storage="s3://sweeps/seg tune")
     (tmp_path / "bootstrap.yaml").write_text(yaml.safe_dump(config))
+    unset = _cluster("env", str(tmp_path / "bootstrap.yaml"))
+    assert "SEGTUNE_WEIGHTS_MIRROR" not in unset.stdout  # the template's empty mirror
+    config["provider"]["segtune_weights_mirror"] = "http://10.0.0.2:8000/torchvision"
+    (tmp_path / "bootstrap.yaml").write_text(yaml.safe_dump(config))
     home = tmp_path / "home"  # the head's, with its copy of the MLflow admin's password
     create_password(home / PASSWORD_FILE[2:])
     password = (home / PASSWORD_FILE[2:]).read_text().strip()
@@ -167,6 +171,7 @@ def test_env_turns_the_fill_in_block_into_exports(tmp_path: Path) -> None:
     assert "export MLFLOW_TRACKING_URI=http://10.0.0.10:5000" in lines
     assert "export SEGTUNE_RUN_STORAGE='s3://sweeps/seg tune'" in lines  # quoted for the shell
     assert "export RAY_AUTH_MODE=token" in lines
+    assert "export SEGTUNE_WEIGHTS_MIRROR=http://10.0.0.2:8000/torchvision" in lines
     # the login: the password is read from each node's own copy of its file, never written here
     assert "export MLFLOW_TRACKING_USERNAME=admin" in lines
     (tmp_path / ".cluster.env").write_text(done.stdout)
@@ -180,6 +185,11 @@ def test_env_turns_the_fill_in_block_into_exports(tmp_path: Path) -> None:
     done = _cluster("env", str(tmp_path / "bootstrap.yaml"))
     assert done.returncode == 2
     assert "provider.segtune_tracking_store must be one of" in done.stderr
+    config["provider"].update(segtune_tracking_store="sqlite", segtune_weights_mirror="10.0.0.2")
+    (tmp_path / "bootstrap.yaml").write_text(yaml.safe_dump(config))
+    done = _cluster("env", str(tmp_path / "bootstrap.yaml"))
+    assert done.returncode == 2
+    assert "provider.segtune_weights_mirror must be empty" in done.stderr
 
 
 def test_a_tracking_server_that_does_not_come_up_fails_the_command(tmp_path: Path) -> None:

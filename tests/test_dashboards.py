@@ -27,10 +27,11 @@ from dashboards.report import build_report, main
 from dashboards.tables import FILES
 from segtune.classes import CLASS_NAMES
 from segtune.cli import run_cli
+from segtune.config.constraints import parse_constraints
 from segtune.config.names import OBJECTIVE
 from segtune.errors import ConfigError
 from segtune.tracking.query import TrackingError, load_sweep_table
-from segtune.tracking.select import pareto_front, parse_budget
+from segtune.tracking.select import pareto_front
 from tests.recorded_sweep import Spec, log_sweep, newest_specs, older_specs
 from tests.servers import mlflow_server
 
@@ -75,7 +76,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
 @pytest.fixture(scope="module")
 def report(store: Store, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dash_report") / "report"
-    return build_report(EXPERIMENT, store.uri, out=out, budget="infer_ms_cpu<=50")
+    return build_report(EXPERIMENT, store.uri, out=out, constraints="infer_ms_cpu<=50")
 
 
 def _figure_trials(page: str) -> dict[str, list[str]]:
@@ -143,16 +144,16 @@ def test_pareto_front_on_the_sweep(store: Store) -> None:
     assert sorted(front) == ["deeplabv3-mobilenet_v3_small-aspp-basic", "unet-none-basic-s1"]
 
 
-def test_budget_parsing() -> None:
-    parsed = parse_budget("infer_ms_cpu<=50, size_mb < 2e1,best_val_miou>=0.2")
+def test_constraints_parsing() -> None:
+    parsed = parse_constraints("infer_ms_cpu<=50, size_mb < 2e1,best_val_miou>=0.2")
     assert [(c.column, c.op, c.value) for c in parsed] == [
         ("infer_ms_cpu", "<=", 50.0),
         ("size_mb", "<", 20.0),
         ("best_val_miou", ">=", 0.2),
     ]
     for bad in ("infer_ms_cpu=50", "infer_ms_cpu<=fast", "", "a<1,,b<2", "<=3"):
-        with pytest.raises(ConfigError, match="--budget"):
-            parse_budget(bad)
+        with pytest.raises(ConfigError, match="--constraints"):
+            parse_constraints(bad)
 
 
 def test_seed_comparisons_say_whether_a_difference_exceeds_the_spread() -> None:
@@ -279,7 +280,13 @@ def test_report_tables_notes_and_verdicts(report: Path, store: Store) -> None:
     assert "no trial has `infer_ms_gpu`" in page
     assert "left out for want of a value: deeplabv3-resnet18-aspp-basic" in page
     assert "Best trial: unet-none-basic-s1" in page
-    assert "Best within the budget infer_ms_cpu&lt;=50: deeplabv3-mobilenet_v3_small" in page
+    # the one trial that waited for its data over 20% of its epochs, with what to change
+    assert re.search(
+        r"Input-bound trials \(waited for data more than 20% [^)]*\): "
+        r"deeplabv3-mobilenet_v3_small-aspp-basic 45%; try more cpu per trial, data\.cache",
+        page,
+    ), page
+    assert "Best within the constraints infer_ms_cpu&lt;=50: deeplabv3-mobilenet_v3_small" in page
     assert re.search(r"unet-none-basic vs unet-none-none \(differ in augment\).*larger than", page)
     assert f"mlflow ui --backend-store-uri {store.uri}" in page
     # the floor first, with the trials that do not beat it (the diverged trial is not plotted)
@@ -334,11 +341,11 @@ def test_all_sweeps_report(store: Store, tmp_path: Path) -> None:
     assert "index.html" in names
 
 
-def test_no_budget_fits(store: Store, tmp_path: Path) -> None:
+def test_no_trial_within_the_constraints(store: Store, tmp_path: Path) -> None:
     index = build_report(
-        EXPERIMENT, store.uri, out=tmp_path, budget="size_mb<1", log_to_mlflow=False
+        EXPERIMENT, store.uri, out=tmp_path, constraints="size_mb<1", log_to_mlflow=False
     )
-    assert "No trial fits the budget size_mb&lt;1." in index.read_text()
+    assert "No trial is within the constraints size_mb&lt;1." in index.read_text()
 
 
 # --- the command line -----------------------------------------------------------------------
@@ -347,8 +354,8 @@ def test_no_budget_fits(store: Store, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--budget", "latency fast"], "--budget 'latency fast': cannot read"),
-        (["--budget", "infer_ms_tpu<=5"], "no metric 'infer_ms_tpu'"),
+        (["--constraints", "latency fast"], "--constraints 'latency fast': cannot read"),
+        (["--budget", "infer_ms_tpu<=5"], "no metric 'infer_ms_tpu'"),  # the former name
         (["--ema", "1.5"], "--ema 1.5"),
         (["--run-id", "0" * 32], "no such MLflow run"),
         (["--tracking-uri", "foo://bar"], "MLflow has no store for foo://"),

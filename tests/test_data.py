@@ -1,4 +1,4 @@
-"""The data layer: checks of the layout, presets, alignment of image and mask, loaders, cache."""
+"""The data layer: checks of the layout, presets, alignment of image and mask, loaders."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def test_scan_split_finds_pairs(small_root: Path) -> None:
 @pytest.mark.parametrize("workers", [0, 2])
 def test_loader_batches_for_every_preset(small_root: Path, preset: str, workers: int) -> None:
     samples = scan_split(small_root, "train", progress=False)
-    dataset = SegmentationDataset(samples, train_transform(preset, 40, seed=1), progress=False)
+    dataset = SegmentationDataset(samples, train_transform(preset, 40, seed=1))
     batch = next(iter(make_loader(dataset, 4, shuffle=True, seed=3, num_workers=workers)))
     assert batch["image"].shape == (4, 3, 40, 40) and batch["image"].dtype == torch.float32
     assert batch["mask"].shape == (4, 40, 40) and batch["mask"].dtype == torch.uint8
@@ -118,9 +118,7 @@ def test_loader_is_reproducible(small_root: Path) -> None:
     samples = scan_split(small_root, "train", progress=False)
 
     def first_batches(seed: int, workers: int) -> list[torch.Tensor]:
-        dataset = SegmentationDataset(
-            samples, train_transform("basic", 32, seed=seed), progress=False
-        )
+        dataset = SegmentationDataset(samples, train_transform("basic", 32, seed=seed))
         loader = make_loader(dataset, 2, shuffle=True, seed=seed, num_workers=workers)
         return [b["image"] for b in loader]
 
@@ -132,7 +130,7 @@ def test_loader_is_reproducible(small_root: Path) -> None:
 
 def test_set_epoch_replays_an_epoch(small_root: Path) -> None:
     samples = scan_split(small_root, "train", progress=False)
-    dataset = SegmentationDataset(samples, train_transform("strong", 32), progress=False)
+    dataset = SegmentationDataset(samples, train_transform("strong", 32))
     loader = make_loader(dataset, 3, shuffle=True, seed=1, num_workers=2)
     epochs = []
     for epoch in range(3):
@@ -151,25 +149,12 @@ def test_workers_do_not_repeat_augmentation(tmp_path: Path) -> None:
     for i in range(4):
         write_pair(tmp_path, "train", f"same{i}", image, mask, ext=".png")
     samples = scan_split(tmp_path, "train", progress=False)
-    dataset = SegmentationDataset(samples, train_transform("none", 16, seed=0), progress=False)
+    dataset = SegmentationDataset(samples, train_transform("none", 16, seed=0))
     batch = next(iter(make_loader(dataset, 1, shuffle=False, num_workers=2)))
     second = list(make_loader(dataset, 1, shuffle=False, num_workers=2))
     crops = [b["image"] for b in second]
     assert batch["image"].shape == (1, 3, 16, 16)
     assert not torch.equal(crops[0], crops[1]), "worker 0 and worker 1 drew the same crop"
-
-
-def test_cache_gives_the_same_samples(small_root: Path) -> None:
-    samples = scan_split(small_root, "test", progress=False)
-    plain = SegmentationDataset(samples, eval_transform(), progress=False)
-    cached = SegmentationDataset(samples, eval_transform(), cache=True, progress=False)
-    expected = [plain[i] for i in range(len(samples))]
-    for sample in samples:  # a cache that read the files lazily would fail from here on
-        sample.image_path.unlink()
-        sample.mask_path.unlink()
-    for i, want in enumerate(expected):
-        assert torch.equal(want["image"], cached[i]["image"])
-        assert torch.equal(want["mask"], cached[i]["mask"])
 
 
 def test_holdout_is_reproducible(small_root: Path) -> None:
@@ -231,7 +216,7 @@ def test_rgb_mask_is_named_and_convertible(small_root: Path) -> None:
     Image.fromarray(colorize(mask)).save(small_root / "train" / "mask" / "t4.png")
     _expect(small_root, r"t4\.png: mask is RGB.*rgb_masks")
     samples = scan_split(small_root, "train", rgb_masks=True, progress=False)
-    dataset = SegmentationDataset(samples, None, rgb_masks=True, progress=False)
+    dataset = SegmentationDataset(samples, None, rgb_masks=True)
     assert (dataset.load(4)[1] == mask).all()
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from segtune.cli import run_cli
+from segtune.config.names import DATA_WAIT_METRICS
 from segtune.config.trial import DataConfig, TrialConfig, trial_config
 from segtune.data.pipeline import build_data
 from segtune.errors import ConfigError, TrainingDiverged
@@ -73,7 +74,7 @@ def test_resume_continues_exactly(synthetic_root: Path) -> None:
     assert len(resumed.history) == 4
     for a, b in zip(straight.history, resumed.history, strict=True):
         for key in a:
-            if key not in ("epoch_time_s", "train_img_s"):
+            if key not in ("epoch_time_s", "train_img_s", *DATA_WAIT_METRICS):
                 assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7, nan_ok=True), key
     assert straight.best_epoch == resumed.best_epoch
     for name, tensor in straight.best_state_dict.items():

@@ -26,6 +26,7 @@ from PIL import Image
 
 from segtune.classes import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, PALETTE
 from segtune.cli import run_cli
+from segtune.config.constraints import parse_constraints
 from segtune.config.names import ROLE_TAG
 from segtune.data.dataset import read_image, read_mask
 from segtune.deploy.bundle import export_files
@@ -37,7 +38,7 @@ from segtune.models.checkpoint import load_checkpoint
 from segtune.predict import main as predict_main
 from segtune.tracking.query import load_sweep_table
 from segtune.tracking.runs import TrialRun, start_sweep_run
-from segtune.tracking.select import parse_budget, rank_trials
+from segtune.tracking.select import rank_trials
 from segtune.training.metrics import ConfusionMatrix
 from tests.test_predict_outputs import image, snapshot
 from tests.test_sweep import run, trial_runs, write_sweep
@@ -328,7 +329,7 @@ def test_run_id_budget_and_ties_choose_the_trial(
     table = load_sweep_table(EXPERIMENT, sweep.uri)
     columns = [c for c in table.columns if c in unet.data.metrics]
     small = unet.data.metrics["size_mb"]
-    within = rank_trials(table, constraints=parse_budget(f"size_mb<={small * 1.01}"))
+    within = rank_trials(table, constraints=parse_constraints(f"size_mb<={small * 1.01}"))
     assert within["run_id"].tolist() == [unet.info.run_id]
     table["best_val_miou"] = 0.5  # a tie: the smaller model wins
     assert rank_trials(table, metric_columns=columns).iloc[0]["run_id"] == unet.info.run_id
@@ -356,7 +357,7 @@ def test_export_errors_exit_2(
     cases = [
         (["--experiment", "nope"], "experiment 'nope' not found"),
         (["--experiment", "broken"], "has no finished trial (1 FAILED)"),
-        (["--experiment", EXPERIMENT, "--budget", "size_mb<0.0001"], "within the budget"),
+        (["--experiment", EXPERIMENT, "--constraints", "size_mb<0.0001"], "within the constraints"),
         (["--experiment", EXPERIMENT, "--budget", "fast"], "cannot read 'fast'"),
         (["--experiment", EXPERIMENT, "--metric", "nope"], "--metric 'nope'"),
         (["--run-id", parent], "not a trial run"),

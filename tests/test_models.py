@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import torchvision.models as tvm
 from torch import nn
 
 from segtune.classes import NUM_CLASSES
+from segtune.config.trial import WEIGHTS_MIRROR_ENV
 from segtune.errors import ConfigError, ModelError
 from segtune.models import (
     ARCHS,
@@ -25,6 +27,8 @@ from segtune.models import (
     model_variants,
     pretrained_weights_file,
 )
+from segtune.models.encoders import imagenet_download
+from tests.servers import free_port
 
 REQUIRED_BACKBONES = (
     "resnet18",
@@ -292,17 +296,24 @@ def test_impossible_combinations_are_config_errors(cfg: dict[str, Any], words: l
 # --- pretrained weights -------------------------------------------------------------------
 
 
-def test_imagenet_weights_missing_names_file_and_url(
+def test_imagenet_weights_missing_name_the_file_and_the_url(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """torchvision's URL by default; with a mirror, torchvision's file name there (nothing
+    answers at this one, so the message names both it and where the file would go)."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.delenv(WEIGHTS_MIRROR_ENV, raising=False)
     expected = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     assert pretrained_weights_file("resnet18") == expected
+    assert imagenet_download("resnet18").url == (
+        "https://download.pytorch.org/models/resnet18-f37072fd.pth"
+    )
+    monkeypatch.setenv(WEIGHTS_MIRROR_ENV, f"http://127.0.0.1:{free_port()}/models/")
     with pytest.raises(ModelError) as info:
         build_model({"arch": "deeplabv3", "backbone": "resnet18", "pretrained": "imagenet"})
     message = str(info.value)
     assert str(expected) in message
-    assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
+    assert f"{os.environ[WEIGHTS_MIRROR_ENV]}resnet18-f37072fd.pth" in message
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])

@@ -563,6 +563,20 @@ BAD_SWEEPS = {
     "a name that is a folder": ({"name": ".."}, "name: Value error, '..' names a folder"),
     "a size that is not one": ({"bench": {"input": "96by64"}}, "bench.input"),
     "a book as description": ({"description": "x" * 100_000}, "description: String should have"),
+    # a GPU latency is timed only for trials with a GPU: no constraint on what nobody measures
+    "a constraint nobody can measure": (
+        {"tune": {"constraints": {"infer_ms_gpu": "<=5"}}},
+        "tune.constraints.infer_ms_gpu: no GPU latency is measured on this sweep's nodes "
+        "(tune.resources_per_trial.gpu is 0)",
+    ),
+    "a constraint on a cost known after training only": (
+        {"tune": {"constraints": {"train_time_min": "<=5"}}},
+        "tune.constraints.train_time_min: not a cost the cost stage measures before training",
+    ),
+    "a constraint that cannot be read": (
+        {"tune": {"constraints": {"size_mb": "at most 30"}}},
+        "tune.constraints.size_mb: cannot read 'at most 30'; expected an operator",
+    ),
     "asha on no score": (
         {"train": {"epochs": 3}, "tune": {"scheduler": "asha", "metric": "lr", "mode": "min"}},
         "asha needs a per-epoch metric, not lr",

@@ -32,6 +32,9 @@ BUDGET_SPENT_METRIC = "budget_spent"  # in the budget's unit (device-hours or tr
 # instead of its GenAI overview of traces
 EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
 EARLY_STOP_TAG = "segtune.early_stopped"  # the scheduler stopped the trial; value says when
+# the trial's architecture breaks the sweep's tune.constraints: it ended before its first epoch;
+# the value says which constraint and by how much
+INFEASIBLE_TAG = "segtune.infeasible"
 SOURCE_RUN_TAG = "segtune.source_run_id"  # on an export run: the trial it exported
 # the conditions a trial's cost was measured under (threads, CPU, input size...), one tag each
 COST_TAG_PREFIX = "segtune.cost."
@@ -48,7 +51,10 @@ EPOCH_SCORES = (
     "val_class_acc",
     *(f"val_iou_{name}" for name in CLASS_NAMES),
 )
-EPOCH_METRICS = (*EPOCH_SCORES, "lr", "epoch_time_s")
+# the loader's share of an epoch: the seconds the training step waited for its next batch,
+# and those over the epoch's training time (validation excluded)
+DATA_WAIT_METRICS = ("data_wait_s", "data_wait_frac")
+EPOCH_METRICS = (*EPOCH_SCORES, "lr", "epoch_time_s", *DATA_WAIT_METRICS)
 OBJECTIVE = "best_val_miou"  # what "best trial" means unless a command is told otherwise
 # on the sweep run: the mIoU of the colour-only classifier on the sweep's validation split, the
 # floor a model must beat to have learned more than colour (segtune.training.baseline)
@@ -59,7 +65,15 @@ QUALITY_METRICS = (OBJECTIVE, "best_epoch", BOUNDARY_METRIC)
 # the cost of the architecture, measured on the trained weights by segtune.models.cost; `infer_ms_gpu`
 # is absent where no GPU measured it, never invented
 MODEL_COSTS = ("params_m", "size_mb", "gflops", "infer_ms_cpu", "infer_ms_gpu")
-TRAIN_COSTS = ("train_time_min", "train_img_s")  # the cost of training, from the epochs
+# the mean of the epochs' data_wait_frac: above INPUT_BOUND_FRAC the trial's loader held it back
+DATA_WAIT_MEAN = "data_wait_frac_mean"
+INPUT_BOUND_FRAC = 0.2
+INPUT_BOUND_FIX = "more cpu per trial, data.cache, num_workers"
+TRAIN_COSTS = (
+    "train_time_min",
+    "train_img_s",
+    DATA_WAIT_MEAN,
+)  # the cost of training, from the epochs
 COST_KEYS = (*MODEL_COSTS, *TRAIN_COSTS)
 # where a trial's own wall time went besides training: data and model, the cost (a look-up in
 # the cost table, or a timing), and the evaluation of the best weights with its artifacts
@@ -82,16 +96,28 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "size_mb": ("MB", "{:.1f}"),
     "params_m": ("params M", "{:.2f}"),
     "gflops": ("GFLOPs", "{:.2f}"),
+    DATA_WAIT_MEAN: ("data wait", "{:.0%}"),
 }
 
 # --- artifacts -------------------------------------------------------------------------------
 SWEEP_ARTIFACT = "sweep.yaml"
+# on the sweep run: the configurations its tune.constraints removed before the trials, and why
+EXCLUDED_ARTIFACT = "excluded.json"
 REPORT_DIR = "report"
 CHECKPOINT_ARTIFACT = "checkpoints/best.pt"
 EVAL_DIR = "eval"
 PER_IMAGE_ARTIFACT = f"{EVAL_DIR}/per_image.csv"
 CONFUSION_ARTIFACT = f"{EVAL_DIR}/confusion.csv"
 EXAMPLES_DIR = f"{EVAL_DIR}/examples"
+
+
+def input_bound(data_wait_frac_mean: object) -> bool:
+    """Whether a trial waited for its data more than INPUT_BOUND_FRAC of its epochs (False
+    where the figure is missing)."""
+    try:
+        return float(data_wait_frac_mean) > INPUT_BOUND_FRAC  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
 
 
 def format_metric(value: object, pattern: str = "{:.4g}", missing: str = "—") -> str:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from segtune.config.constraints import Constraint, constraints_of
 from segtune.config.grammar import (
     check_param,
     check_trial_values,
@@ -22,7 +23,7 @@ from segtune.config.grammar import (
     search_form,
     size_problems,
 )
-from segtune.config.names import EPOCH_SCORES, REPORTED_METRICS
+from segtune.config.names import EPOCH_SCORES, MODEL_COSTS, REPORTED_METRICS
 from segtune.config.trial import (
     DataConfig,
     SizeText,
@@ -63,7 +64,7 @@ class TuneSection(BaseModel):
     mode: Literal["max", "min"] | list[Literal["max", "min"]] = "max"
     search: Literal["grid", "random", "optuna"] = "grid"
     sampler: Literal["tpe", "nsga2"] = "tpe"
-    scheduler: Literal["fifo", "asha"] = "fifo"
+    scheduler: Literal["fifo", "asha", "moasha"] = "fifo"
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(2.0, gt=1)
     num_samples: int = Field(1, ge=1)
@@ -84,6 +85,14 @@ class TuneSection(BaseModel):
     @classmethod
     def _one_or_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    # limits on an architecture's costs, e.g. {infer_ms_gpu: "<=5"}: what breaks them is never
+    # trained (segtune.config.constraints)
+    constraints: dict[str, str] = Field(default_factory=dict)
+
+    def constraint_list(self) -> list[Constraint]:
+        """`constraints` read; valid once the sweep is (validate_sweep)."""
+        return constraints_of(self.constraints, "tune.constraints")
 
     def metrics_and_modes(self) -> tuple[list[str], list[str]]:
         """`metric` and `mode` as lists, whether the file wrote one or several."""
@@ -226,10 +235,13 @@ def _check_tune(sweep: SweepConfig) -> list[str]:
             problems.append(
                 "tune.metric: several metrics (multi-objective) need tune.search: optuna"
             )
-        if tune.scheduler != "fifo":
+        if tune.scheduler == "asha":
             problems.append(
-                "tune.scheduler: asha stops trials on one metric; use fifo with several metrics"
+                "tune.scheduler: asha stops trials on one metric; use moasha (Pareto ranks) or "
+                "fifo with several metrics"
             )
+    elif tune.scheduler == "moasha":
+        problems.append("tune.scheduler: moasha ranks several metrics; use asha with one")
     if tune.search == "grid" and forms & {"uniform", "loguniform", "randint", "choice"}:
         problems.append(
             "tune.search: grid expands only grid_search; sample uniform/loguniform/randint/choice "
@@ -244,14 +256,47 @@ def _check_tune(sweep: SweepConfig) -> list[str]:
     if tune.warm_start and tune.search == "random":
         problems.append("tune.warm_start: needs tune.search grid or optuna")
     epochs = sweep.train_value("epochs")
-    if tune.scheduler == "asha" and isinstance(epochs, int) and tune.grace_period >= epochs:
+    halving = tune.scheduler != "fifo"
+    if halving and isinstance(epochs, int) and tune.grace_period >= epochs:
         problems.append(
-            f"tune.grace_period: {tune.grace_period} must be below train.epochs ({epochs}) for asha"
+            f"tune.grace_period: {tune.grace_period} must be below train.epochs ({epochs}) for "
+            f"{tune.scheduler}"
         )
+    # the first metric is judged at every rung; moasha's costs may come with each result
     first = metrics[0] if metrics else ""  # an unknown name is said once, above
-    if tune.scheduler == "asha" and first in REPORTED_METRICS and first not in EPOCH_SCORES:
-        problems.append(f"tune.metric: asha needs a per-epoch metric, not {first}")
+    if halving and first in REPORTED_METRICS and first not in EPOCH_SCORES:
+        problems.append(f"tune.metric: {tune.scheduler} needs a per-epoch metric, not {first}")
+    problems += _check_constraints(sweep)
     return problems + size_problems(sweep.search_space, tune.num_samples, tune.repeats)
+
+
+def _check_constraints(sweep: SweepConfig) -> list[str]:
+    """Each of `tune.constraints` readable, on a cost known before training, and measurable on
+    the sweep's nodes: a GPU latency only where trials have a GPU and the bench times it."""
+    problems = []
+    for key, bound in sweep.tune.constraints.items():
+        where = f"tune.constraints.{key}"
+        try:
+            constraints_of({key: bound}, "tune.constraints")
+        except ConfigError as exc:
+            problems.append(str(exc))
+            continue
+        if key not in MODEL_COSTS:
+            problems.append(
+                f"{where}: not a cost the cost stage measures before training"
+                f"{did_you_mean(key, MODEL_COSTS)}; one of {', '.join(MODEL_COSTS)}"
+            )
+        elif key == "infer_ms_gpu" and not (sweep.tune.resources_per_trial.gpu and sweep.bench.gpu):
+            why, fix = (
+                ("bench.gpu is false", "set bench.gpu: true")
+                if not sweep.bench.gpu
+                else ("tune.resources_per_trial.gpu is 0", "give the trials a GPU")
+            )
+            problems.append(
+                f"{where}: no GPU latency is measured on this sweep's nodes ({why}); constrain "
+                f"infer_ms_cpu instead, or {fix}"
+            )
+    return problems
 
 
 def load_sweep(path: Path | str, overrides: Sequence[str] = ()) -> SweepConfig:

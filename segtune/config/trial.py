@@ -35,6 +35,26 @@ def parse_hw(text: str) -> tuple[int, int]:
     return height, width
 
 
+# the base URL of a mirror of torchvision's weights files (segtune.models.weights); every node
+# gets it (segtune.sweep.ray_init, a cluster's .cluster.env)
+WEIGHTS_MIRROR_ENV = "SEGTUNE_WEIGHTS_MIRROR"
+WEIGHTS_URL = re.compile(r"(https?://[^#\s]+)#sha256=([0-9a-fA-F]{64})")
+
+
+def weights_url(pretrained: str) -> tuple[str, str] | None:
+    """(URL, sha256) of `pretrained: https://host/w.pth#sha256=HEX`; None for none, imagenet or
+    a file. A URL without the sha256 of its file is a ConfigError."""
+    if not pretrained.lower().startswith(("http://", "https://")):
+        return None
+    match = WEIGHTS_URL.fullmatch(pretrained)
+    if match is None:
+        raise ConfigError(
+            f"{pretrained}: a URL needs the sha256 of its file, "
+            "written https://host/w.pth#sha256=<64 hex digits> (sha256sum w.pth)"
+        )
+    return match.group(1), match.group(2).lower()
+
+
 def format_hw(input_hw: Sequence[int]) -> str:
     """The inverse of `parse_hw`: ``(750, 1000)`` -> ``"1000x750"``."""
     height, width = check_hw(input_hw)
@@ -61,7 +81,7 @@ class TrialConfig(BaseModel):
     arch: Arch = "unet"
     backbone: str = "none"
     aspp: bool = True
-    pretrained: str = "none"  # none | imagenet | a path to a state dict
+    pretrained: str = "none"  # none | imagenet | a path | https://host/w.pth#sha256=HEX
     aspp_rates: tuple[int, int, int] = (12, 24, 36)
     output_stride: Literal[8, 16, 32] = 16
     unet_min_channels: int = Field(32, ge=1)
@@ -95,6 +115,16 @@ class TrialConfig(BaseModel):
     @classmethod
     def _strip(cls, value: str) -> str:
         return str(value).strip()
+
+    @field_validator("pretrained")
+    @classmethod
+    def _url_with_hash(cls, value: str) -> str:
+        """A URL's file is checked against its sha256 before it is used, like torchvision's."""
+        try:
+            weights_url(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
     @field_validator("amp", mode="before")
     @classmethod
@@ -167,7 +197,10 @@ class DataConfig(BaseModel):
     # auto: ROOT/val when present, else ROOT/test (the study validated on its test split);
     # "val" or "test" name a split; a number in (0, 1) holds out that share of train.
     val_split: Literal["auto", "val", "test"] | float = "auto"
+    # one decoded copy per node, mapped by every trial (segtune.data.cache); a node-local folder,
+    # default /dev/shm when it has room, else the temp dir
     cache: bool = True
+    cache_dir: str | None = None
     rgb_masks: bool = False
     eval_resize: Literal["pad", "resize", "none"] = "pad"
 

@@ -1,4 +1,5 @@
-"""The FloodNet-layout dataset: pairs found by id, checked up front, optionally cached in RAM.
+"""The FloodNet-layout dataset: pairs found by id, checked up front, optionally read from the
+node's decoded copy (`segtune.data.cache`).
 
 Layout (docs/design.md): ``ROOT/<split>/image/<id>.jpg|png`` and ``ROOT/<split>/mask/<id>.png``.
 Every problem a user can cause is found when the dataset is built and raised as a
@@ -15,7 +16,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import simplejpeg
@@ -26,6 +27,9 @@ from tqdm.auto import tqdm
 from segtune.classes import IGNORE_INDEX, NUM_CLASSES, rgb_to_mask
 from segtune.errors import DatasetError
 from segtune.paths import path_kind
+
+if TYPE_CHECKING:
+    from segtune.data.cache import DecodedSplit
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +195,11 @@ def read_mask(path: Path | str, rgb_masks: bool = False) -> np.ndarray:
     return mask
 
 
+def decode_pair(sample: Sample, rgb_masks: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The pair's uint8 image (H, W, 3) and class-id mask (H, W)."""
+    return read_image(sample.image_path), read_mask(sample.mask_path, rgb_masks)
+
+
 def _check_pair(sample: Sample, rgb_masks: bool) -> Sample:
     """Decode the image fully (a corrupt body behind an intact header and end marker fails
     here, not in a trial), check the mask's size and values; return the sample with its class
@@ -300,9 +309,16 @@ def fingerprint(root: Path | str) -> str:
     return f"{count}:{digest.hexdigest()[:16]}"
 
 
+def image_sizes(root: Path | str, split: str) -> list[tuple[int, int]]:
+    """(width, height) of every image of a split, from the headers alone."""
+    folder = _existing_root(root) / split / "image"
+    return [_image_size(path) for path in _files_by_id(folder, IMAGE_SUFFIXES).values()]
+
+
 def available_splits(root: Path | str) -> list[str]:
-    """The splits of docs/design.md that exist under `root`."""
-    return [s for s in SPLITS if (Path(root) / s / "image").is_dir()]
+    """The splits of docs/design.md that exist under `root` (a DatasetError if it does not)."""
+    root = _existing_root(root)
+    return [s for s in SPLITS if (root / s / "image").is_dir()]
 
 
 def holdout(
@@ -325,9 +341,9 @@ def holdout(
 class SegmentationDataset(torch.utils.data.Dataset):
     """Image/mask pairs through an albumentations transform, as `{"image", "mask", "id"}`.
 
-    With `cache=True`, decoded uint8 images and masks are kept in RAM (decoded once, in
-    threads, when the dataset is built), so later epochs decode nothing; forked DataLoader
-    workers share the cache copy-on-write.
+    With a `cache` (the node's decoded copy of the samples' split), pairs are read from its
+    read-only map, so no epoch decodes and no process holds a copy of its own; without one,
+    each pair is decoded from its files when it is read.
     """
 
     def __init__(
@@ -335,37 +351,23 @@ class SegmentationDataset(torch.utils.data.Dataset):
         samples: Sequence[Sample],
         transform: Callable[..., dict[str, Any]] | None = None,
         *,
-        cache: bool = False,
+        cache: DecodedSplit | None = None,
         rgb_masks: bool = False,
-        progress: bool = True,
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.rgb_masks = rgb_masks
-        self._cache: list[tuple[np.ndarray, np.ndarray]] | None = None
-        if cache:
-            with ThreadPoolExecutor(max_workers=4) as pool:
-                self._cache = list(
-                    tqdm(
-                        pool.map(self._decode, self.samples),
-                        total=len(self.samples),
-                        desc="caching",
-                        disable=not progress,
-                        leave=False,
-                    )
-                )
-
-    def _decode(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
-        return read_image(sample.image_path), read_mask(sample.mask_path, self.rgb_masks)
+        self.cache = cache
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """The decoded uint8 image and mask, before any transform."""
-        if self._cache is not None:
-            return self._cache[index]
-        return self._decode(self.samples[index])
+        """The decoded uint8 image and mask, before any transform (read-only from a cache)."""
+        sample = self.samples[index]
+        if self.cache is not None:
+            return self.cache.pair(sample.id)
+        return decode_pair(sample, self.rgb_masks)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         """`key` is an index, or `(index, augmentation seed)` as `EpochSampler` yields."""

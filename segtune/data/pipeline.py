@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,10 +13,20 @@ from filelock import FileLock
 from torch.utils.data import DataLoader
 
 from segtune.config.trial import DataConfig, SyntheticSpec, TrialConfig, parse_hw
-from segtune.data.dataset import Sample, SegmentationDataset, available_splits, holdout, scan_split
+from segtune.data.cache import DecodedSplit, cache_name, decoded_bytes, ensure_decoded, room_problem
+from segtune.data.dataset import (
+    Sample,
+    SegmentationDataset,
+    available_splits,
+    fingerprint,
+    holdout,
+    image_sizes,
+    scan_split,
+)
 from segtune.data.loader import make_loader
 from segtune.data.transforms import eval_transform, train_transform
 from segtune.errors import DatasetError
+from segtune.paths import folder_written_whole
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +94,8 @@ def _generate(root: Path, spec: SyntheticSpec, progress: bool) -> None:
         stamp.write_text(spec.model_dump_json())
         os.replace(stamp, root / SYNTHETIC_MARKER)  # readers outside the lock see all or nothing
         return
-    root.parent.mkdir(parents=True, exist_ok=True)
-    for stale in root.parent.glob(f".{root.name}.partial-*"):  # left by a killed generator
-        shutil.rmtree(stale, ignore_errors=True)
-    partial = root.parent / f".{root.name}.partial-{os.getpid()}"
     log.info("generating the synthetic set at %s (%s)", root, spec)
-    try:
+    with folder_written_whole(root) as partial:
         generate(
             partial,
             n_train=spec.train,
@@ -102,25 +107,16 @@ def _generate(root: Path, spec: SyntheticSpec, progress: bool) -> None:
             progress=progress,
         )
         (partial / SYNTHETIC_MARKER).write_text(spec.model_dump_json())
-        if root.exists():
-            root.rmdir()  # empty, checked above
-        os.replace(partial, root)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
 
 
 Scan = dict[str, list[Sample]]  # checked pairs by split: train and the validation split
 
 
-def scan_dataset(data: DataConfig, progress: bool = True) -> Scan:
-    """Every pair a trial reads, checked once (headers, mask values, class pixel counts): the
-    training split and, unless validation is a fraction of it, the validation split. The
-    sweep's driver scans once and hands the result to every trial."""
-    root = ensure_dataset(data, progress)
-    check = {"rgb_masks": data.rgb_masks, "progress": progress}
-    scan = {"train": scan_split(root, "train", **check)}
+def _read_splits(data: DataConfig, root: Path) -> list[str]:
+    """The splits a trial reads: train and, unless validation is a fraction of it, the
+    validation split."""
     if isinstance(data.val_split, float):
-        return scan
+        return ["train"]
     name = data.val_split
     if name == "auto":
         name = "val" if "val" in available_splits(root) else "test"
@@ -129,8 +125,31 @@ def scan_dataset(data: DataConfig, progress: bool = True) -> Scan:
             f"{root / name}: validation split '{name}' is missing; add it, or set "
             "data.val_split to a fraction of train such as 0.15"
         )
-    scan[name] = scan_split(root, name, **check)
-    return scan
+    return ["train", name]
+
+
+def scan_dataset(data: DataConfig, progress: bool = True) -> Scan:
+    """Every pair a trial reads, checked once (headers, mask values, class pixel counts). The
+    sweep's driver scans once and hands the result to every trial."""
+    root = ensure_dataset(data, progress)
+    check = {"rgb_masks": data.rgb_masks, "progress": progress}
+    return {split: scan_split(root, split, **check) for split in _read_splits(data, root)}
+
+
+def cache_room(data: DataConfig, scan: Scan | None = None) -> str | None:
+    """The pre-flight's line when this node has no room for `data.cache`'s decoded copy (sizes
+    from `scan`, else from the image headers); None when it has, or there is no cache."""
+    if not data.cache:
+        return None
+    root = ensure_dataset(data, progress=False)
+    dataset = fingerprint(root)
+    needed = {
+        cache_name(dataset, split, data.rgb_masks): decoded_bytes(
+            [(s.width, s.height) for s in scan[split]] if scan else image_sizes(root, split)
+        )
+        for split in _read_splits(data, root)
+    }
+    return room_problem(data.cache_dir, needed)
 
 
 def split_samples(
@@ -146,17 +165,38 @@ def split_samples(
     return scan["train"], scan[name], name
 
 
+def _decoded(data: DataConfig, scan: Scan, progress: bool) -> dict[str, DecodedSplit | None]:
+    """The node's decoded copy of each scanned split (decoded here if this process is the
+    node's first), or None for each without `data.cache`."""
+    if not data.cache:
+        return dict.fromkeys(scan)
+    dataset = fingerprint(data.root)
+    names = {split: cache_name(dataset, split, data.rgb_masks) for split in scan}
+    found = ensure_decoded(
+        data.cache_dir, {names[split]: scan[split] for split in scan}, data.rgb_masks, progress
+    )
+    return {split: found[names[split]] for split in scan}
+
+
 def build_data(
     data: DataConfig, trial: TrialConfig, progress: bool = True, scan: Scan | None = None
 ) -> DataBundle:
     """Datasets with the trial's augmentation preset, and seeded loaders."""
+    scan = scan or scan_dataset(data, progress)
     train_samples, val_samples, val_name = split_samples(data, trial.seed, progress, scan)
-    kwargs = {"cache": data.cache, "rgb_masks": data.rgb_masks, "progress": progress}
+    caches = _decoded(data, scan, progress)
+    val_source = next((split for split in scan if split != "train"), "train")  # or a holdout
     train = SegmentationDataset(
-        train_samples, train_transform(trial.augment, trial.image_size, seed=trial.seed), **kwargs
+        train_samples,
+        train_transform(trial.augment, trial.image_size, seed=trial.seed),
+        cache=caches["train"],
+        rgb_masks=data.rgb_masks,
     )
     val = SegmentationDataset(
-        val_samples, eval_transform(data.eval_resize, trial.eval_multiple), **kwargs
+        val_samples,
+        eval_transform(data.eval_resize, trial.eval_multiple),
+        cache=caches[val_source],
+        rgb_masks=data.rgb_masks,
     )
     loader = {"seed": trial.seed, "num_workers": trial.num_workers}
     return DataBundle(

@@ -17,7 +17,7 @@ from segtune.models.encoders import (
     Encoder,
     build_encoder,
     encoder_names,
-    imagenet_state_dict,
+    pretrained_file,
     pretrained_weights_file,
 )
 from segtune.models.unet import EncoderUNet, UNet
@@ -36,7 +36,7 @@ __all__ = [
     "check_model_config",
     "encoder_names",
     "example_input",
-    "imagenet_state_dict",
     "model_variants",
+    "pretrained_file",
     "pretrained_weights_file",
 ]

@@ -10,11 +10,11 @@ Rules (each violation is a `ConfigError` listing the valid values):
   what replaces it) in the DeepLabs.
 - With `aspp`, a training batch needs at least 2 images (the ASPP image-pooling branch
   normalises one value per image); the model raises a `ModelError` otherwise.
-- `pretrained`: `none`; `imagenet` (torchvision's file must already be in the torch hub
-  cache, see `pretrained_weights_file`; not for `backbone: none`); or a file: a segtune
-  checkpoint (a dict with key `model`) loads the whole model, a raw state dict loads the
-  encoder (torchvision layout, classifier keys dropped) or, with `backbone: none`, the
-  whole model.
+- `pretrained`: `none`; `imagenet` (torchvision's file, downloaded into the torch hub cache
+  when missing, see `segtune.models.weights`; not for `backbone: none`); or a file, or its
+  `https://...#sha256=HEX` URL (downloaded the same way): a segtune checkpoint (a dict with
+  key `model`) loads the whole model, a raw state dict loads the encoder (torchvision layout,
+  classifier keys dropped) or, with `backbone: none`, the whole model.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from segtune.models.encoders import (
     build_encoder,
     encoder_names,
     load_state_checked,
+    pretrained_file,
 )
 from segtune.models.unet import EncoderUNet, UNet
 
@@ -93,7 +94,7 @@ def _pretrained_states(
     """(whole-model state, encoder state) from a `pretrained` file; neither otherwise."""
     if cfg.pretrained in ("none", "imagenet"):
         return None, None
-    state = load_dict(cfg.pretrained, PRETRAINED)
+    state = load_dict(pretrained_file(cfg.pretrained, cfg.backbone), PRETRAINED)
     if isinstance(state.get("model"), Mapping):
         return state["model"], None
     return (state, None) if cfg.backbone == "none" else (None, state)

@@ -12,6 +12,10 @@ spatial convolutions are dilated by 2 (stride-16 stage) or 4 (stride-32 stage), 
 torchvision's `deeplabv3_mobilenet_v3_large` does. torchvision's own
 `replace_stride_with_dilation` is not used because its `BasicBlock` (ResNet-18/34) refuses
 dilation. VGG follows DeepLab-v1: its stride-removed pools become 3x3 stride-1 pools.
+
+`pretrained: imagenet` loads torchvision's file for the backbone from the torch hub cache,
+downloading it there first when it is missing (segtune.models.weights: torchvision's URL or
+the mirror, its hash checked, once per node).
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -33,11 +36,12 @@ from torchvision.models._utils import IntermediateLayerGetter
 
 from segtune.errors import ConfigError, ModelError
 from segtune.models.checkpoint import load_dict
+from segtune.models.weights import Download, fetch, torchvision_download, url_download
 
 log = logging.getLogger(__name__)
 
 # how weights-file errors name the `pretrained` key and its values
-PRETRAINED = "pretrained (none, imagenet or the path of a state dict)"
+PRETRAINED = "pretrained (none, imagenet, the path of a state dict or its URL#sha256=HEX)"
 
 NOMINAL_STRIDES: tuple[int, ...] = (2, 4, 8, 16, 32)
 OUTPUT_STRIDES: tuple[int, ...] = (8, 16, 32)
@@ -221,7 +225,8 @@ def _backbone(name: str) -> _Backbone:
 
 
 def build_encoder(name: str, pretrained: str = "none", output_stride: int = 32) -> Encoder:
-    """Build a registered encoder; `pretrained` is none, imagenet or a state-dict file."""
+    """Build a registered encoder; `pretrained` is none, imagenet, a state-dict file or its
+    URL with `#sha256=`."""
     spec = _backbone(name)
     if output_stride not in OUTPUT_STRIDES:
         raise ConfigError(
@@ -238,38 +243,38 @@ def build_encoder(name: str, pretrained: str = "none", output_stride: int = 32) 
     for module in encoder.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.momentum = 0.1
-    if pretrained == "imagenet":
-        encoder.load_backbone_state_dict(
-            imagenet_state_dict(name), str(pretrained_weights_file(name))
-        )
-    elif pretrained != "none":
-        state = load_dict(pretrained, PRETRAINED)
-        if isinstance(state.get("model"), Mapping):
+    if pretrained != "none":
+        path = pretrained_file(pretrained, name)
+        state = load_dict(path, PRETRAINED)
+        if pretrained != "imagenet" and isinstance(state.get("model"), Mapping):
             raise ModelError(
                 f"pretrained: {pretrained} is a segtune checkpoint of a whole model; "
                 "load it with build_model, or pass the state dict of a backbone"
             )
-        encoder.load_backbone_state_dict(state, str(pretrained))
+        encoder.load_backbone_state_dict(state, str(path))
     return encoder
 
 
+def imagenet_download(backbone: str) -> Download:
+    """torchvision's ImageNet file for `backbone`: its URL (or the mirror's) and hub cache path."""
+    return torchvision_download(backbone, _backbone(backbone).weights.url)
+
+
 def pretrained_weights_file(backbone: str) -> Path:
-    """Where `pretrained: imagenet` expects the torchvision file: the torch hub cache."""
-    url = _backbone(backbone).weights.url
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    """Where `pretrained: imagenet` keeps the torchvision file: the torch hub cache."""
+    return imagenet_download(backbone).path
 
 
-def imagenet_state_dict(backbone: str) -> dict[str, Any]:
-    """torchvision's ImageNet weights from the hub cache; never downloads (no network here)."""
-    path = pretrained_weights_file(backbone)
-    if not path.is_file():
-        url = _backbone(backbone).weights.url
-        raise ModelError(
-            f"pretrained: imagenet weights for {backbone} are missing: download {url} and place "
-            f"it at {path} ($TORCH_HOME/hub/checkpoints), or use pretrained: none"
-        )
-    log.info("loading imagenet weights for %s from %s", backbone, path)
-    return load_dict(path, PRETRAINED)
+def pretrained_file(pretrained: str, backbone: str) -> Path:
+    """The local file of a `pretrained` value other than none: torchvision's for imagenet, or
+    a URL's, in the hub cache (downloaded there first when missing); else the path given."""
+    download = imagenet_download(backbone) if pretrained == "imagenet" else url_download(pretrained)
+    if download is None:
+        return Path(pretrained)
+    path = fetch(download)
+    what = f"imagenet ({backbone})" if pretrained == "imagenet" else pretrained.partition("#")[0]
+    log.info("pretrained %s: %s", what, path)
+    return path
 
 
 def load_state_checked(

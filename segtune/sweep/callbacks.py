@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.experiment import Trial
 
-from segtune.config.names import EARLY_STOP_TAG, ERROR_TAG, QUALITY_METRICS, TRAIN_COSTS
+from segtune.config.names import COST_KEYS, EARLY_STOP_TAG, ERROR_TAG, QUALITY_METRICS
 from segtune.tracking.address import server_health
 from segtune.tracking.runs import TrialRun, find_trial_run
 
@@ -35,8 +35,8 @@ ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Diverg
 
 class CloseRuns(tune.Callback):
     """Closes the MLflow run of a trial that Ray ended without the trial closing it itself:
-    stopped early by ASHA (FINISHED, tagged, with the training summary of its last result) or
-    whose process died (FAILED with the error)."""
+    stopped early by ASHA (FINISHED, tagged, with the training summary and the costs of its last
+    result) or whose process died (FAILED with the error)."""
 
     def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str) -> None:
         self.tracking_uri, self.experiment, self.parent = tracking_uri, experiment, parent_run_id
@@ -62,7 +62,7 @@ class CloseRuns(tune.Callback):
         if run is None or run.info.status != "RUNNING":
             return
         result = trial.last_result or {}
-        summary = {k: result[k] for k in (*QUALITY_METRICS, *TRAIN_COSTS) if k in result}
+        summary = {k: result[k] for k in (*QUALITY_METRICS, *COST_KEYS) if k in result}
         epochs = result.get("training_iteration", 0)
         TrialRun(client, run.info.run_id).log_final(
             summary, {EARLY_STOP_TAG: f"after {epochs} epochs"}

@@ -42,8 +42,10 @@ from segtune.sweep.edits import (
     read_state,
 )
 from segtune.sweep.ending import end_failed, end_stopped, now
+from segtune.sweep.feasible import Feasibility, exclude
 from segtune.sweep.lock import SweepLock
 from segtune.sweep.node_checks import check_nodes, node_name
+from segtune.sweep.preflight import needed_weights
 from segtune.sweep.progress import Progress, TrialNames
 from segtune.sweep.restore import keep_tuner_copy, prepare
 from segtune.sweep.search import searcher, trial_scheduler
@@ -52,7 +54,7 @@ from segtune.sweep.space import GRID_KEY, discrete_trials, param_space
 from segtune.sweep.stall import watch_stalls
 from segtune.sweep.storage import RunStorage
 from segtune.sweep.trainable import run_trial
-from segtune.sweep.warm import Earlier, earlier_trials, warm_space
+from segtune.sweep.warm import Earlier, Told, earlier_trials, warm_space
 from segtune.tracking.address import create_store_whole, public_uri
 from segtune.tracking.outage import watch_server
 from segtune.tracking.runs import close_open_runs, start_sweep_run
@@ -182,10 +184,9 @@ def _tuner(
         storage_path=posixpath.dirname(path),
         storage_filesystem=remote,
         failure_config=tune.FailureConfig(max_failures=sweep.tune.max_failures),
-        # the two latest: Tune uploads its state, which names a trial's latest checkpoint,
-        # every num_to_keep checkpoints, so the one it names stays on disk until a newer
-        # state replaces it. Ranking by a metric would delete it at any epoch, and a killed
-        # driver's --resume would then fail that trial. The best weights travel inside our
+        # the two latest: Tune uploads its state (naming a trial's latest checkpoint) every
+        # num_to_keep checkpoints, so the one it names stays until a newer state replaces it;
+        # ranking by a metric would delete it at any epoch. The best weights travel inside our
         # own checkpoint (sweep/trainable.py), not through Ray's ranking.
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         callbacks=[CloseRuns(tracking_uri, sweep.experiment, parent), Progress(sweep)],
@@ -193,9 +194,11 @@ def _tuner(
         # (segtune.sweep.progress), Ray's comes back with -v (debug logging)
         verbose=1 if log.isEnabledFor(logging.DEBUG) else 0,
     )
-    told: list[Any] = []
+    told: list[Told] = []
     if added is None:
-        space, samples = param_space(sweep, _duration(sweep, costs)), sweep.tune.num_samples
+        constraints = sweep.tune.constraint_list()  # a grid's or a random sweep's (`exclude`)
+        keep = Feasibility(constraints, costs).keep if constraints else None
+        space, samples = param_space(sweep, _duration(sweep, costs), keep), sweep.tune.num_samples
         space, told = warm_space(sweep, space, earlier, MlflowClient(tracking_uri), parent)
     elif added.trials is not None:  # a grid's new combinations, each once
         space, samples = {GRID_KEY: tune.grid_search(added.trials)}, 1
@@ -325,7 +328,7 @@ def _fit(
             phases["cost_stage_s"] = time.perf_counter() - started
         started = time.perf_counter()
         check_cluster(sweep)
-        check_nodes(sweep.data, storage, tracking_uri, joined=joined)
+        check_nodes(sweep.data, storage, tracking_uri, joined, needed_weights(sweep))
         create_store_whole(tracking_uri)  # only now: no store is made before the checks pass
         client = MlflowClient(tracking_uri)
         state = read_state(storage, sweep.name)  # the previous driver's run
@@ -355,7 +358,8 @@ def _fit(
             )
             phases["cost_stage_s"] = time.perf_counter() - started
         started = time.perf_counter()
-        grid = len(configs) if sweep.tune.search == "grid" else 1
+        excluded = exclude(sweep, configs, costs, client, parent)
+        grid = len(configs) - excluded if sweep.tune.search == "grid" else 1
         outcome.slots = _slots(sweep, grid * sweep.tune.num_samples)
         resources = sweep.tune.resources_per_trial
         trainable = tune.with_resources(
@@ -372,9 +376,6 @@ def _fit(
         # num_to_keep makes Tune save its state at every checkpoint, as meant (below); its
         # warning about that, every few seconds with short epochs, would bury the progress
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-        # several objectives: costs such as infer_ms_cpu arrive with a trial's final result only
-        if len(sweep.objectives()) > 1:
-            os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
         main = storage.path(sweep.name)
         # the sweep's own experiment, then the trials --accept-changes added, one after another
         experiments: list[tuple[str, Addition | None]] = [(main, None)]

@@ -1,5 +1,6 @@
 """Every node of the Ray cluster checked before the first trial: the same dataset, the same run
-storage, a reachable tracking server and the same versions as the driver.
+storage, a reachable tracking server, the same versions as the driver, and the pretrained
+weights the sweep needs, downloaded into the node's hub cache (segtune.models.weights).
 
 One small task pinned to each alive node reports what it sees; the driver compares, and every
 problem becomes one line naming the node, the key and the fix. A cluster of one node, the
@@ -15,6 +16,7 @@ import logging
 import secrets
 import socket
 import time
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,8 +25,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from segtune.config.trial import DataConfig
 from segtune.data.dataset import fingerprint
-from segtune.data.pipeline import ensure_dataset
+from segtune.data.pipeline import cache_room, ensure_dataset
 from segtune.errors import ConfigError, SegtuneError, problems_message
+from segtune.sweep.preflight import fetch_weights
 from segtune.sweep.storage import RunStorage
 from segtune.tracking.address import public_uri, server_health
 
@@ -60,11 +63,24 @@ def _is_loopback(host: str | None) -> bool:
         return False
 
 
-def _inspect(data: DataConfig, storage: RunStorage, marker: str, token: str, uri: str) -> dict:
-    """What one node sees; runs there as a Ray task."""
+def _inspect(
+    data: DataConfig,
+    storage: RunStorage,
+    marker: str,
+    token: str,
+    uri: str,
+    weights: Sequence[tuple[str, str]] = (),
+) -> dict:
+    """What one node sees; runs there as a Ray task. `weights`: (pretrained, backbone) of each
+    download the sweep needs, fetched here so that the node's trials find them."""
     report: dict[str, Any] = {"node": node_name(), "versions": versions()}
     try:
+        fetch_weights(weights)
+    except SegtuneError as exc:
+        report["weights_error"] = str(exc)
+    try:
         report["dataset"] = fingerprint(ensure_dataset(data, progress=False))
+        report["cache_room"] = cache_room(data)
     except SegtuneError as exc:
         report["dataset_error"] = str(exc)
     try:
@@ -79,10 +95,15 @@ def _inspect(data: DataConfig, storage: RunStorage, marker: str, token: str, uri
 
 
 def check_nodes(
-    data: DataConfig, storage: RunStorage, tracking_uri: str, joined: bool = True
+    data: DataConfig,
+    storage: RunStorage,
+    tracking_uri: str,
+    joined: bool = True,
+    weights: Sequence[tuple[str, str]] = (),
 ) -> None:
-    """Check every alive node. Raises one ConfigError with every
-    problem found, before any MLflow run exists.
+    """Check every alive node and fetch there the `weights` the sweep needs (preflight's
+    `needed_weights`). Raises one ConfigError with every problem found, before any MLflow
+    run exists.
 
     `joined`: the driver joined a cluster (--address); nodes may join it later, so even a
     cluster of one node gets the checks a cluster needs. A Ray started by the driver on its
@@ -116,7 +137,7 @@ def check_nodes(
     pending = {
         task.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
-        ).remote(data, storage, marker, token, tracking_uri): n["NodeManagerAddress"]
+        ).remote(data, storage, marker, token, tracking_uri, weights): n["NodeManagerAddress"]
         for n in nodes
     }
     ready, late = ray.wait(list(pending), num_returns=len(pending), timeout=TIMEOUT_S)
@@ -158,6 +179,10 @@ def _problems(
             f"{node}: data.root {data.root} holds another dataset than the driver's (file "
             "names and sizes differ); copy the same dataset to every node"
         )
+    if "weights_error" in report:
+        found.append(f"{node}: {report['weights_error']}")  # names the URL and the fix
+    if report.get("cache_room"):
+        found.append(f"{node}: {report['cache_room']}")  # names the folder and the fix
     if "storage_error" in report:
         found.append(f"{node}: {report['storage_error']}")  # names the key and the fix
     elif not report["marker_seen"]:

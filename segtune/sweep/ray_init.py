@@ -16,6 +16,7 @@ from typing import Any
 
 import ray
 
+from segtune.config.trial import WEIGHTS_MIRROR_ENV
 from segtune.errors import ConfigError
 from segtune.sweep.signals import StopSignals
 from segtune.tracking.address import PASSWORD_ENV, USER_ENV, LookupTimeout, connect_within
@@ -34,9 +35,11 @@ log = logging.getLogger(__name__)
 
 def runtime_env_vars() -> dict[str, str]:
     """Environment every trial process gets: no network call when albumentations is imported,
-    no cloud metadata service asked when the driver's storage is a server of one's own, and
-    MLflow's log level (`cli.setup_logging`: its INFO lines only with -v)."""
-    names = ("NO_ALBUMENTATIONS_UPDATE", "AWS_EC2_METADATA_DISABLED", "MLFLOW_LOGGING_LEVEL")
+    no cloud metadata service asked when the driver's storage is a server of one's own,
+    MLflow's log level (`cli.setup_logging`: its INFO lines only with -v), and the mirror of
+    torchvision's weights, for every node's pre-flight and trials."""
+    names = ("NO_ALBUMENTATIONS_UPDATE", "AWS_EC2_METADATA_DISABLED", "MLFLOW_LOGGING_LEVEL",
+             WEIGHTS_MIRROR_ENV)  # fmt: skip
     return {name: os.environ[name] for name in names if name in os.environ}
 
 

@@ -12,7 +12,10 @@ Impossible combinations (e.g. deeplabv3 without a backbone) are rejected before 
 from __future__ import annotations
 
 import itertools
+import json
+import random
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from ray import tune
@@ -25,6 +28,8 @@ from segtune.models import check_model_config
 
 MAX_CHECKED_COMBINATIONS = 5000
 GRID_KEY = "trial"  # a grid sweep's param_space: its combinations, in the order they start
+# a random sweep under tune.constraints: its choice values, drawn among the feasible ones
+DRAWN_KEY = "drawn"
 
 
 def _discrete(sweep: SweepConfig) -> dict[str, list[Any]]:
@@ -50,8 +55,9 @@ def resolve_trial(sweep: SweepConfig, sampled: Mapping[str, Any]) -> TrialConfig
     Optuna samples a group as the index of its mapping (its categories must be scalars); a grid
     sweep's combination comes whole, under GRID_KEY.
     """
-    if GRID_KEY in sampled:
-        sampled = {**sampled[GRID_KEY], **{k: v for k, v in sampled.items() if k != GRID_KEY}}
+    for whole in (GRID_KEY, DRAWN_KEY):
+        if whole in sampled:
+            sampled = {**sampled[whole], **{k: v for k, v in sampled.items() if k != whole}}
     values: dict[str, Any] = dict(sweep.train)
     for key, value in sampled.items():
         if key not in sweep.search_space and not (key == "seed" and sweep.tune.repeats > 1):
@@ -107,16 +113,20 @@ def combo_label(combo: Mapping[str, Any]) -> str:
 
 
 def param_space(
-    sweep: SweepConfig, duration: Callable[[TrialConfig], float] | None = None
+    sweep: SweepConfig,
+    duration: Callable[[TrialConfig], float] | None = None,
+    keep: Callable[[TrialConfig], bool] | None = None,
 ) -> dict[str, Any]:
     """The Ray Tune param_space of a sweep (trial defaults are applied in `resolve_trial`).
 
     A grid sweep is one grid dimension over its combinations, so that the order in which its
     trials start is ours: longest first by `duration` (an estimate), which keeps the slots
-    busy to the end instead of leaving the longest trial to run alone.
+    busy to the end instead of leaving the longest trial to run alone. `keep` says which
+    configurations may train (tune.constraints): a grid's others are left out, and a random
+    sweep draws its choice values among the combinations it keeps.
     """
     if sweep.tune.search == "grid":
-        combos = list(_combinations(sweep))
+        combos = [c for c in _combinations(sweep) if keep is None or keep(resolve_trial(sweep, c))]
         if duration is not None:
             combos.sort(key=lambda combo: -duration(resolve_trial(sweep, combo)))
         return {GRID_KEY: tune.grid_search(combos)}
@@ -139,6 +149,46 @@ def param_space(
             space[key] = tune.randint(values[0], values[1] + 1)  # Ray's upper bound is exclusive
     if sweep.tune.repeats > 1:
         space["seed"] = tune.grid_search(seeds(sweep))
+    if keep is not None and sweep.tune.search == "random":
+        space = _feasible_draws(sweep, space, keep)
+    return space
+
+
+@dataclass(frozen=True)
+class _Draw:
+    """Ray's `sample_from` of a constrained random sweep: a feasible combination of the choice
+    values, uniformly, for the grid values already resolved (by their JSON)."""
+
+    feasible: dict[str, list[dict[str, Any]]]
+
+    def __call__(self, spec: Any) -> dict[str, Any]:
+        grid = spec["config"].get(GRID_KEY, {})  # Ray's variant generator hands the whole spec
+        return random.choice(self.feasible[json.dumps(grid, sort_keys=True, default=str)])
+
+
+def _feasible_draws(
+    sweep: SweepConfig, space: dict[str, Any], keep: Callable[[TrialConfig], bool]
+) -> dict[str, Any]:
+    """A random sweep's space with its grid_search and choice keys replaced: the grid values that
+    have a feasible choice under GRID_KEY, and a draw among those choices under DRAWN_KEY."""
+    forms = {key: search_form(spec) for key, spec in sweep.search_space.items()}
+    grids = {k: v for k, (form, v) in forms.items() if form == "grid_search"}
+    choices = {k: v for k, (form, v) in forms.items() if form == "choice"}
+    fixed = fixed_values(sweep)
+    feasible: dict[str, list[dict[str, Any]]] = {}
+    points = []
+    for grid_values in itertools.product(*grids.values()):
+        grid = dict(zip(grids, grid_values, strict=True))
+        drawn = (dict(zip(choices, v, strict=True)) for v in itertools.product(*choices.values()))
+        kept = [c for c in drawn if keep(resolve_trial(sweep, {**fixed, **grid, **c}))]
+        if kept:
+            feasible[json.dumps(grid, sort_keys=True, default=str)] = kept
+            points.append(grid)
+    space = {k: v for k, v in space.items() if k not in grids and k not in choices}
+    if grids:
+        space[GRID_KEY] = tune.grid_search(points)
+    if choices and points:
+        space[DRAWN_KEY] = tune.sample_from(_Draw(feasible))
     return space
 
 

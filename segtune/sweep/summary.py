@@ -8,7 +8,15 @@ import math
 import pandas as pd
 
 from segtune.cli import process_age
-from segtune.config.names import COLUMNS, OBJECTIVE, PARETO_COSTS
+from segtune.config.names import (
+    COLUMNS,
+    DATA_WAIT_MEAN,
+    INPUT_BOUND_FIX,
+    INPUT_BOUND_FRAC,
+    OBJECTIVE,
+    PARETO_COSTS,
+    input_bound,
+)
 from segtune.config.sweep import SweepConfig
 
 # the summary's columns, and the costs of its Pareto column
@@ -30,6 +38,7 @@ def print_summary(sweep: SweepConfig, tracking_uri: str, parent: str) -> pd.Data
 
     from segtune.sweep.budget import budget_line
     from segtune.sweep.warm import reused_lines
+    from segtune.tracking.excluded import excluded_lines
     from segtune.tracking.query import load_sweep_table
     from segtune.tracking.runs import runs_page
     from segtune.tracking.select import pareto_front
@@ -38,7 +47,7 @@ def print_summary(sweep: SweepConfig, tracking_uri: str, parent: str) -> pd.Data
     if table.empty:
         print("no trial ran")
         return table
-    ok = table[table["status"] == "FINISHED"].copy()
+    ok = table[(table["status"] == "FINISHED") & (table["infeasible"] == "")].copy()
     for key in SUMMARY_COLUMNS:
         if key not in ok:
             ok[key] = math.nan
@@ -47,6 +56,8 @@ def print_summary(sweep: SweepConfig, tracking_uri: str, parent: str) -> pd.Data
     ok = ok.sort_values(OBJECTIVE, ascending=False)
     floor = table["floor_miou"].dropna().max() if "floor_miou" in table else math.nan
     below = ok[OBJECTIVE] <= floor  # False where the floor is unknown (NaN)
+    waited = ok.get(DATA_WAIT_MEAN, pd.Series(math.nan, ok.index))
+    starved = waited.map(input_bound).astype(bool)
     ok["note"] = [
         ", ".join(
             filter(
@@ -55,10 +66,13 @@ def print_summary(sweep: SweepConfig, tracking_uri: str, parent: str) -> pd.Data
                     f"stopped {stop}" if stop else "",
                     "noisy cost" if noisy else "",
                     "not above the colour floor" if low else "",
+                    "input-bound" if slow else "",
                 ],
             )  # fmt: skip
         )
-        for stop, noisy, low in zip(ok["early_stopped"], ok["cost_noisy"], below, strict=True)
+        for stop, noisy, low, slow in zip(
+            ok["early_stopped"], ok["cost_noisy"], below, starved, strict=True
+        )
     ]
     titles = {key: COLUMNS[key][0] for key in SUMMARY_COLUMNS}
     where = ["node"] if table["node"].nunique() > 1 else []  # a sweep over several machines
@@ -77,6 +91,13 @@ def print_summary(sweep: SweepConfig, tracking_uri: str, parent: str) -> pd.Data
             print(f"  {name}: {row['mean']:.4f} ± {row['std']:.4f} (n={int(row['count'])})")
     for _, row in ok[ok["cost_noisy"] != ""].iterrows():
         print(f"noisy cost {row['label']}: {row['cost_noisy']} (timed with the other work)")
+    for _, row in ok[starved].iterrows():
+        print(
+            f"input-bound {row['label']}: waited {row[DATA_WAIT_MEAN]:.0%} of its epochs for "
+            f"data (mean over epochs; over {INPUT_BOUND_FRAC:.0%} flags it): {INPUT_BOUND_FIX}"
+        )
+    for line in excluded_lines(tracking_uri, table, [parent]):  # by tune.constraints
+        print(line)
     failed = table[table["status"] == "FAILED"]
     for _, row in failed.iterrows():
         print(f"FAILED {row['label']}: {row['error']}")

@@ -21,19 +21,24 @@ import torch
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from segtune.config.constraints import broken
 from segtune.config.names import (
     BOUNDARY_METRIC,
     CHECKPOINT_ARTIFACT,
     COST_TAG_PREFIX,
     EVAL_DIR,
+    INFEASIBLE_TAG,
     MODEL_COSTS,
 )
 from segtune.config.sweep import SweepConfig
 from segtune.config.trial import TrialConfig
 from segtune.data.pipeline import Scan
+from segtune.models import build_model
 from segtune.models.checkpoint import atomic_save, best_checkpoint, load_dict
+from segtune.models.cost import Cost
 from segtune.models.device import amp_dtype, resolve_device
 from segtune.sweep.cost_stage import trial_cost
+from segtune.sweep.feasible import architecture_costs, infeasible_result
 from segtune.sweep.node_checks import node_name
 from segtune.sweep.restore import write_marker
 from segtune.sweep.space import resolve_trial
@@ -101,7 +106,10 @@ def run_trial(
         # Ray's saved state is older than the trial's end (it is uploaded in the background), so
         # a resumed sweep restarts it from its last epoch: its run has finished, run nothing
         log.info("trial %s already finished in MLflow run %s", trial_id, run_id)
-        _report_final(final, cfg.epochs)
+        if INFEASIBLE_TAG in client.get_run(run_id).data.tags:  # it ended before training
+            _report_final(infeasible_result(sweep, architecture_costs(final)), 0)
+        else:
+            _report_final(final, cfg.epochs)
         return
     run = TrialRun.open(
         client,
@@ -116,24 +124,48 @@ def run_trial(
     )
     try:
         with run.system_metrics(resumed=resume is not None):
-            final = _train_evaluate_bench(
-                sweep,
-                cfg,
-                run,
+            cost_started = time.perf_counter()
+            # known before the first epoch, so that every result carries the costs
+            cost = trial_cost(
+                build_model(cfg.model_copy(update={"pretrained": "none"})),
+                sweep.bench,
                 device,
-                resume,
-                scan,
+                tracking_uri,
                 measured or {},
-                started,
-                resources.get("GPU", 0),
+                gpu_shared=resources.get("GPU", 0) < 1,
             )
+            times = {"cost_s": time.perf_counter() - cost_started}
+            reasons = broken(sweep.tune.constraint_list(), architecture_costs(cost))
+            if reasons:  # never trained: its costs and why, and one result for the searcher
+                final, epochs = _infeasible(sweep, run, cost, reasons, times), 0
+            else:
+                final = _train_evaluate_bench(
+                    sweep, cfg, run, device, resume, scan, cost, times, started
+                )
+                epochs = cfg.epochs
     except SystemExit:  # Ray stopping the trial (a scheduler's decision): the driver closes the run
         raise
     except BaseException as exc:
         run.finish(exc)
         raise
     run.finish()  # before the last report: a scheduler may stop the trial right there
-    _report_final(final, cfg.epochs)
+    _report_final(final, epochs)
+
+
+def _cost_tags(cost: Cost) -> dict[str, Any]:
+    """How and where the cost was measured, one tag each (segtune.config.names.COST_TAG_PREFIX)."""
+    return {f"{COST_TAG_PREFIX}{k}": v for k, v in cost.items() if k not in MODEL_COSTS}
+
+
+def _infeasible(
+    sweep: SweepConfig, run: TrialRun, cost: Cost, reasons: list[str], times: dict[str, float]
+) -> dict[str, Any]:
+    """Close the books of a trial whose architecture breaks tune.constraints: its run keeps the
+    costs, tagged with why; its one result carries them to the searcher."""
+    costs = architecture_costs(cost)
+    run.log_final({**costs, **times}, {**_cost_tags(cost), INFEASIBLE_TAG: "; ".join(reasons)})
+    log.info("%s: not trained, %s", run.run_id, "; ".join(reasons))
+    return infeasible_result(sweep, costs)
 
 
 def _report_final(final: dict[str, Any], epochs: int) -> None:
@@ -153,20 +185,21 @@ def _train_evaluate_bench(
     device: torch.device,
     resume: dict[str, Any] | None,
     scan: Scan | None,
-    measured: dict[str, str],
+    cost: Cost,
+    times: dict[str, float],
     started: float,
-    gpu: float,
 ) -> dict[str, Any]:
-    """Train, evaluate, take the cost and log; returns the final result for Ray. The time of
-    each stage goes to the run as well (TRIAL_TIMES), for the sweep's time account."""
+    """Train, evaluate and log with the architecture's `cost`; returns the final result for Ray.
+    The time of each stage goes to the run as well (TRIAL_TIMES), for the sweep's time account."""
     data, model, loss_fn = prepare(sweep.data, cfg, progress=False, scan=scan)
-    times = {"setup_s": time.perf_counter() - started}
+    times["setup_s"] = time.perf_counter() - started - times["cost_s"]
+    costs = architecture_costs(cost)
 
     def report(event: EpochEnd) -> None:
         run.log_epoch(event.epoch, event.metrics)
         # the summary so far travels with each result: a trial that a scheduler stops early is
-        # closed by the driver with it (sweep.CloseRuns)
-        reported = {**event.metrics, **event.summary}
+        # closed by the driver with it (sweep.CloseRuns); the costs too, for the searcher
+        reported = {**event.metrics, **event.summary, **costs}
         with tempfile.TemporaryDirectory() as folder:
             state = {**event.build_state(), "mlflow_run_id": run.run_id}
             atomic_save(state, Path(folder) / TRAINING_STATE_FILE)
@@ -202,12 +235,7 @@ def _train_evaluate_bench(
             amp_dtype(cfg.amp, device),
             cfg.batch_size,
         )
-        cost_started = time.perf_counter()
-        cost = trial_cost(
-            model, sweep.bench, device, run.client.tracking_uri, measured, gpu_shared=gpu < 1
-        )
-        times["cost_s"] = time.perf_counter() - cost_started
-        final.update({k: v for k, v in cost.items() if k in MODEL_COSTS})
+        final.update(costs)
         final[BOUNDARY_METRIC] = scores["boundary_miou"]
         atomic_save(
             best_checkpoint(result.best_state_dict, cfg, {**best, **final}),
@@ -216,9 +244,8 @@ def _train_evaluate_bench(
         checkpoints = CHECKPOINT_ARTIFACT.rsplit("/", 1)[0]
         run.log_artifact(folder_path / checkpoints, checkpoints)
         run.log_artifact(folder_path / EVAL_DIR, EVAL_DIR)
-    tags = {f"{COST_TAG_PREFIX}{k}": v for k, v in cost.items() if k not in MODEL_COSTS}
-    times["eval_s"] = time.perf_counter() - started - times["cost_s"]
-    run.log_final({**final, **times}, tags)
+    times["eval_s"] = time.perf_counter() - started
+    run.log_final({**final, **times}, _cost_tags(cost))
     log.info("%s: evaluation took %.1f s, cost %.1f s (%s)", cfg.label(), times["eval_s"],
              times["cost_s"], cost.get("source"))  # fmt: skip
     return {**history[-1], **final}

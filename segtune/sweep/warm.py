@@ -2,7 +2,7 @@
 
 The finished trial runs of the named experiments' sweeps whose dataset fingerprint
 (DATASET_TAG on the sweep run) is this sweep's are read from MLflow. Optuna is told them before
-its first suggestion (`WarmOptunaSearch`: one completed Optuna trial each, so that TPE and
+its first suggestion (`segtune.sweep.optuna_search`: one completed Optuna trial each, so that TPE and
 NSGA-II start from what is known); a grid leaves out each configuration an earlier run finished
 with the same trial keys, seed included (`skip_finished`). The sweep run names them all
 (REUSED_TAG), for the summary and the report, with links to the runs.
@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-import optuna
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from ray import tune
-from ray.tune.search.optuna import OptunaSearch
 
 from segtune.config.grammar import is_group, search_form
 from segtune.config.names import (
@@ -41,6 +39,16 @@ from segtune.tracking.runs import run_page, run_params
 log = logging.getLogger(__name__)
 
 MAX_TAG = 7900  # characters of run ids on REUSED_TAG (MLflow keeps 8000)
+
+
+@dataclass(frozen=True)
+class Told:
+    """An earlier trial to tell Optuna: its point in this sweep's space, its objective values
+    and its metrics (the costs among them, for its constraint values)."""
+
+    point: dict[str, Any]
+    values: list[float]
+    metrics: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -137,46 +145,17 @@ def optuna_point(sweep: SweepConfig, params: Mapping[str, str]) -> dict[str, Any
     return point if all(own.get(k) == params.get(k) for k in keys) else None
 
 
-def told_points(
-    sweep: SweepConfig, earlier: Sequence[Earlier]
-) -> tuple[list[tuple[dict[str, Any], list[float]]], list[Earlier]]:
-    """(point, objective values) for Optuna of each earlier run that is a point of this
-    sweep's space with every objective recorded, and those runs."""
+def told_points(sweep: SweepConfig, earlier: Sequence[Earlier]) -> tuple[list[Told], list[Earlier]]:
+    """What to tell Optuna of each earlier run that is a point of this sweep's space with every
+    objective recorded, and those runs."""
     told, used = [], []
     for run in earlier:
         point = optuna_point(sweep, run.params)
         values = [run.metrics.get(metric) for metric, _ in sweep.objectives()]
         if point is not None and None not in values:
-            told.append((point, [float(v) for v in values if v is not None]))
+            told.append(Told(point, [float(v) for v in values if v is not None], run.metrics))
             used.append(run)
     return told, used
-
-
-class WarmOptunaSearch(OptunaSearch):
-    """Ray's OptunaSearch whose study holds the earlier trials `told` before its first
-    suggestion (Ray's own `evaluated_rewards` takes one objective only)."""
-
-    def __init__(self, *args: Any, told: Sequence[tuple[dict[str, Any], list[float]]] = (),
-                 **kwargs: Any) -> None:  # fmt: skip
-        self._told = list(told)
-        super().__init__(*args, **kwargs)
-
-    def _setup_study(self, mode: Any) -> None:
-        super()._setup_study(mode)
-        if not self._told or not isinstance(self._space, dict):
-            return
-        trials = []
-        for point, values in self._told:
-            params = {k: v for k, v in point.items() if k in self._space}
-            try:
-                trials.append(optuna.trial.create_trial(
-                    state=optuna.trial.TrialState.COMPLETE, values=values, params=params,
-                    distributions={k: self._space[k] for k in params},
-                ))  # fmt: skip
-            except ValueError as exc:  # a value outside this sweep's range
-                log.info("warm start: %s not told to Optuna (%s)", point, exc)
-        self._ot_study.add_trials(trials)
-        self._told = []  # once: a restored searcher has its study already
 
 
 def record_reused(client: MlflowClient, parent: str, reused: Sequence[Earlier]) -> None:
@@ -207,12 +186,12 @@ def warm_space(
     earlier: Sequence[Earlier],
     client: MlflowClient,
     parent: str,
-) -> tuple[dict[str, Any], list[tuple[dict[str, Any], list[float]]]]:
+) -> tuple[dict[str, Any], list[Told]]:
     """The sweep's `param_space` (a grid without what earlier runs finished) and the points to
     tell Optuna; the runs reused are named on the sweep run."""
     if not earlier:
         return space, []
-    told: list[tuple[dict[str, Any], list[float]]] = []
+    told: list[Told] = []
     if sweep.tune.search == "grid":
         space, reused = skip_finished(sweep, space, earlier)
     else:

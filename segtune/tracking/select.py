@@ -1,4 +1,4 @@
-"""Choosing among a sweep's trials: Pareto fronts, budgets, and the best trial to export.
+"""Choosing among a sweep's trials: Pareto fronts, constraints, and the best trial to export.
 
 It works on the tables of `segtune.tracking.query`; `best_trial` also checks in MLflow that the
 chosen trial has a checkpoint.
@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-import operator
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +18,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from segtune.config.constraints import Constraint, parse_constraints
 from segtune.config.names import CHECKPOINT_ARTIFACT, OBJECTIVE, ROLE_TAG, ROLE_TRIAL
 from segtune.errors import ConfigError
 from segtune.tracking.query import TrackingError, load_sweep_data
@@ -60,65 +59,23 @@ def pareto_front(
     return mask
 
 
-# --- budgets ---------------------------------------------------------------------------------
-
-_OPS: dict[str, Callable[[object, object], object]] = {
-    "<=": operator.le,
-    ">=": operator.ge,
-    "<": operator.lt,
-    ">": operator.gt,
-}
-_CONSTRAINT = re.compile(
-    r"^\s*([A-Za-z_][\w.\-]*)\s*(<=|>=|<|>)\s*([-+]?[\d.]+(?:[eE][-+]?\d+)?)\s*$"
-)
+# --- constraints ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Constraint:
-    column: str
-    op: str
-    value: float
-
-    def __str__(self) -> str:
-        return f"{self.column}{self.op}{self.value:g}"
-
-    def holds(self, df: pd.DataFrame) -> pd.Series:
-        """Where the column is missing the constraint does not hold: unknown is not within budget."""
-        values = pd.to_numeric(df[self.column], errors="coerce")
-        return values.notna() & _OPS[self.op](values, self.value)
-
-
-def parse_budget(text: str) -> list[Constraint]:
-    """`"infer_ms_cpu<=50,size_mb<20"` to constraints; anything else is a ConfigError."""
-    constraints = []
-    for part in text.split(","):
-        match = _CONSTRAINT.match(part)
-        if not part.strip() or match is None:
-            raise ConfigError(
-                f"--budget {text!r}: cannot read {part.strip()!r}; expected comma-separated "
-                "METRIC<=VALUE constraints (operators <=, <, >=, >), e.g. "
-                "'infer_ms_cpu<=50,size_mb<20'"
-            )
-        try:
-            value = float(match.group(3))
-        except ValueError:
-            raise ConfigError(f"--budget {text!r}: {match.group(3)!r} is not a number") from None
-        constraints.append(Constraint(match.group(1), match.group(2), value))
-    return constraints
-
-
-def within_budget(
+def within_constraints(
     df: pd.DataFrame, constraints: Sequence[Constraint], metric_columns: Sequence[str]
 ) -> pd.Series:
-    """Trials meeting every constraint; a constraint on a metric no trial has is a ConfigError."""
+    """Trials meeting every constraint; a constraint on a metric no trial has is a ConfigError.
+    Where a trial lacks the metric the constraint does not hold: unknown is not within it."""
     mask = pd.Series(True, index=df.index)
     for c in constraints:
         if c.column not in metric_columns:
             raise ConfigError(
-                f"--budget: no metric {c.column!r} in this sweep; metrics: "
+                f"--constraints: no metric {c.column!r} in this sweep; metrics: "
                 f"{', '.join(metric_columns)}"
             )
-        mask &= c.holds(df)
+        values = pd.to_numeric(df[c.column], errors="coerce")
+        mask &= values.notna() & c.holds(values)
     return mask
 
 
@@ -142,7 +99,7 @@ def rank_trials(
     metric_columns: Sequence[str] | None = None,
     where: str = "this sweep",
 ) -> pd.DataFrame:
-    """Finished trials that have `metric` and meet the budget, best first.
+    """Finished trials that have `metric` and meet the constraints, best first.
 
     Equal values go to the smaller model (`size_mb`; unknown sizes last), then the earlier trial.
     """
@@ -165,11 +122,12 @@ def rank_trials(
     if finished.empty:
         raise TrackingError(f"no finished trial of {where} has a value of {metric}")
     if constraints:
-        finished = finished[within_budget(finished, constraints, metric_columns)]
+        finished = finished[within_constraints(finished, constraints, metric_columns)]
         if finished.empty:
-            budget = ",".join(str(c) for c in constraints)
+            text = ",".join(str(c) for c in constraints)
             raise TrackingError(
-                f"no finished trial of {where} is within the budget {budget!r}; relax --budget"
+                f"no finished trial of {where} is within the constraints {text!r}; relax "
+                "--constraints"
             )
     size = (
         pd.to_numeric(finished["size_mb"], errors="coerce")
@@ -194,21 +152,21 @@ def best_trial(
     tracking_uri: str,
     metric: str = OBJECTIVE,
     mode: str = "max",
-    budget: str | None = None,
+    constraints: str | None = None,
     all_sweeps: bool = False,
 ) -> Source:
     """The best finished trial with a checkpoint (a trial stopped early by ASHA has none)."""
     data = load_sweep_data(experiment, tracking_uri, all_sweeps=all_sweeps, history_keys=())
-    constraints = parse_budget(budget) if budget else []
+    parsed = parse_constraints(constraints) if constraints else []
     where = f"experiment {experiment!r}" + (" (all sweeps)" if all_sweeps else " (newest sweep)")
-    ranked = rank_trials(data.table, metric, mode, constraints, data.metric_columns, where)
+    ranked = rank_trials(data.table, metric, mode, parsed, data.metric_columns, where)
     for rank, (_, row) in enumerate(ranked.iterrows(), 1):
         if has_checkpoint(client, row["run_id"]):
             selection = {
                 "by": "best",
                 "metric": metric,
                 "mode": mode,
-                "budget": budget,
+                "constraints": constraints,
                 "rank": rank,
                 "candidates": len(ranked),
                 "trials": len(data.table),

@@ -39,9 +39,9 @@ def colour_floor(
 ) -> dict[str, float]:
     """Metrics of the nearest-class-mean-colour classifier fitted on `train`, scored on `val`:
     the floor a sweep computes once for its own validation split (`floor_miou`)."""
-    means = class_mean_colours(SegmentationDataset(train, rgb_masks=rgb_masks, progress=False))
+    means = class_mean_colours(SegmentationDataset(train, rgb_masks=rgb_masks))
     present = ~np.isnan(means).any(1)
-    test = SegmentationDataset(val, rgb_masks=rgb_masks, progress=False)
+    test = SegmentationDataset(val, rgb_masks=rgb_masks)
     matrix = ConfusionMatrix()
     for i in range(len(test)):
         image, mask = test.load(i)

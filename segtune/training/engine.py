@@ -13,7 +13,7 @@ import math
 import random
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from segtune.classes import CLASS_NAMES
-from segtune.config.names import OBJECTIVE
+from segtune.config.names import DATA_WAIT_MEAN, OBJECTIVE
 from segtune.config.trial import TrialConfig
 from segtune.data.loader import set_epoch
 from segtune.errors import TrainingDiverged
@@ -64,12 +64,16 @@ class FitResult:
 
 def training_summary(history: Sequence[dict[str, float]], best_epoch: int) -> dict[str, float]:
     """The final training metrics of the MLflow contract: the best epoch's mIoU, the training
-    time of every epoch (validation included), and the median training throughput."""
+    time of every epoch (validation included), the median training throughput, and the mean
+    of the epochs' data wait fractions, each epoch alike (over the epochs that measured it: a
+    state saved before segtune did has none; NaN, which logging skips, if no epoch did)."""
+    waits = [h["data_wait_frac"] for h in history if "data_wait_frac" in h]
     return {
         OBJECTIVE: history[best_epoch]["val_miou"],
         "best_epoch": best_epoch,
         "train_time_min": sum(h["epoch_time_s"] for h in history) / 60.0,
         "train_img_s": statistics.median(h["train_img_s"] for h in history),
+        DATA_WAIT_MEAN: statistics.fmean(waits) if waits else math.nan,
     }
 
 
@@ -195,6 +199,29 @@ def _check_finite(
     )
 
 
+class _WaitClock:
+    """The batches of a loader, counting the host seconds spent in its `iter()` and `next()`:
+    the time the training step waited for data. Worker start-up counts, as the step waits on
+    it too. On a GPU the step is queued, not finished, when the host asks for the next batch,
+    so no sync is needed: a GPU-bound epoch blocks the host elsewhere and its loader keeps up."""
+
+    def __init__(self, loader: Iterable[dict[str, Any]]) -> None:
+        self.loader, self.seconds = loader, 0.0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        asked = time.perf_counter()
+        batches = iter(self.loader)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                self.seconds += time.perf_counter() - asked
+                return
+            self.seconds += time.perf_counter() - asked
+            yield batch
+            asked = time.perf_counter()
+
+
 def _cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
@@ -260,7 +287,8 @@ def fit(
         loss_sum, seen = torch.zeros((), device=device), 0
         losses: list[torch.Tensor] = []  # this window's losses, checked without a sync per step
         step = -1
-        for step, batch in enumerate(train_loader):
+        clock = _WaitClock(train_loader)
+        for step, batch in enumerate(clock):
             images, masks = _to_device(batch, device)
             with autocast(device, dtype):
                 logits = model(images)
@@ -292,6 +320,8 @@ def fit(
             "lr": optimizer.param_groups[0]["lr"],
             "epoch_time_s": epoch_seconds,
             "train_img_s": seen / train_seconds if train_seconds > 0 else math.nan,
+            "data_wait_s": clock.seconds,
+            "data_wait_frac": clock.seconds / train_seconds if train_seconds > 0 else math.nan,
         }
         history.append(metrics)
         is_best = _improved(metrics[cfg.select_metric], best_metric, mode)

@@ -1,0 +1,114 @@
+"""MO-ASHA (`tune.scheduler: moasha`): its decisions on recorded results, its place in the sweep
+file, and a real sweep on Ray and MLflow that stops a dominated trial at a rung."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from segtune.config.sweep import load_sweep, validate_sweep
+from segtune.errors import ConfigError
+from segtune.sweep.moasha import Halving, crowding, fronts, rungs
+from segtune.sweep.search import trial_scheduler
+from tests.test_sweep import run, steps, trial_runs, write_sweep
+
+# (trial, epoch, val_miou, size_mb, goes on?): arrivals in order, rungs at epochs 1, 2 and 4
+RECORDED = [
+    ("a", 1, 0.30, 10.0, True),  # first at the rung: nothing to lose to
+    ("b", 1, 0.20, 20.0, False),  # a dominates it: worse and larger
+    ("c", 1, 0.10, 5.0, True),  # worse than a but smaller: on the front with a
+    ("d", 1, 0.25, 15.0, False),  # second-best mIoU, but a dominates it (ASHA would keep it)
+    ("e", 1, 0.05, 2.0, True),  # the smallest: an end of the front
+    ("a", 2, 0.40, 10.0, True),
+    ("a", 3, 0.41, 10.0, True),  # between rungs: judged at epoch 2 already
+    ("e", 2, 0.06, 2.0, True),  # a and e: one front, both ends
+    ("c", 2, 0.20, 5.0, False),  # on the front, but inside it: the ends are kept (crowding)
+    ("e", 3, 0.07, 2.0, True),
+    ("e", 4, 0.08, 2.0, True),  # first at the last rung
+    ("a", 4, 0.45, 10.0, True),  # a and e: neither dominates, a is an end of the front
+    ("b", 5, 0.01, 99.0, True),  # past max_t: a trial's last result is never judged
+]
+
+
+def test_rungs_promote_by_fronts_then_crowding() -> None:
+    halving = Halving(["max", "min"], grace_period=1, reduction_factor=2, max_t=4)
+    assert sorted(halving.recorded) == [1, 2, 4]
+    decisions = [(t, e, halving.on_result(t, e, (m, c))) for t, e, m, c, _ in RECORDED]
+    assert decisions == [(t, e, goes_on) for t, e, _, _, goes_on in RECORDED]
+    assert set(halving.recorded[1]) == {"a", "b", "c", "d", "e"}
+    assert set(halving.recorded[2]) == {"a", "c", "e"}
+
+
+def test_one_objective_is_a_top_share() -> None:
+    """With one metric the rule is ASHA's: the top 1/reduction_factor of the rung so far."""
+    halving = Halving(["max"], grace_period=1, reduction_factor=3, max_t=8)
+    assert rungs(1, 3, 8) == [1, 3]
+    got = [halving.on_result(str(i), 1, (v,)) for i, v in enumerate([0.5, 0.4, 0.6, 0.1, 0.55])]
+    assert got == [True, False, True, False, True]
+
+
+def test_fronts_and_crowding() -> None:
+    points = np.array([[1.0, 4.0], [2.0, 2.0], [4.0, 1.0], [3.0, 3.0], [5.0, 5.0]])
+    assert fronts(points) == [[0, 1, 2], [3], [4]]
+    distance = crowding(points[[0, 1, 2]])
+    assert np.isinf(distance[0]) and np.isinf(distance[2])
+    assert distance[1] == pytest.approx(3 / 3 + 3 / 3)  # its neighbours span each objective
+
+
+def test_moasha_takes_several_metrics_and_asha_one() -> None:
+    several = {"metric": ["val_miou", "size_mb"], "mode": ["max", "min"], "search": "optuna"}
+    sweep = validate_sweep({"name": "x", "tune": {**several, "scheduler": "moasha"}})
+    scheduler = trial_scheduler(sweep)
+    assert scheduler.metrics == ["val_miou", "size_mb"]
+    assert sorted(scheduler.halving.recorded) == [1, 2, 4, 8]  # train.epochs 10: judged by 9
+    with pytest.raises(ConfigError, match="asha stops trials on one metric; use moasha"):
+        validate_sweep({"name": "x", "tune": {**several, "scheduler": "asha"}})
+    with pytest.raises(ConfigError, match="moasha ranks several metrics; use asha with one"):
+        validate_sweep({"name": "x", "tune": {"scheduler": "moasha"}})
+    with pytest.raises(ConfigError, match="moasha needs a per-epoch metric, not size_mb"):
+        validate_sweep(
+            {
+                "name": "x",
+                "tune": {**several, "scheduler": "moasha", "metric": ["size_mb", "val_miou"]},
+            }
+        )
+    assert load_sweep("sweeps/pareto.yaml").tune.scheduler == "moasha"
+
+
+def test_moasha_stops_a_dominated_trial(synthetic_root: Path, tmp_path: Path) -> None:
+    """Two objectives that every epoch reports (val_miou up, val_loss down): a trial that cannot
+    learn (lr 1e-7) is dominated at a rung by one that learns, and stops there. (After one
+    epoch the learner's mIoU may still trail while its loss leads: no domination yet.)"""
+    sweep = write_sweep(
+        tmp_path / "moasha.yaml",
+        synthetic_root,
+        train={"epochs": 3, "seed": 0},
+        search_space={"lr": {"choice": [0.01, 1.0e-7]}},
+        tune={
+            "metric": ["val_miou", "val_loss"],
+            "mode": ["max", "min"],
+            "search": "optuna",
+            "sampler": "nsga2",
+            "num_samples": 4,
+            "scheduler": "moasha",
+            "grace_period": 1,
+            "reduction_factor": 2,
+            "max_concurrent_trials": 1,
+        },
+    )
+    proc = run(sweep)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = sorted(trial_runs(tmp_path, "moasha"), key=lambda r: r.info.start_time)
+    epochs = [(r.data.params["lr"], len(steps(tmp_path, r.info.run_id))) for r in runs]
+    assert len(runs) == 4
+    learns = [i for i, (lr, _) in enumerate(epochs) if lr == "0.01"]
+    assert learns and all(epochs[i][1] == 3 for i in learns), epochs
+    stopped = [i for i, (_, n) in enumerate(epochs) if n < 3]
+    assert stopped, f"MO-ASHA stopped nothing: {epochs}"
+    # only trials that cannot learn stop, and only once a learner was recorded before them
+    assert all(epochs[i][0] == "1e-07" and i > learns[0] for i in stopped), epochs
+    for i in stopped:
+        tag = runs[i].data.tags["segtune.early_stopped"]
+        assert tag == f"after {epochs[i][1]} epochs" and runs[i].info.status == "FINISHED"
