@@ -27,7 +27,13 @@ from segtune.config.names import (
     input_bound,
 )
 from segtune.tracking.excluded import excluded_lines
-from segtune.tracking.query import SEED_PARAM, SweepData, download_eval, metrics_at_step
+from segtune.tracking.query import (
+    SEED_PARAM,
+    SweepData,
+    download_eval,
+    metrics_at_step,
+    reused_runs,
+)
 from segtune.tracking.runs import run_page
 from segtune.tracking.select import pareto_front, within_constraints
 
@@ -101,6 +107,17 @@ def _floor(report: Report, trials: pd.DataFrame) -> None:
         f"training colour): {OBJECTIVE} {floor:.3f}. Trials that do not beat it ({len(below)} of "
         f"{len(trials)}): {names}."
     )
+
+
+def _reused(report: Report) -> None:
+    """The earlier runs a warm start reused (not trained again here), with their links."""
+    data = report.data
+    for run in reused_runs(data.tracking_uri, data.sweeps["run_id"]):
+        link = run_page(data.tracking_uri, str(run["experiment_id"]), str(run["run_id"]))
+        report.summary.append(
+            f"Reused from an earlier sweep (warm start): {run['label']} ({OBJECTIVE} "
+            f"{format_metric(run[OBJECTIVE], '{:.3f}')}), {link or 'run ' + str(run['run_id'])}."
+        )
 
 
 def _input_bound(report: Report, trials: pd.DataFrame) -> None:
@@ -360,6 +377,7 @@ def compose(data: SweepData, out: Path, weight: float, constraints: list[Constra
     out.mkdir(parents=True, exist_ok=True)
     colors = figures.trial_colors(list(trials["label"]))
     _floor(report, trials)
+    _reused(report)
     _best_trial(report, trials)
     _constraints(report, trials)
     _input_bound(report, trials)

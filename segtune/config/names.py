@@ -22,6 +22,12 @@ STOPPED_TAG = "segtune.stopped"  # on a KILLED run: why and when it was stopped,
 LABEL_TAG = "segtune.label"  # the trial's run name, seed included
 CONFIG_LABEL_TAG = "segtune.config_label"  # the same without the seed: one name per configuration
 SWEEP_TAG = "segtune.sweep"
+DATASET_TAG = "segtune.dataset"  # on a sweep run: its dataset's fingerprint (warm starts match it)
+# on a sweep run: the earlier trial runs a warm start reused, comma-separated ids
+REUSED_TAG = "segtune.reused"
+# on a sweep run with tune.budget: "reached: ..." once it stopped launching, else "within"
+BUDGET_TAG = "segtune.budget"
+BUDGET_SPENT_METRIC = "budget_spent"  # in the budget's unit (device-hours or trial-epochs)
 # the experiment tag MLflow's UI (3.x) reads to open an experiment on its runs ("Model training")
 # instead of its GenAI overview of traces
 EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"

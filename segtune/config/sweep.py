@@ -45,6 +45,16 @@ class Resources(BaseModel):
     gpu: float = Field(0.0, ge=0)  # fractions share a GPU between trials
 
 
+class BudgetSection(BaseModel):
+    """A compute budget (segtune.sweep.budget): no trial starts that would pass it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # GPU-hours on GPU trials, core-hours on CPU trials: resources_per_trial x wall hours
+    device_hours: float | None = Field(None, gt=0)
+    trial_epochs: int | None = Field(None, ge=1)
+
+
 class TuneSection(BaseModel):
     """How Ray Tune searches and schedules; `metric`/`mode` may be lists (multi-objective)."""
 
@@ -66,6 +76,16 @@ class TuneSection(BaseModel):
     # as s3://bucket/prefix; storage_endpoint: an S3-compatible server (MinIO, Ceph, ...)
     storage_path: str = "runs"
     storage_endpoint: str | None = None
+    budget: BudgetSection | None = None
+    # earlier experiments whose finished trials on the same dataset seed this sweep
+    # (segtune.sweep.warm): one name or a list
+    warm_start: list[str] = Field(default_factory=list)
+
+    @field_validator("warm_start", mode="before")
+    @classmethod
+    def _one_or_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
     # limits on an architecture's costs, e.g. {infer_ms_gpu: "<=5"}: what breaks them is never
     # trained (segtune.config.constraints)
     constraints: dict[str, str] = Field(default_factory=dict)
@@ -231,6 +251,10 @@ def _check_tune(sweep: SweepConfig) -> list[str]:
         problems.append("tune.search: optuna cannot take grid_search; use choice instead")
     if tune.search == "optuna" and tune.repeats > 1:
         problems.append("tune.repeats: seeds per configuration need tune.search grid or random")
+    if tune.budget is not None and not tune.budget.model_dump(exclude_none=True):
+        problems.append("tune.budget: give device_hours or trial_epochs")
+    if tune.warm_start and tune.search == "random":
+        problems.append("tune.warm_start: needs tune.search grid or optuna")
     epochs = sweep.train_value("epochs")
     halving = tune.scheduler != "fifo"
     if halving and isinstance(epochs, int) and tune.grace_period >= epochs:

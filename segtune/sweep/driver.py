@@ -12,7 +12,7 @@ import os
 import pickle
 import posixpath
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -21,13 +21,15 @@ import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from segtune.config.names import FLOOR_METRIC, STOPPED_TAG
+from segtune.config.names import DATASET_TAG, FLOOR_METRIC, STOPPED_TAG
 from segtune.config.sweep import SweepConfig, search_form
 from segtune.config.trial import TrialConfig, parse_hw
-from segtune.data.pipeline import Scan
+from segtune.data.dataset import fingerprint
+from segtune.data.pipeline import Scan, ensure_dataset
 from segtune.errors import ConfigError, SegtuneError
 from segtune.models import MODEL_KEYS
 from segtune.models.cost import Cost
+from segtune.sweep.budget import with_budget
 from segtune.sweep.callbacks import CloseRuns, answer_to_former_name
 from segtune.sweep.cost_stage import model_key, run_cost_stage
 from segtune.sweep.edits import (
@@ -52,6 +54,7 @@ from segtune.sweep.space import GRID_KEY, discrete_trials, param_space
 from segtune.sweep.stall import watch_stalls
 from segtune.sweep.storage import RunStorage
 from segtune.sweep.trainable import run_trial
+from segtune.sweep.warm import Earlier, Told, earlier_trials, warm_space
 from segtune.tracking.address import create_store_whole, public_uri
 from segtune.tracking.outage import watch_server
 from segtune.tracking.runs import close_open_runs, start_sweep_run
@@ -155,9 +158,11 @@ def _tuner(
     path: str,
     resume: bool,
     added: Addition | None,
+    slots: int,
+    earlier: Sequence[Earlier] = (),
 ) -> tune.Tuner:
     """The Tuner of one of the sweep's experiments at `path`: the sweep's own (restored on
-    --resume), or the trials `--accept-changes` added (restored once Ray saved their state)."""
+    --resume; `earlier` warm-starts it), or the trials `--accept-changes` added."""
     filesystem, _ = storage.filesystem
     remote = None if storage.is_local else filesystem
     restoring = resume or added is not None
@@ -179,10 +184,9 @@ def _tuner(
         storage_path=posixpath.dirname(path),
         storage_filesystem=remote,
         failure_config=tune.FailureConfig(max_failures=sweep.tune.max_failures),
-        # the two latest: Tune uploads its state, which names a trial's latest checkpoint,
-        # every num_to_keep checkpoints, so the one it names stays on disk until a newer
-        # state replaces it. Ranking by a metric would delete it at any epoch, and a killed
-        # driver's --resume would then fail that trial. The best weights travel inside our
+        # the two latest: Tune uploads its state (naming a trial's latest checkpoint) every
+        # num_to_keep checkpoints, so the one it names stays until a newer state replaces it;
+        # ranking by a metric would delete it at any epoch. The best weights travel inside our
         # own checkpoint (sweep/trainable.py), not through Ray's ranking.
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         callbacks=[CloseRuns(tracking_uri, sweep.experiment, parent), Progress(sweep)],
@@ -190,10 +194,12 @@ def _tuner(
         # (segtune.sweep.progress), Ray's comes back with -v (debug logging)
         verbose=1 if log.isEnabledFor(logging.DEBUG) else 0,
     )
+    told: list[Told] = []
     if added is None:
         constraints = sweep.tune.constraint_list()  # a grid's or a random sweep's (`exclude`)
         keep = Feasibility(constraints, costs).keep if constraints else None
         space, samples = param_space(sweep, _duration(sweep, costs), keep), sweep.tune.num_samples
+        space, told = warm_space(sweep, space, earlier, MlflowClient(tracking_uri), parent)
     elif added.trials is not None:  # a grid's new combinations, each once
         space, samples = {GRID_KEY: tune.grid_search(added.trials)}, 1
     else:  # more draws from the same space
@@ -201,16 +207,18 @@ def _tuner(
     objectives = sweep.objectives()
     multi = len(objectives) > 1
     names = TrialNames(sweep)
+    search = searcher(sweep, added.index if added else 0, told)  # a budget: the sweep's own
+    search_alg, concurrent = with_budget(search, sweep, slots, tracking_uri, parent, added is None)
     tuner = tune.Tuner(
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(
             metric=None if multi else objectives[0][0],
             mode=None if multi else objectives[0][1],
-            search_alg=searcher(sweep, added.index if added else 0),
+            search_alg=search_alg,
             scheduler=trial_scheduler(sweep),
             num_samples=samples,
-            max_concurrent_trials=sweep.tune.max_concurrent_trials,
+            max_concurrent_trials=concurrent,
             # the next trial runs in the process the last one freed: no 5-7 s of
             # imports per trial (docs/design.md, "A sweep's schedule")
             reuse_actors=True,
@@ -331,10 +339,13 @@ def _fit(
         )  # fmt: skip
         if left:
             log.warning("closed %d run(s) an earlier driver of this sweep left RUNNING", len(left))
+        dataset = fingerprint(ensure_dataset(sweep.data, progress=False))
+        earlier = [] if given.resume else earlier_trials(sweep, client, dataset)  # before the run
         parent = outcome.parent = _parent_run(
             sweep, storage, tracking_uri, given.sweep_yaml, given.resume, outcome
         )
         lock.parent(parent)
+        client.set_tag(parent, DATASET_TAG, dataset)  # what a later warm start matches
         if given.edits is not None:
             commit(given.edits, sweep, storage, client, parent)
         if given.floor_miou is not None:
@@ -374,7 +385,7 @@ def _fit(
             for path, added in experiments:
                 if not stop.stopped:
                     tuner = _tuner(sweep, storage, tracking_uri, parent, trainable, costs, path,
-                                   given.resume, added)  # fmt: skip
+                                   given.resume, added, outcome.slots, earlier)  # fmt: skip
                     # restored or new: a sweep in which no trial can start ends in one line
                     give_up = partial(stop.give_up, close_runs=True)
                     with watch_stalls(tuner, give_up, stop.stop_now):

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from segtune.config.sweep import SweepConfig
 
+if TYPE_CHECKING:  # Optuna is imported by sweeps that use it only
+    from segtune.sweep.warm import Told
 
-def searcher(sweep: SweepConfig, offset: int = 0) -> Any:
+
+def searcher(sweep: SweepConfig, offset: int = 0, told: Sequence[Told] = ()) -> Any:
     """Optuna's searcher (None for grid and random: Ray's variant generator); `offset` moves its
-    seed, for trials added to a sweep (`segtune.sweep.edits.Addition`). Under tune.constraints
-    its sampler learns them from each trial's constraint values (segtune.sweep.optuna_search)."""
+    seed, for trials added to a sweep (`segtune.sweep.edits.Addition`); `told`: earlier trials
+    it knows before its first suggestion (`segtune.sweep.warm`). Under tune.constraints its
+    sampler learns them from each trial's constraint values (segtune.sweep.optuna_search)."""
     if sweep.tune.search != "optuna":
         return None
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
 
-    from segtune.sweep.optuna_search import ConstrainedOptunaSearch, ConstraintValues
+    from segtune.sweep.optuna_search import ConstraintValues, SweepOptunaSearch
 
     objectives = sweep.objectives()
     seed = int(sweep.train_value("seed")) + offset
@@ -29,14 +33,13 @@ def searcher(sweep: SweepConfig, offset: int = 0) -> Any:
     )
     metrics = [m for m, _ in objectives]
     modes = [m for _, m in objectives]
-    options = {
-        "metric": metrics if len(metrics) > 1 else metrics[0],
-        "mode": modes if len(modes) > 1 else modes[0],
-        "sampler": sampler,
-    }
-    if constraints:
-        return ConstrainedOptunaSearch(constraints, **options)
-    return OptunaSearch(**options)
+    return SweepOptunaSearch(
+        constraints,
+        told,
+        metric=metrics if len(metrics) > 1 else metrics[0],
+        mode=modes if len(modes) > 1 else modes[0],
+        sampler=sampler,
+    )
 
 
 def trial_scheduler(sweep: SweepConfig) -> Any:

@@ -71,7 +71,8 @@ def resolve_trial(sweep: SweepConfig, sampled: Mapping[str, Any]) -> TrialConfig
     return trial_config(values)
 
 
-def _fixed_values(sweep: SweepConfig) -> dict[str, Any]:
+def fixed_values(sweep: SweepConfig) -> dict[str, Any]:
+    """The search space's plain values: a sampled trial's config holds them besides its draws."""
     return {k: v for k, v in sweep.search_space.items() if search_form(v)[0] is None}
 
 
@@ -82,7 +83,7 @@ def discrete_trials(sweep: SweepConfig) -> list[TrialConfig]:
 
 def _combinations(sweep: SweepConfig) -> Iterator[dict[str, Any]]:
     dims = _discrete(sweep)
-    fixed = _fixed_values(sweep)
+    fixed = fixed_values(sweep)
     keys = list(dims)
     for combo in itertools.product(*(dims[k] for k in keys)):
         yield {**fixed, **dict(zip(keys, combo, strict=True))}
@@ -173,7 +174,7 @@ def _feasible_draws(
     forms = {key: search_form(spec) for key, spec in sweep.search_space.items()}
     grids = {k: v for k, (form, v) in forms.items() if form == "grid_search"}
     choices = {k: v for k, (form, v) in forms.items() if form == "choice"}
-    fixed = _fixed_values(sweep)
+    fixed = fixed_values(sweep)
     feasible: dict[str, list[dict[str, Any]]] = {}
     points = []
     for grid_values in itertools.product(*grids.values()):

@@ -36,6 +36,8 @@ def print_summary(sweep: SweepConfig, tracking_uri: str, parent: str) -> pd.Data
     the trial table it read."""
     from mlflow.tracking import MlflowClient
 
+    from segtune.sweep.budget import budget_line
+    from segtune.sweep.warm import reused_lines
     from segtune.tracking.excluded import excluded_lines
     from segtune.tracking.query import load_sweep_table
     from segtune.tracking.runs import runs_page
@@ -99,7 +101,12 @@ def print_summary(sweep: SweepConfig, tracking_uri: str, parent: str) -> pd.Data
     failed = table[table["status"] == "FAILED"]
     for _, row in failed.iterrows():
         print(f"FAILED {row['label']}: {row['error']}")
-    experiment = MlflowClient(tracking_uri).get_experiment_by_name(sweep.experiment)
+    client = MlflowClient(tracking_uri)
+    # the compute budget against its spend, and the earlier runs a warm start reused
+    notes = [budget_line(sweep, client, parent), *reused_lines(tracking_uri, parent)]
+    for note in filter(None, notes):
+        print(note)
+    experiment = client.get_experiment_by_name(sweep.experiment)
     if experiment is not None:
         page = runs_page(tracking_uri, experiment.experiment_id, parent)
         print(f"\nthe sweep's trials in the MLflow UI: {page}")

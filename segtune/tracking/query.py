@@ -30,6 +30,8 @@ from segtune.config.names import (
     INFEASIBLE_TAG,
     LABEL_TAG,
     NODE_TAG,
+    OBJECTIVE,
+    REUSED_TAG,
     ROLE_SWEEP,
     ROLE_TAG,
     ROLE_TRIAL,
@@ -317,6 +319,20 @@ def load_sweep_table(
     return load_sweep_data(
         experiment, tracking_uri, sweep_run_id, all_sweeps, history_keys=()
     ).table
+
+
+def reused_runs(tracking_uri: str, sweep_run_ids: Iterable[str]) -> list[dict[str, object]]:
+    """The earlier trial runs that warm starts of these sweep runs reused (REUSED_TAG): run id,
+    experiment id, configuration label and objective, for the summary and the report."""
+    client = MlflowClient(tracking_uri)
+    found: list[dict[str, object]] = []
+    for sweep_run_id in sweep_run_ids:
+        ids = client.get_run(sweep_run_id).data.tags.get(REUSED_TAG, "")
+        for run in (client.get_run(run_id) for run_id in filter(None, ids.split(","))):
+            label = run.data.tags.get(CONFIG_LABEL_TAG) or run.info.run_name
+            found.append({"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
+                          "label": label, OBJECTIVE: run.data.metrics.get(OBJECTIVE, math.nan)})  # fmt: skip
+    return found
 
 
 def download_eval(tracking_uri: str, run_id: str, artifact_dir: str, dst: Path) -> Path | None:

@@ -152,6 +152,12 @@ def finite_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def run_params(params: Mapping[str, Any]) -> dict[str, str]:
+    """Params as a trial's run holds them (strings, cut to MLflow's limit): a warm start
+    compares a configuration with earlier runs in this form."""
+    return {k: str(v)[:6000] for k, v in params.items()}
+
+
 def find_trial_run(
     client: MlflowClient, experiment: str, parent_run_id: str, trial_id: str
 ) -> Run | None:
@@ -239,7 +245,7 @@ class TrialRun:
         run = client.create_run(experiment_id(client, experiment), run_name=label, tags=tags)
         client.log_batch(
             run.info.run_id,
-            params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())],
+            params=[Param(k, v) for k, v in sorted(run_params(params).items())],
         )
         return cls(client, run.info.run_id)
 

@@ -1,0 +1,174 @@
+"""A sweep's compute budget and warm start (issue 27, items 4 and 5), on a real local Ray and a
+real MLflow store: each test runs `python -m segtune.run` as a user would, then reads MLflow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from segtune.config.names import BUDGET_SPENT_METRIC, BUDGET_TAG, DATASET_TAG, REUSED_TAG, ROLE_TAG
+from segtune.config.sweep import load_sweep, validate_sweep
+from segtune.data.dataset import fingerprint
+from segtune.errors import ConfigError
+from segtune.sweep.budget import STATE_FILE
+from segtune.sweep.space import resolve_trial
+from segtune.tracking.runs import TrialRun, start_sweep_run
+from tests.test_sweep import run, steps, trial_runs, write_sweep
+
+LRS = [0.001, 0.003, 0.01, 0.03]
+
+
+def _client(folder: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+
+
+def _sweep_run(folder: Path, experiment: str):
+    client = _client(folder)
+    exp = client.get_experiment_by_name(experiment)
+    (parent,) = client.search_runs([exp.experiment_id], f"tags.`{ROLE_TAG}` = 'sweep'")
+    return parent
+
+
+def test_budget_and_warm_start_are_checked_with_the_sweep() -> None:
+    base = {"name": "b", "search_space": {"lr": {"uniform": [0.001, 0.01]}}}
+    with pytest.raises(ConfigError) as caught:
+        validate_sweep({**base, "tune": {"search": "random", "budget": {}, "warm_start": "a"}})
+    assert "tune.budget: give device_hours or trial_epochs" in str(caught.value)
+    assert "tune.warm_start: needs tune.search grid or optuna" in str(caught.value)
+    sweep = validate_sweep({**base, "tune": {"search": "optuna", "warm_start": "a"}})
+    assert sweep.tune.warm_start == ["a"]  # one name or a list
+
+
+def test_a_device_hours_budget_stops_launching_when_the_next_trial_would_pass_it(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    """Six trials one at a time, a budget of 10 core-seconds (a trial takes 2-5 s here): the
+    driver measures each trial's time and starts the next only while what was spent plus its
+    expected cost (the mean trial so far) fits; the trials started are exactly those the
+    measured times allowed, and fewer than six."""
+    budget = 10 / 3600
+    lrs = [0.001, 0.002, 0.003, 0.005, 0.01, 0.03]
+    sweep = write_sweep(
+        tmp_path / "hours.yaml",
+        synthetic_root,
+        search_space={"lr": {"grid_search": lrs}},
+        tune={"max_concurrent_trials": 1, "budget": {"device_hours": budget}},
+    )
+    proc = run(sweep)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    parent = _sweep_run(tmp_path, "hours")
+    assert parent.info.status == "FINISHED"
+    started = trial_runs(tmp_path, "hours")
+    assert all(r.info.status == "FINISHED" for r in started)  # the running trial finished
+    # the spend after each trial ended, as the driver measured it (core-hours, cumulative)
+    history = _client(tmp_path).get_metric_history(parent.info.run_id, BUDGET_SPENT_METRIC)
+    spent = [m.value for m in sorted(history, key=lambda m: m.step)]
+    assert len(spent) == len(started) and 1 <= len(started) < len(lrs)
+    assert all(b > a for a, b in zip([0.0, *spent], spent, strict=False)), spent
+    for i, total in enumerate(spent[:-1], start=1):  # each next trial fitted when it started
+        assert total + total / i <= budget
+    last = len(spent)
+    assert spent[-1] + spent[-1] / last > budget  # and the one after it did not
+    reached = parent.data.tags[BUDGET_TAG]
+    assert reached.startswith("reached:") and f"no new trial started after {last}" in reached
+    assert f"budget: spent {spent[-1]:.4g} of {budget:g} core-hours (reached:" in proc.stdout
+    # saved beside the searcher's state in Tune's experiment state: --resume goes on counting
+    saved = json.loads((tmp_path / "ray" / "hours" / STATE_FILE).read_text())
+    assert saved["reached"] == reached and len(saved["trials"]) == last and not saved["live"]
+
+
+def test_a_trial_epochs_budget(synthetic_root: Path, tmp_path: Path) -> None:
+    """Two epochs a trial, five in the budget: two trials, each trained to its end."""
+    sweep = write_sweep(
+        tmp_path / "epochs.yaml",
+        synthetic_root,
+        search_space={"lr": {"grid_search": LRS[:3]}},
+        tune={"max_concurrent_trials": 1, "budget": {"trial_epochs": 5}},
+    )
+    proc = run(sweep)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    started = trial_runs(tmp_path, "epochs")
+    assert len(started) == 2
+    assert all(steps(tmp_path, r.info.run_id) == [0, 1] for r in started)
+    assert "budget: spent 4 of 5 trial-epochs (reached: 4 trial-epochs spent" in proc.stdout
+
+
+def test_a_warm_grid_trains_only_the_new_configurations(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    first = write_sweep(tmp_path / "first.yaml", synthetic_root,
+                        search_space={"lr": {"grid_search": LRS[:2]}})  # fmt: skip
+    proc = run(first)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert _sweep_run(tmp_path, "first").data.tags[DATASET_TAG] == fingerprint(synthetic_root)
+    # an experiment on other data: skipped, with a line
+    client = _client(tmp_path)
+    other = start_sweep_run(client, "other", "other", "name: other\n")
+    client.set_tag(other, DATASET_TAG, "3:0123456789abcdef")
+    second = write_sweep(
+        tmp_path / "second.yaml",
+        synthetic_root,
+        search_space={"lr": {"grid_search": LRS[:3]}},
+        tune={"warm_start": ["first", "other"]},
+    )
+    proc = run(second, report=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "warm start: experiment 'other' skipped: its sweeps ran on other data" in proc.stderr
+    trained = trial_runs(tmp_path, "second")
+    assert [r.data.params["lr"] for r in trained] == [str(LRS[2])]
+    earlier = {r.info.run_id: r for r in trial_runs(tmp_path, "first")}
+    reused = _sweep_run(tmp_path, "second").data.tags[REUSED_TAG].split(",")
+    assert sorted(reused) == sorted(earlier)
+    assert "reused from earlier sweeps (warm start): 2 run(s)" in proc.stdout
+    page = Path(proc.stdout.strip().splitlines()[-1].removeprefix("report: ")).read_text()
+    for run_id, r in earlier.items():
+        assert f"  {r.info.run_name}: mIoU " in proc.stdout and f"run {run_id}" in proc.stdout
+        assert f"Reused from an earlier sweep (warm start): {r.info.run_name} (" in page
+        assert f"run {run_id}." in page  # its link: the run page on a tracking server
+
+
+def _record_earlier(folder: Path, sweep_file: Path, data: Path) -> list[float]:
+    """Twelve finished trials of an earlier TPE sweep on the same data, recorded in MLflow as
+    segtune records them: the best mIoU near lr 0.02."""
+    sweep = load_sweep(sweep_file)
+    client = _client(folder)
+    parent = start_sweep_run(client, "earlier", "earlier", "name: earlier\n")
+    client.set_tag(parent, DATASET_TAG, fingerprint(data))
+    lrs = [0.0001 * 1.6**i for i in range(12)]
+    for i, lr in enumerate(lrs):
+        cfg = resolve_trial(sweep, {"lr": lr})
+        label = sweep.trial_label(cfg)
+        trial = TrialRun.open(client, experiment="earlier", parent_run_id=parent, label=label,
+                              config_label=label, trial_id=f"t{i}",
+                              params=cfg.model_dump(mode="json"))  # fmt: skip
+        miou = 0.6 - abs(lr - 0.02) * 10
+        trial.log_epoch(1, {"val_miou": miou})  # the objective: its last epoch's, as Optuna saw
+        trial.log_final({"best_val_miou": miou, "best_epoch": 1})
+        trial.finish()
+    client.set_terminated(parent, "FINISHED")
+    return lrs
+
+
+def test_a_warm_tpe_sweep_starts_from_what_earlier_sweeps_found(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    """Optuna is told the earlier trials before its first suggestion: with the same seed, the
+    warm sweep's first trial is not the cold sweep's (TPE, past its random start-up trials)."""
+    space = {"lr": {"loguniform": [0.0001, 0.1]}}
+    tune = {"search": "optuna", "num_samples": 1}
+    cold = write_sweep(tmp_path / "cold.yaml", synthetic_root, search_space=space, tune=tune)
+    warm = write_sweep(tmp_path / "warm.yaml", synthetic_root, search_space=space,
+                       tune={**tune, "warm_start": "earlier"})  # fmt: skip
+    lrs = _record_earlier(tmp_path, warm, synthetic_root)
+    for sweep in (cold, warm):
+        proc = run(sweep)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "reused from earlier sweeps (warm start): 12 run(s)" in proc.stdout
+    (cold_trial,) = trial_runs(tmp_path, "cold")
+    (warm_trial,) = trial_runs(tmp_path, "warm")
+    assert cold_trial.data.params["lr"] != warm_trial.data.params["lr"]
+    assert float(warm_trial.data.params["lr"]) not in lrs  # a new point, not one told
+    assert len(_sweep_run(tmp_path, "warm").data.tags[REUSED_TAG].split(",")) == len(lrs)
