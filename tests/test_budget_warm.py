@@ -45,12 +45,12 @@ def test_budget_and_warm_start_are_checked_with_the_sweep() -> None:
 def test_a_device_hours_budget_stops_launching_when_the_next_trial_would_pass_it(
     synthetic_root: Path, tmp_path: Path
 ) -> None:
-    """Six trials one at a time, a budget of 10 core-seconds (a trial takes 2-5 s here): the
-    driver measures each trial's time and starts the next only while what was spent plus its
-    expected cost (the mean trial so far) fits; the trials started are exactly those the
-    measured times allowed, and fewer than six."""
-    budget = 10 / 3600
-    lrs = [0.001, 0.002, 0.003, 0.005, 0.01, 0.03]
+    """Twelve trials one at a time, a budget of 2 core-seconds (a trial takes 0.5 s on an idle
+    machine, 7 s on a loaded one): the driver measures each trial's time and starts the next
+    only while what was spent plus its expected cost (the mean trial so far) fits; the trials
+    started are exactly those the measured times allowed, and fewer than twelve."""
+    budget = 2 / 3600
+    lrs = [round(0.001 * (i + 1), 3) for i in range(12)]
     sweep = write_sweep(
         tmp_path / "hours.yaml",
         synthetic_root,
@@ -80,6 +80,7 @@ def test_a_device_hours_budget_stops_launching_when_the_next_trial_would_pass_it
     assert saved["reached"] == reached and len(saved["trials"]) == last and not saved["live"]
 
 
+@pytest.mark.launch  # a whole sweep or a server: make test-cluster (make test's 12 min)
 def test_a_trial_epochs_budget(synthetic_root: Path, tmp_path: Path) -> None:
     """Two epochs a trial, five in the budget: two trials, each trained to its end."""
     sweep = write_sweep(
@@ -96,6 +97,7 @@ def test_a_trial_epochs_budget(synthetic_root: Path, tmp_path: Path) -> None:
     assert "budget: spent 4 of 5 trial-epochs (reached: 4 trial-epochs spent" in proc.stdout
 
 
+@pytest.mark.launch  # a whole sweep or a server: make test-cluster (make test's 12 min)
 def test_a_warm_grid_trains_only_the_new_configurations(
     synthetic_root: Path, tmp_path: Path
 ) -> None:
@@ -152,6 +154,7 @@ def _record_earlier(folder: Path, sweep_file: Path, data: Path) -> list[float]:
     return lrs
 
 
+@pytest.mark.launch  # a whole sweep or a server: make test-cluster (make test's 12 min)
 def test_a_warm_tpe_sweep_starts_from_what_earlier_sweeps_found(
     synthetic_root: Path, tmp_path: Path
 ) -> None:

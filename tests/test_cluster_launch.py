@@ -192,6 +192,7 @@ def test_env_turns_the_fill_in_block_into_exports(tmp_path: Path) -> None:
     assert "provider.segtune_weights_mirror must be empty" in done.stderr
 
 
+@pytest.mark.launch  # a whole sweep or a server: make test-cluster (make test's 12 min)
 def test_a_tracking_server_that_does_not_come_up_fails_the_command(tmp_path: Path) -> None:
     create_password(tmp_path / PASSWORD_FILE[2:])
     env = {**os.environ, "HOME": str(tmp_path), "SEGTUNE_TRACKING_STORE": "postgresql"}

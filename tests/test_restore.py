@@ -161,6 +161,7 @@ def _trial_of(path: str) -> str:
     return re.search(r"_([0-9a-f]{5}_\d{5})/checkpoint_", path).group(1)
 
 
+@pytest.mark.launch  # a whole sweep or a server: make test-cluster (make test's 12 min)
 def test_a_deleted_checkpoint_an_older_grid_state_and_a_cut_tuner_pkl_resume(
     synthetic_root: Path, tmp_path: Path
 ) -> None:
@@ -227,6 +228,7 @@ def test_an_incomplete_checkpoint_and_an_older_grid_state_on_s3_resume(
     killed.finished(proc)
 
 
+@pytest.mark.launch  # a whole sweep or a server: make test-cluster (make test's 12 min)
 def test_an_older_optuna_state_is_one_line_at_once(synthetic_root: Path, tmp_path: Path) -> None:
     """An Optuna study cannot be rebuilt from the trials: a searcher state older than the
     trials' state is refused in one line that says what disagrees, within a minute."""

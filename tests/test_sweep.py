@@ -764,6 +764,7 @@ def test_dry_run_lists_the_grid(synthetic_root: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.launch  # a whole sweep or a server: make test-cluster (make test's 12 min)
 def test_cost_is_timed_once_per_architecture_and_alone(
     synthetic_root: Path, tmp_path: Path
 ) -> None:

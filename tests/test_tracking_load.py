@@ -72,6 +72,7 @@ def test_sqlite_server_keeps_every_value(sqlite_server: str) -> None:
     assert_all_read_back(sqlite_server, result)
 
 
+@pytest.mark.launch  # a whole sweep or a server: make test-cluster (make test's 12 min)
 @pytest.mark.skipif(postgres_missing() is not None, reason=str(postgres_missing()))
 def test_postgresql_server_keeps_every_value(tmp_path: Path) -> None:
     with (
