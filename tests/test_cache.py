@@ -27,19 +27,8 @@ from segtune.sweep.stall import STALL_ENV
 from segtune.training.engine import fit, seed_everything
 from segtune.training.losses import build_loss
 from tests.helpers import mount_namespace_missing, start_driver
+from tests.test_engine import TINY_UNET  # each test sets its augment
 from tests.test_sweep import write_sweep
-
-TINY_UNET = {
-    "arch": "unet",
-    "backbone": "none",
-    "unet_min_channels": 4,
-    "unet_max_channels": 16,
-    "unet_depth": 2,
-    "image_size": 64,
-    "batch_size": 4,
-    "deterministic": True,
-    "lr": 3e-3,
-}
 
 
 def _batches(loader: torch.utils.data.DataLoader, epochs: int = 2) -> list[dict]:
