@@ -15,6 +15,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
+from PIL import Image
 
 from segtune.config.trial import DataConfig, trial_config
 from segtune.data.cache import KEEP_OTHER, PIXELS, cache_name, ensure_decoded, room_problem
@@ -106,6 +107,27 @@ def test_one_write_then_maps_by_path(small_root: Path, tmp_path: Path) -> None:
     assert len(shipped) < 2000
     assert np.array_equal(pickle.loads(shipped).pair("t3")[1], mask)
     assert not [p for p in cache_dir.iterdir() if ".partial-" in p.name]
+
+
+def test_a_file_edited_in_place_at_its_size_is_decoded_again(
+    small_root: Path, tmp_path: Path
+) -> None:
+    """The cache outlives the sweep: a mask a user relabels in place (same name, same size)
+    must not be read from the old copy."""
+    mask = small_root / "train" / "mask" / "t3.png"
+    pixels = np.asarray(Image.open(mask)).copy()
+    Image.fromarray(pixels).save(mask, compress_level=0)  # stored: its size is its shape's
+    data = DataConfig(root=str(small_root), cache=True, cache_dir=str(tmp_path / "cache"))
+    cfg = trial_config({**TINY_UNET, "augment": "none"})
+    before = build_data(data, cfg, progress=False).train.cache
+    assert before is not None
+    size = mask.stat().st_size
+    pixels[:2, :2] = (pixels[:2, :2] + 1) % 10  # relabelled
+    Image.fromarray(pixels).save(mask, compress_level=0)
+    assert mask.stat().st_size == size
+    after = build_data(data, cfg, progress=False).train.cache
+    assert after is not None and after.path != before.path
+    np.testing.assert_array_equal(after.pair("t3")[1], pixels)
 
 
 def test_room_is_one_line(small_root: Path, tmp_path: Path) -> None:

@@ -293,9 +293,11 @@ def _existing_root(root: Path | str) -> Path:
     return root
 
 
-def fingerprint(root: Path | str) -> str:
+def fingerprint(root: Path | str, with_times: bool = False) -> str:
     """`<files>:<hash>` over every split's file names and sizes: two copies of a dataset on two
-    machines agree on it without reading the images."""
+    machines agree on it without reading the images. `with_times` adds each file's modification
+    time, for what stays on one node (its decoded cache): a file edited in place, at its old
+    size, then makes a new key instead of reading stale pixels."""
     root = _existing_root(root)
     digest, count = hashlib.sha256(), 0
     for split in SPLITS:
@@ -304,7 +306,9 @@ def fingerprint(root: Path | str) -> str:
             if not folder.is_dir():
                 continue
             for path in sorted(p for p in folder.iterdir() if p.is_file()):
-                digest.update(f"{split}/{sub}/{path.name}:{path.stat().st_size}\n".encode())
+                stat = path.stat()
+                when = f":{stat.st_mtime_ns}" if with_times else ""
+                digest.update(f"{split}/{sub}/{path.name}:{stat.st_size}{when}\n".encode())
                 count += 1
     return f"{count}:{digest.hexdigest()[:16]}"
 

@@ -142,7 +142,7 @@ def cache_room(data: DataConfig, scan: Scan | None = None) -> str | None:
     if not data.cache:
         return None
     root = ensure_dataset(data, progress=False)
-    dataset = fingerprint(root)
+    dataset = fingerprint(root, with_times=True)  # the node's own copy of the files
     needed = {
         cache_name(dataset, split, data.rgb_masks): decoded_bytes(
             [(s.width, s.height) for s in scan[split]] if scan else image_sizes(root, split)
@@ -170,7 +170,7 @@ def _decoded(data: DataConfig, scan: Scan, progress: bool) -> dict[str, DecodedS
     node's first), or None for each without `data.cache`."""
     if not data.cache:
         return dict.fromkeys(scan)
-    dataset = fingerprint(data.root)
+    dataset = fingerprint(data.root, with_times=True)
     names = {split: cache_name(dataset, split, data.rgb_masks) for split in scan}
     found = ensure_decoded(
         data.cache_dir, {names[split]: scan[split] for split in scan}, data.rgb_masks, progress
