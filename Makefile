@@ -31,7 +31,7 @@ test: lint
 check: lint
 	$(VENV)/bin/pytest -q -m "not ray and not server and not browser and not launch"
 
-# the tests of several nodes (root; about 19 minutes): sweeps over a head and a worker with their
+# the tests of several nodes (root; about 36 minutes): sweeps over a head and a worker with their
 # own filesystems, `ray up cluster.yaml` on two hosts built from Linux namespaces, and drivers
 # and trials killed and interrupted on one machine, and the whole quickstart (outside `make
 # test`'s 12 minutes)

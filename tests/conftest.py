@@ -24,7 +24,7 @@ STARTS = {
     "ray": re.compile(
         r'\brun_main\b|"-m", "segtune\.run"|-m segtune\.run\b|ray\.init\(|\bstart_ray\b'
     ),
-    "server": re.compile(r"\b(tracking|mlflow|postgres|s3)_server\b|\"tracking-server\""),
+    "server": re.compile(r"\b(tracking|mlflow|postgres|s3|weights)_server\b|\"tracking-server\""),
     "browser": re.compile(r"chromium", re.IGNORECASE),
 }
 
