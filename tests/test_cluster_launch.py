@@ -38,6 +38,7 @@ SWEEP = [
     "--set tune.storage_path=$SEGTUNE_RUN_STORAGE --set tune.resources_per_trial.cpu=2",
     "--set data.root=data/synthetic --set data.synthetic=null --set train.epochs=2",
     "--set bench.input=96x64 --set bench.repeats=1",
+    "--set tune.reuse_actors=false",  # a trial on each host (tests/test_cluster.py, FRESH)
     "--set 'search_space.model.grid_search=[{arch: unet, backbone: none},"
     " {arch: deeplabv3, backbone: mobilenet_v3_small, aspp: true}]'",
 ]

@@ -7,9 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import TrialScheduler
 
 from segtune.config.sweep import load_sweep, validate_sweep
 from segtune.errors import ConfigError
+from segtune.sweep.feasible import INFEASIBLE_KEY
 from segtune.sweep.moasha import Halving, crowding, fronts, rungs
 from segtune.sweep.search import trial_scheduler
 from tests.test_sweep import run, steps, trial_runs, write_sweep
@@ -75,6 +78,38 @@ def test_moasha_takes_several_metrics_and_asha_one() -> None:
             }
         )
     assert load_sweep("sweeps/pareto.yaml").tune.scheduler == "moasha"
+
+
+@pytest.mark.parametrize("several", [False, True], ids=["asha", "moasha"])
+def test_a_trial_never_trained_holds_no_place_in_a_rung(several: bool) -> None:
+    """Two trials broke the constraints (their one result: -inf mIoU, at epoch 1) before a
+    trained one; a weaker trained one must still be stopped at the rung. Ray's ASHA ranked the
+    -inf: the rung's cutoff was NaN and it stopped nothing."""
+    metric = ["val_miou", "size_mb"] if several else "val_miou"
+    mode = ["max", "min"] if several else "max"
+    tune = {"metric": metric, "mode": mode, "search": "optuna", "reduction_factor": 3}
+    sweep = validate_sweep(
+        {"name": "x", "tune": {**tune, "scheduler": "moasha" if several else "asha"}}
+    )
+    scheduler = trial_scheduler(sweep)
+    if not several:
+        scheduler.set_search_properties("val_miou", "max")
+    trials = [Trial("__fake", stub=True) for _ in range(4)]
+    results = [
+        {"val_miou": -np.inf, "size_mb": 1.0, INFEASIBLE_KEY: True},
+        {"val_miou": -np.inf, "size_mb": 1.0, INFEASIBLE_KEY: True},
+        {"val_miou": 0.5, "size_mb": 2.0},
+        {"val_miou": 0.3, "size_mb": 2.0},
+    ]
+    actions = []
+    for trial, result in zip(trials, results, strict=True):
+        scheduler.on_trial_add(None, trial)
+        actions.append(scheduler.on_trial_result(None, trial, {**result, "training_iteration": 1}))
+        if result.get(INFEASIBLE_KEY):
+            scheduler.on_trial_complete(None, trial, {**result, "training_iteration": 1})
+    assert actions == [TrialScheduler.CONTINUE] * 3 + [TrialScheduler.STOP]
+    if several:  # where the two would rank first on size_mb
+        assert sorted(scheduler.halving.recorded[1]) == sorted(t.trial_id for t in trials[2:])
 
 
 def test_moasha_stops_a_dominated_trial(synthetic_root: Path, tmp_path: Path) -> None:

@@ -154,7 +154,8 @@ def test_edits_that_alter_no_trial_are_accepted_with_a_note(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     started(tmp_path)
-    edited = make(tmp_path, description="now with notes", tune={"max_concurrent_trials": 1})
+    tune = {"max_concurrent_trials": 1, "reuse_actors": False}
+    edited = make(tmp_path, description="now with notes", tune=tune)
     with caplog.at_level(logging.INFO, "segtune.sweep.edits"):
         assert check_edits(edited, accept=False) == Edits(save=True)
     notes = [r.getMessage() for r in caplog.records]
@@ -162,10 +163,8 @@ def test_edits_that_alter_no_trial_are_accepted_with_a_note(
         "--resume: description changed since the sweep started; accepted: the sweep run's note, "
         "now updated"
     )
-    assert (
-        notes[1].startswith("--resume: tune.max_concurrent_trials changed")
-        and "Ray keeps" in notes[1]
-    )
+    for note, key in zip(notes[1:], ["max_concurrent_trials", "reuse_actors"], strict=True):
+        assert note.startswith(f"--resume: tune.{key} changed") and "Ray keeps" in note
 
 
 @pytest.mark.parametrize(

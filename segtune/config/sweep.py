@@ -70,6 +70,9 @@ class TuneSection(BaseModel):
     num_samples: int = Field(1, ge=1)
     repeats: int = Field(1, ge=1)
     max_concurrent_trials: int | None = Field(None, ge=1)
+    # a trial runs in the process the last trial of its slot freed (no imports per trial);
+    # false: a fresh process per trial, for code that keeps state between trials
+    reuse_actors: bool = True
     resources_per_trial: Resources = Resources()
     max_failures: int = Field(1, ge=0)
     # a local folder (one machine, or a mount at the same path on every node) or a URI such

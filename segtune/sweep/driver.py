@@ -221,7 +221,7 @@ def _tuner(
             max_concurrent_trials=concurrent,
             # the next trial runs in the process the last one freed: no 5-7 s of
             # imports per trial (docs/design.md, "A sweep's schedule")
-            reuse_actors=True,
+            reuse_actors=sweep.tune.reuse_actors,
             trial_name_creator=names.name,
             trial_dirname_creator=names.folder,
         ),

@@ -43,10 +43,11 @@ NOTE_KEYS = {
     "tune.storage_path": "where the run storage is, not what it holds",
     "tune.storage_endpoint": "how the run storage is reached, not what it holds",
     "tune.resources_per_trial": "how much of a node a trial takes, not what it computes",
-    "tune.max_concurrent_trials": "Ray keeps the sweep's first value for the trials it restores;"
-    " trials added by --accept-changes take the new one",
-    "tune.max_failures": "Ray keeps the sweep's first value for the trials it restores; trials"
-    " added by --accept-changes take the new one",
+    **{
+        f"tune.{key}": "Ray keeps the sweep's first value for the trials it restores; trials"
+        " added by --accept-changes take the new one"
+        for key in ("max_concurrent_trials", "max_failures", "reuse_actors")
+    },
 }
 _SEARCH = "Ray restores the sweep's own searcher and scheduler, which cannot change"
 _RUNS = "the sweep's runs are in the store and experiment it started in"

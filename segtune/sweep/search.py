@@ -43,7 +43,8 @@ def searcher(sweep: SweepConfig, offset: int = 0, told: Sequence[Told] = ()) -> 
 
 
 def trial_scheduler(sweep: SweepConfig) -> Any:
-    """ASHA on the sweep's one objective, MO-ASHA on its several, or None (FIFO)."""
+    """ASHA on the sweep's one objective, MO-ASHA on its several, or None (FIFO); neither
+    ranks the one result of a trial that breaks tune.constraints."""
     if sweep.tune.scheduler == "fifo":
         return None
     epochs = int(sweep.train_value("epochs"))
@@ -51,13 +52,13 @@ def trial_scheduler(sweep: SweepConfig) -> Any:
     # it still has epochs to save, and never stopped between its last epoch and its final
     # evaluation and benchmark (which come as one more report).
     if sweep.tune.scheduler == "moasha":
-        from segtune.sweep.moasha_scheduler import MOASHA
+        from segtune.sweep.schedulers import MOASHA
 
         return MOASHA(sweep.objectives(), sweep.tune.grace_period, sweep.tune.reduction_factor,
                       max_t=max(1, epochs - 1))  # fmt: skip
-    from ray.tune.schedulers import ASHAScheduler
+    from segtune.sweep.schedulers import FeasibleASHA
 
-    return ASHAScheduler(
+    return FeasibleASHA(
         time_attr="training_iteration",
         max_t=max(1, epochs - 1),
         grace_period=sweep.tune.grace_period,
