@@ -27,9 +27,9 @@ test: lint
 
 # the fast tier, for an answer while editing (under 3 minutes on 2 cores): lint and the tests
 # that start no Ray cluster, no server and no browser (tests/conftest.py marks those from their
-# code); `make test` runs them all
+# code) and the few marked slow by hand; `make test` runs them all
 check: lint
-	$(VENV)/bin/pytest -q -m "not ray and not server and not browser and not launch"
+	$(VENV)/bin/pytest -q -m "not ray and not server and not browser and not launch and not slow"
 
 # the tests of several nodes (root; about 36 minutes): sweeps over a head and a worker with their
 # own filesystems, `ray up cluster.yaml` on two hosts built from Linux namespaces, and drivers

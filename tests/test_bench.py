@@ -30,6 +30,7 @@ def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: make test, not make check
 def test_cli_models_prints_the_filtered_table(tmp_path: Path) -> None:
     from segtune.models import build_model, model_variants
 
@@ -94,6 +95,7 @@ def test_cli_bad_options_give_one_error_line(
     assert out == ""
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: make test, not make check
 def test_engine_overhead_compares_fit_with_a_bare_loop() -> None:
     from segtune.training.overhead import engine_overhead
 

@@ -70,6 +70,7 @@ def test_cache_gives_the_same_batches(
             assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: make test, not make check
 def test_training_gives_the_same_miou(synthetic_root: Path, tmp_path: Path) -> None:
     cfg = trial_config({**TINY_UNET, "augment": "basic", "epochs": 2})
     results = []

@@ -124,6 +124,7 @@ class LoadEnds(logging.Handler):
         return max(0.0, (busy1 - busy0) - (own1 - own0)) / (time.monotonic() - started)
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: make test, not make check
 def test_a_busy_machine_is_waited_out_or_marked_noisy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -391,6 +391,7 @@ def test_cli_unknown_experiment(
     assert "Traceback" not in err
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: make test, not make check
 def test_run_id_from_standard_input_once_imported(store: Store, tmp_path: Path) -> None:
     """segtune.run starts its report this way, ahead of the sweep's end: the report asks for
     the run id only once everything is imported (torch never is), then draws that sweep."""

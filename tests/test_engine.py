@@ -152,6 +152,7 @@ def test_schedules(name: str) -> None:
         assert lrs[5:] == [pytest.approx(0.1)] * 15
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: make test, not make check
 def test_train_cli_writes_a_safe_checkpoint(synthetic_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "segtune.train", "--data", str(synthetic_root), "--out", str(out)]

@@ -149,6 +149,7 @@ ENTRY_POINTS = (
 )
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: make test, not make check
 def test_entry_points_import_without_network() -> None:
     """A cluster node without internet: no entry point calls out when imported (albumentations
     checks for updates unless NO_ALBUMENTATIONS_UPDATE is set, which segtune does itself)."""
@@ -215,6 +216,7 @@ def _collected(*args: str) -> list[str]:
     return [line for line in done.stdout.splitlines() if "::" in line]
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: make test, not make check
 def test_the_fast_tier_leaves_out_what_starts_ray_and_keeps_the_rest() -> None:
     """`make check`'s selection, read from the Makefile, over tests/conftest.py's markers: every
     test of test_export (its module fixture runs a sweep) and test_sweep's sweeps are left out,
