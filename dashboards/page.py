@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -30,6 +31,20 @@ figcaption{font-size:.85em;color:#555}
 .gallery img{width:100%;max-width:960px} .thumb{width:330px}
 .notes li{color:#8a5a00} .wide{overflow-x:auto} code{background:#f4f4f4;padding:0 .2em}
 """
+
+
+# an address in a summary line or note, without the sentence's closing mark
+URL = re.compile(r"https?://[^\s<>\"]*[^\s<>\".,;:)]")
+
+
+def linked(text: str) -> str:
+    """`text` as HTML, each http(s) address in it a link (a reused run's page, the MLflow UI)."""
+    out, end = [], 0
+    for match in URL.finditer(text):
+        url = html.escape(match.group(0))
+        out += [html.escape(text[end : match.start()]), f'<a href="{url}">{url}</a>']
+        end = match.end()
+    return "".join(out) + html.escape(text[end:])
 
 
 def _run_link(report: Report, run_id: str) -> str:
@@ -166,11 +181,11 @@ def render(report: Report, src: Callable[[str], str]) -> str:
     else:
         header.append(f"<p>The runs in MLflow: <code>{html.escape(page)}</code>.</p>")
     body = header + ["<h2>Summary</h2><ul>"]
-    body += [f"<li>{html.escape(s)}</li>" for s in report.summary] + ["</ul>"]
+    body += [f"<li>{linked(s)}</li>" for s in report.summary] + ["</ul>"]
     body.append(_summary_table(report))
     if report.notes:
         body.append('<h2>Notes</h2><ul class="notes">')
-        body += [f"<li>{html.escape(n)}</li>" for n in report.notes] + ["</ul>"]
+        body += [f"<li>{linked(n)}</li>" for n in report.notes] + ["</ul>"]
     for section, title in (
         ("curves", "Training curves"),
         ("pareto", "Quality against cost"),

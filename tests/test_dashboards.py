@@ -23,6 +23,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from dashboards.analysis import compare_configs, ema, seed_groups, smoothing_points
+from dashboards.page import linked
 from dashboards.report import build_report, main
 from dashboards.tables import FILES
 from segtune.classes import CLASS_NAMES
@@ -571,3 +572,14 @@ def test_smoothing_follows_the_axis_and_needs_enough_points() -> None:
     assert np.allclose(ema([10.0, 1000.0], 0.5, log=True), [10.0, 10 ** (7 / 3)])
     assert smoothing_points(0.6) == 8 and smoothing_points(0.9) == 30
     assert smoothing_points(0.0) == 0 and smoothing_points(0.1) == 5
+
+
+def test_addresses_in_summary_lines_are_links_and_the_rest_is_escaped() -> None:
+    """A warm start's reused run names its page: a link in the HTML, not text to copy."""
+    page = "http://127.0.0.1:5000/#/experiments/1/runs/ab12?o=1&p=2"
+    line = f"Reused from an earlier sweep (warm start): unet <b> (mIoU 0.500), {page}."
+    assert linked(line) == (
+        "Reused from an earlier sweep (warm start): unet &lt;b&gt; (mIoU 0.500), "
+        f'<a href="{html.escape(page)}">{html.escape(page)}</a>.'
+    )
+    assert linked("no address, a & b") == "no address, a &amp; b"
