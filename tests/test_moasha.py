@@ -4,17 +4,20 @@ file, and a real sweep on Ray and MLflow that stops a dominated trial at a rung.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from mlflow.tracking import MlflowClient
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
-from segtune.config.sweep import load_sweep, validate_sweep
+from segtune.config.sweep import SweepConfig, load_sweep, validate_sweep
 from segtune.errors import ConfigError
 from segtune.sweep.feasible import INFEASIBLE_KEY
 from segtune.sweep.moasha import Halving, crowding, fronts, rungs
 from segtune.sweep.search import trial_scheduler
+from segtune.tracking.runs import TrialRun, start_sweep_run
 from tests.test_sweep import run, steps, trial_runs, write_sweep
 
 # (trial, epoch, val_miou, size_mb, goes on?): arrivals in order, rungs at epochs 1, 2 and 4
@@ -33,6 +36,13 @@ RECORDED = [
     ("a", 4, 0.45, 10.0, True),  # a and e: neither dominates, a is an end of the front
     ("b", 5, 0.01, 99.0, True),  # past max_t: a trial's last result is never judged
 ]
+
+
+@pytest.fixture
+def sweep_run(tmp_path: Path) -> tuple[str, str]:
+    """(tracking URI, sweep run id) of a sweep without trials, in a sqlite store."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return uri, start_sweep_run(MlflowClient(uri), "x", "x", "name: x\n")
 
 
 def test_rungs_promote_by_fronts_then_crowding() -> None:
@@ -60,10 +70,10 @@ def test_fronts_and_crowding() -> None:
     assert distance[1] == pytest.approx(3 / 3 + 3 / 3)  # its neighbours span each objective
 
 
-def test_moasha_takes_several_metrics_and_asha_one() -> None:
+def test_moasha_takes_several_metrics_and_asha_one(sweep_run: tuple[str, str]) -> None:
     several = {"metric": ["val_miou", "size_mb"], "mode": ["max", "min"], "search": "optuna"}
     sweep = validate_sweep({"name": "x", "tune": {**several, "scheduler": "moasha"}})
-    scheduler = trial_scheduler(sweep)
+    scheduler = trial_scheduler(sweep, *sweep_run)
     assert scheduler.metrics == ["val_miou", "size_mb"]
     assert sorted(scheduler.halving.recorded) == [1, 2, 4, 8]  # train.epochs 10: judged by 9
     with pytest.raises(ConfigError, match="asha stops trials on one metric; use moasha"):
@@ -81,7 +91,9 @@ def test_moasha_takes_several_metrics_and_asha_one() -> None:
 
 
 @pytest.mark.parametrize("several", [False, True], ids=["asha", "moasha"])
-def test_a_trial_never_trained_holds_no_place_in_a_rung(several: bool) -> None:
+def test_a_trial_never_trained_holds_no_place_in_a_rung(
+    several: bool, sweep_run: tuple[str, str]
+) -> None:
     """Two trials broke the constraints (their one result: -inf mIoU, at epoch 1) before a
     trained one; a weaker trained one must still be stopped at the rung. Ray's ASHA ranked the
     -inf: the rung's cutoff was NaN and it stopped nothing."""
@@ -91,9 +103,7 @@ def test_a_trial_never_trained_holds_no_place_in_a_rung(several: bool) -> None:
     sweep = validate_sweep(
         {"name": "x", "tune": {**tune, "scheduler": "moasha" if several else "asha"}}
     )
-    scheduler = trial_scheduler(sweep)
-    if not several:
-        scheduler.set_search_properties("val_miou", "max")
+    scheduler = _scheduler(sweep, sweep_run, several)
     trials = [Trial("__fake", stub=True) for _ in range(4)]
     results = [
         {"val_miou": -np.inf, "size_mb": 1.0, INFEASIBLE_KEY: True},
@@ -110,6 +120,45 @@ def test_a_trial_never_trained_holds_no_place_in_a_rung(several: bool) -> None:
     assert actions == [TrialScheduler.CONTINUE] * 3 + [TrialScheduler.STOP]
     if several:  # where the two would rank first on size_mb
         assert sorted(scheduler.halving.recorded[1]) == sorted(t.trial_id for t in trials[2:])
+
+
+def _scheduler(sweep: SweepConfig, sweep_run: tuple[str, str], several: bool) -> Any:
+    scheduler = trial_scheduler(sweep, *sweep_run)
+    if not several:  # Tune gives ASHA its metric from the TuneConfig
+        scheduler.set_search_properties("val_miou", "max")
+    return scheduler
+
+
+@pytest.mark.parametrize("several", [False, True], ids=["asha", "moasha"])
+def test_a_resumed_sweeps_rungs_hold_the_epochs_logged_before(
+    several: bool, sweep_run: tuple[str, str]
+) -> None:
+    """Ray saves no scheduler: the scheduler of a resumed sweep (built anew by Tuner.restore's
+    pickle) reads its trials' epochs from MLflow at its first trial, so a weak trial after the
+    resume is stopped at the first rung, as it would have been without the resume."""
+    uri, parent = sweep_run
+    client = MlflowClient(uri)
+    for i, (miou, size) in enumerate([(0.6, 2.0), (0.5, 1.0), (0.4, 1.5)]):
+        run = TrialRun.open(client, experiment="x", parent_run_id=parent, label=f"t{i}",
+                            config_label=f"t{i}", trial_id=f"before{i}", params={})  # fmt: skip
+        for epoch in range(3):
+            run.log_epoch(epoch, {"val_miou": miou + 0.01 * epoch, "train_loss": 1.0})
+        run.log_final({"size_mb": size})
+    metric = ["val_miou", "size_mb"] if several else "val_miou"
+    mode = ["max", "min"] if several else "max"
+    tune = {"metric": metric, "mode": mode, "search": "optuna", "reduction_factor": 2}
+    sweep = validate_sweep(
+        {"name": "x", "tune": {**tune, "scheduler": "moasha" if several else "asha"}}
+    )
+    scheduler = _scheduler(sweep, sweep_run, several)
+    weak, restored = Trial("__fake", stub=True), Trial("__fake", stub=True, trial_id="before0")
+    for trial in (weak, restored):
+        scheduler.on_trial_add(None, trial)
+    result = {"val_miou": 0.1, "size_mb": 3.0, "training_iteration": 1}
+    assert scheduler.on_trial_result(None, weak, result) == TrialScheduler.STOP
+    # a restored trial is not judged again at a rung it passed before the resume
+    result = {"val_miou": 0.0, "size_mb": 3.0, "training_iteration": 3}
+    assert scheduler.on_trial_result(None, restored, result) == TrialScheduler.CONTINUE
 
 
 def test_moasha_stops_a_dominated_trial(synthetic_root: Path, tmp_path: Path) -> None:

@@ -216,7 +216,7 @@ def _tuner(
             metric=None if multi else objectives[0][0],
             mode=None if multi else objectives[0][1],
             search_alg=search_alg,
-            scheduler=trial_scheduler(sweep),
+            scheduler=trial_scheduler(sweep, tracking_uri, parent),
             num_samples=samples,
             max_concurrent_trials=concurrent,
             # the next trial runs in the process the last one freed: no 5-7 s of

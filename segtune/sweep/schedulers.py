@@ -4,23 +4,59 @@ on `FIFOScheduler` (trials start in order; only the stop decision is ours); `ash
 Neither ranks a trial that breaks tune.constraints: its one result holds the worst value of each
 objective (±inf), which in a rung of Ray's ASHA makes the cutoff -inf or NaN (a percentile
 between -inf and a score), so that the rung stops nothing, and in MO-ASHA could take a
-promotion from a trained trial."""
+promotion from a trained trial. Ray saves no scheduler's state: a resumed sweep's (and the
+trials `--accept-changes` adds) fill their rungs, at their first trial, from what the sweep's
+trials logged to MLflow, instead of judging the rest against empty rungs."""
 
 from __future__ import annotations
 
+import logging
 import numbers
 from collections.abc import Sequence
 from typing import Any
 
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.schedulers.trial_scheduler import FIFOScheduler, TrialScheduler
 
 from segtune.sweep.feasible import INFEASIBLE_KEY
 from segtune.sweep.moasha import Halving
+from segtune.tracking.runs import epoch_values
+
+log = logging.getLogger(__name__)
+
+
+def logged_epochs(
+    sweep_run: tuple[str, str], metrics: Sequence[str]
+) -> dict[str, dict[int, list[float]]]:
+    """The epochs the trials of `sweep_run` (tracking URI, sweep run id) logged so far, by
+    trial id and epoch; none if MLflow cannot say (the rungs then start empty, as Ray's)."""
+    try:
+        return epoch_values(MlflowClient(sweep_run[0]), sweep_run[1], metrics)
+    except MlflowException as exc:
+        log.warning("the scheduler's rungs start empty: the trials so far unread (%s)", exc)
+        return {}
 
 
 class FeasibleASHA(ASHAScheduler):
-    """Ray's ASHA whose rungs hold trained trials only."""
+    """Ray's ASHA whose rungs hold trained trials only, from the sweep's logged epochs on."""
+
+    def __init__(self, sweep_run: tuple[str, str], **asha: Any) -> None:
+        super().__init__(**asha)
+        self.sweep_run: tuple[str, str] | None = sweep_run  # None once the rungs are filled
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        super().on_trial_add(tune_controller, trial)
+        if self.sweep_run is None:
+            return
+        epochs_of = logged_epochs(self.sweep_run, [self._metric])
+        self.sweep_run = None
+        for milestone, recorded in self._brackets[0]._rungs:  # Ray's one bracket (brackets=1)
+            for trial_id, epochs in epochs_of.items():
+                first = next((e for e in sorted(epochs) if e >= milestone), None)
+                if first is not None and first <= self._max_t:
+                    recorded.setdefault(trial_id, self._metric_op * epochs[first][0])
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         if result.get(INFEASIBLE_KEY):
@@ -44,14 +80,24 @@ class MOASHA(FIFOScheduler):
         grace_period: int,
         reduction_factor: float,
         max_t: int,
+        sweep_run: tuple[str, str],
         time_attr: str = "training_iteration",
     ) -> None:
         super().__init__()
+        self.sweep_run: tuple[str, str] | None = sweep_run  # None once the rungs are filled
         self.metrics = [metric for metric, _ in objectives]
         modes = [mode for _, mode in objectives]
         self.halving = Halving(modes, grace_period, reduction_factor, max_t)
         self.time_attr = time_attr
         self.stopped = 0
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        if self.sweep_run is None:
+            return
+        for trial_id, epochs in logged_epochs(self.sweep_run, self.metrics).items():
+            for epoch in sorted(epochs):  # each rung takes the trial's first epoch at or past it
+                self.halving.on_result(trial_id, epoch, epochs[epoch])
+        self.sweep_run = None
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         values = [result.get(metric) for metric in self.metrics]

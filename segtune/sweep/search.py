@@ -42,9 +42,10 @@ def searcher(sweep: SweepConfig, offset: int = 0, told: Sequence[Told] = ()) -> 
     )
 
 
-def trial_scheduler(sweep: SweepConfig) -> Any:
+def trial_scheduler(sweep: SweepConfig, tracking_uri: str, parent: str) -> Any:
     """ASHA on the sweep's one objective, MO-ASHA on its several, or None (FIFO); neither
-    ranks the one result of a trial that breaks tune.constraints."""
+    ranks the one result of a trial that breaks tune.constraints, and both start from the
+    epochs the trials of sweep run `parent` logged before (a resumed sweep)."""
     if sweep.tune.scheduler == "fifo":
         return None
     epochs = int(sweep.train_value("epochs"))
@@ -55,10 +56,11 @@ def trial_scheduler(sweep: SweepConfig) -> Any:
         from segtune.sweep.schedulers import MOASHA
 
         return MOASHA(sweep.objectives(), sweep.tune.grace_period, sweep.tune.reduction_factor,
-                      max_t=max(1, epochs - 1))  # fmt: skip
+                      max_t=max(1, epochs - 1), sweep_run=(tracking_uri, parent))  # fmt: skip
     from segtune.sweep.schedulers import FeasibleASHA
 
     return FeasibleASHA(
+        (tracking_uri, parent),
         time_attr="training_iteration",
         max_t=max(1, epochs - 1),
         grace_period=sweep.tune.grace_period,
