@@ -3,19 +3,30 @@ real MLflow store: each test runs `python -m segtune.run` as a user would, then 
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from segtune.config.names import BUDGET_SPENT_METRIC, BUDGET_TAG, DATASET_TAG, REUSED_TAG, ROLE_TAG
+from segtune.config.names import (
+    BUDGET_SPENT_METRIC,
+    BUDGET_TAG,
+    DATASET_TAG,
+    REUSED_TAG,
+    ROLE_TAG,
+    TRIAL_ID_TAG,
+)
 from segtune.config.sweep import load_sweep, validate_sweep
 from segtune.data.dataset import fingerprint
 from segtune.errors import ConfigError
 from segtune.sweep.budget import STATE_FILE
 from segtune.sweep.space import resolve_trial
 from segtune.tracking.runs import TrialRun, start_sweep_run
+from tests.helpers import wait_for
+from tests.test_restore import EPOCHS, Killed, _group_gone
 from tests.test_sweep import run, steps, trial_runs, write_sweep
 
 LRS = [0.001, 0.003, 0.01, 0.03]
@@ -175,3 +186,75 @@ def test_a_warm_tpe_sweep_starts_from_what_earlier_sweeps_found(
     assert cold_trial.data.params["lr"] != warm_trial.data.params["lr"]
     assert float(warm_trial.data.params["lr"]) not in lrs  # a new point, not one told
     assert len(_sweep_run(tmp_path, "warm").data.tags[REUSED_TAG].split(",")) == len(lrs)
+
+
+@pytest.mark.launch  # a whole sweep killed and resumed: make test-cluster (make test's 12 min)
+@pytest.mark.parametrize("search", ["optuna", "grid"])
+def test_a_budgeted_sweep_killed_and_resumed_goes_on_counting(
+    synthetic_root: Path, tmp_path: Path, search: str
+) -> None:
+    """Trials of EPOCHS epochs one at a time and a budget of three of them (plus a little): the
+    driver is killed (SIGKILL to its process group) while the second trains; --resume ends the
+    second, starts a third and stops there, at the budget that counts both drivers' epochs."""
+    budget = 3 * EPOCHS + 2
+    tune: dict[str, Any] = {"budget": {"trial_epochs": budget}}
+    if search == "optuna":
+        tune["num_samples"] = 6  # more than the budget pays for
+        space = None
+    else:
+        space = {"lr": {"grid_search": [0.003, 0.002, 0.001, 0.0005, 0.0002]}}
+    killed = Killed(tmp_path, synthetic_root, search, tune=tune, space=space)
+    killed.kill({})
+    wait_for(functools.partial(_group_gone, killed.pgid), "the killed driver's processes to end")
+    parent = _sweep_run(tmp_path, "killed")
+    before = _client(tmp_path).get_metric_history(parent.info.run_id, BUDGET_SPENT_METRIC)
+    assert [(m.step, m.value) for m in before] == [(1, EPOCHS)]  # the first driver's trial
+    proc = run(killed.sweep, "--resume")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = trial_runs(tmp_path, "killed")
+    assert len({r.data.tags[TRIAL_ID_TAG] for r in runs}) == len(runs) == 3
+    for r in runs:  # each epoch trained once: the ended trial not again, the second resumed
+        assert r.info.status == "FINISHED" and steps(tmp_path, r.info.run_id) == list(range(EPOCHS))
+    assert set(killed.trials()) == {r.data.tags[TRIAL_ID_TAG] for r in runs}
+    assert {status for status, _ in killed.trials().values()} == {"TERMINATED"}
+    parent = _sweep_run(tmp_path, "killed")
+    assert parent.info.status == "FINISHED"
+    history = _client(tmp_path).get_metric_history(parent.info.run_id, BUDGET_SPENT_METRIC)
+    spent = [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)]
+    assert spent == [(1, EPOCHS), (2, 2 * EPOCHS), (3, 3 * EPOCHS)]  # on from the first's
+    reached = parent.data.tags[BUDGET_TAG]
+    assert reached.startswith("reached:") and "no new trial started after 3" in reached
+    assert f"budget: spent {3 * EPOCHS} of {budget} trial-epochs (reached:" in proc.stdout
+
+
+@pytest.mark.launch  # a whole sweep killed and resumed: make test-cluster (make test's 12 min)
+def test_a_sweep_killed_after_its_budget_was_reached_resumes_its_running_trial(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    """Two slots, a budget of one trial and a bit: the budget refuses the second trial Optuna
+    made (its study knows it, Ray's trials do not) while the first trains. Killed then,
+    --resume takes the searcher's state as it is, ends the first trial and starts no other."""
+    budget = EPOCHS + 2
+    tune = {"num_samples": 4, "max_concurrent_trials": 2, "budget": {"trial_epochs": budget}}
+    killed = Killed(tmp_path, synthetic_root, "optuna", tune=tune)
+
+    def reached_while_running() -> str | None:
+        try:
+            state = json.loads(killed.read(STATE_FILE))
+        except (FileNotFoundError, ValueError):
+            return None
+        running = [path for status, path in killed.trials().values() if status == "RUNNING"]
+        return running[0] if state["reached"] and state["live"] and running else None
+
+    killed.kill({}, until=reached_while_running)
+    wait_for(functools.partial(_group_gone, killed.pgid), "the killed driver's processes to end")
+    proc = run(killed.sweep, "--resume")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (trial,) = trial_runs(tmp_path, "killed")
+    assert trial.info.status == "FINISHED"
+    assert steps(tmp_path, trial.info.run_id) == list(range(EPOCHS))
+    parent = _sweep_run(tmp_path, "killed")
+    history = _client(tmp_path).get_metric_history(parent.info.run_id, BUDGET_SPENT_METRIC)
+    assert [(m.step, m.value) for m in history] == [(1, EPOCHS)]
+    assert "no new trial started after 1" in parent.data.tags[BUDGET_TAG]
+    assert f"budget: spent {EPOCHS} of {budget} trial-epochs (reached:" in proc.stdout

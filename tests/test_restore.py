@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,13 +59,22 @@ class Killed:
     (SIGKILL to the process group) once the state on storage holds the first trial ended and
     the second with a checkpoint; the searcher's state as it was first saved is kept."""
 
-    def __init__(self, folder: Path, data: Path, search: str, endpoint: str | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        data: Path,
+        search: str,
+        endpoint: str | None = None,
+        tune: dict[str, Any] | None = None,
+        space: dict[str, Any] | None = None,
+    ):
+        """`tune`: settings over these; `space`: another search space."""
         where = f"s3://segtune/{folder.name}" if endpoint else str(folder / "ray")
-        tune = {"max_concurrent_trials": 1, "storage_path": where, "search": search}
-        space = {"lr": {"grid_search": [0.003, 0.002]}}
-        if search == "optuna":
-            tune["num_samples"] = 2
-            space = {"lr": {"loguniform": [0.001, 0.01]}}
+        tune = {"max_concurrent_trials": 1, "storage_path": where, "search": search,
+                **({"num_samples": 2} if search == "optuna" else {}), **(tune or {})}  # fmt: skip
+        if space is None:
+            space = {"lr": {"loguniform": [0.001, 0.01]} if search == "optuna"
+                     else {"grid_search": [0.003, 0.002]}}  # fmt: skip
         if endpoint:
             tune["storage_endpoint"] = endpoint
         self.folder, self.search = folder, search
@@ -110,15 +119,19 @@ class Killed:
             found[trial["trial_id"]] = (trial["status"], path)
         return found
 
-    def kill(self, env: dict[str, str]) -> tuple[dict[str, bytes], str]:
-        """Start the driver and kill it at the moment described; the searcher's files as first
-        saved, and the path of the checkpoint the saved state names for the running trial."""
+    def kill(
+        self, env: dict[str, str], until: Callable[[], str | None] | None = None
+    ) -> tuple[dict[str, bytes], str]:
+        """Start the driver and kill it at the moment described (or once `until` gives a running
+        trial's checkpoint); the searcher's files as first saved, and the path of the checkpoint
+        the saved state names for the running trial."""
         log = self.folder / "killed.log"
         uri = f"sqlite:///{self.folder / 'mlflow.db'}"
         cmd = [sys.executable, "-m", "segtune.run", str(self.sweep), "--tracking-uri", uri,
                "--no-report"]  # fmt: skip
         env = {**os.environ, **env, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
         driver = start_driver(cmd, log, self.folder, env)
+        self.pgid = driver.pid  # its process group: `_group_gone` tells when it has ended
         try:
             prefixes = SEARCHER_FILES[self.search]
             names = wait_for(
@@ -133,8 +146,9 @@ class Killed:
                 running = [p for s, p in trials.values() if s != "TERMINATED" and p]
                 return running[0] if len(trials) == 2 and ended and running else None
 
-            named = wait_for(second_named, "a saved state with one trial ended and the other "
-                             "checkpointed", process=driver, log=log, every=0.2)  # fmt: skip
+            named = wait_for(until or second_named, "a saved state with one trial ended and the "
+                             "other checkpointed" if until is None else "the moment to kill",
+                             process=driver, log=log, every=0.2)  # fmt: skip
         finally:
             os.killpg(driver.pid, signal.SIGKILL)
             driver.wait()

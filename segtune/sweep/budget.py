@@ -60,6 +60,9 @@ class Budget(SearchAlgorithm):
         self.trials: dict[str, list[float]] = {}
         self.live: set[str] = set()
         self.reached = ""
+        # the trial the inner searcher made that the budget did not start: Optuna's study knows
+        # it, Tune's trials do not (segtune.sweep.restore allows for it on --resume)
+        self.refused = ""
 
     # --- what the budget counts ---------------------------------------------------------------
     def _rate(self) -> float | None:
@@ -97,6 +100,7 @@ class Budget(SearchAlgorithm):
                 f"and a next trial needs about {needed:.3g} more, over the budget of "
                 f"{self.limit:g}; no new trial started after {len(self.trials)}"
             )
+            self.refused = trial.trial_id
             MlflowClient(self.tracking_uri).set_tag(self.parent, BUDGET_TAG, self.reached)
             return None
         self.trials[trial.trial_id] = [0.0, 0, epochs]
@@ -151,7 +155,8 @@ class Budget(SearchAlgorithm):
 
     def save_to_dir(self, dirpath: str, **kwargs: Any) -> None:
         self.inner.save_to_dir(dirpath, **kwargs)
-        state = {"trials": self.trials, "live": sorted(self.live), "reached": self.reached}
+        state = {"trials": self.trials, "live": sorted(self.live), "reached": self.reached,
+                 "refused": self.refused}  # fmt: skip
         path = os.path.join(dirpath, STATE_FILE)
         with open(path + ".tmp", "w", encoding="utf-8") as file:
             json.dump(state, file)
@@ -164,7 +169,7 @@ class Budget(SearchAlgorithm):
             with open(path, encoding="utf-8") as file:
                 state = json.load(file)
             self.trials, self.live = state["trials"], set(state["live"])
-            self.reached = state["reached"]
+            self.reached, self.refused = state["reached"], state.get("refused", "")
 
 
 def budget_line(sweep: SweepConfig, client: MlflowClient, parent: str) -> str | None:

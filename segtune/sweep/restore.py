@@ -30,6 +30,7 @@ from ray.tune.result import TRAINING_ITERATION
 from ray.tune.utils.serialization import TuneFunctionEncoder, _loads_with_cloudpickle
 
 from segtune.errors import ConfigError
+from segtune.sweep.budget import STATE_FILE as BUDGET_FILE
 from segtune.sweep.storage import RunStorage
 
 log = logging.getLogger(__name__)
@@ -283,17 +284,21 @@ class _Experiment:
 
     def check_optuna(self, trials: list[dict[str, Any]]) -> None:
         """An Optuna searcher whose saved state disagrees with the trials' state is one line:
-        its study cannot be rebuilt from them."""
+        its study cannot be rebuilt from them. A trial the budget refused (`Budget.refused`)
+        is the study's and never Tune's: it does not count."""
         generator = self.newest(OPTUNA_FILES[0], cloudpickle.loads)
         searcher = self.newest(OPTUNA_FILES[1], pickle.loads)
         if generator is None or searcher is None:
             return
+        budget = self.newest(BUDGET_FILE, json.loads)
         ids = {t["trial_id"] for t in trials}
         ended = {t["trial_id"] for t in trials if t["status"] in ENDED}
         known, completed = set(searcher[1]["_ot_trials"]), searcher[1]["_completed_trials"]
+        refused = known & {budget[1].get("refused")} - ids if budget else set()
+        known, counter = known - refused, generator[1]["counter"] - len(refused)
         limiter = generator[1].get("name:ConcurrencyLimiter", {})
         live = limiter.get("live_trials", ids - ended)
-        if (known, completed, live, generator[1]["counter"]) == (ids, ended, ids - ended, len(ids)):
+        if (known, completed, live, counter) == (ids, ended, ids - ended, len(ids)):
             return
         raise ConfigError(
             f"--resume: sweep {self.sweep}: Tune saved the Optuna searcher's state and the "
