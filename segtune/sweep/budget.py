@@ -60,6 +60,8 @@ class Budget(SearchAlgorithm):
     """Tune's search algorithm `inner`, starting only the trials the budget can pay for, at
     most `slots` at once (Tune's own concurrency limit does not apply to a wrapper)."""
 
+    before = Before()  # what a Budget pickled in a Tuner before `before` existed starts from
+
     def __init__(
         self,
         inner: SearchAlgorithm,
