@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from segtune.config.names import (
@@ -22,7 +23,7 @@ from segtune.config.names import (
 from segtune.config.sweep import load_sweep, validate_sweep
 from segtune.data.dataset import fingerprint
 from segtune.errors import ConfigError
-from segtune.sweep.budget import STATE_FILE
+from segtune.sweep.budget import STATE_FILE, Before, Budget, spent_before
 from segtune.sweep.space import resolve_trial
 from segtune.tracking.runs import TrialRun, start_sweep_run
 from tests.helpers import wait_for
@@ -89,6 +90,29 @@ def test_a_device_hours_budget_stops_launching_when_the_next_trial_would_pass_it
     # saved beside the searcher's state in Tune's experiment state: --resume goes on counting
     saved = json.loads((tmp_path / "ray" / "hours" / STATE_FILE).read_text())
     assert saved["reached"] == reached and len(saved["trials"]) == last and not saved["live"]
+
+
+def test_an_added_experiments_budget_starts_from_what_the_sweep_run_records(
+    tmp_path: Path,
+) -> None:
+    """The spend, its step and the reached tag of the sweep run are where the budget of trials
+    `--accept-changes` adds starts: a reached budget starts none (no Ray started)."""
+    from ray.tune.search import BasicVariantGenerator
+
+    client = _client(tmp_path)
+    parent = client.create_run(client.create_experiment("b")).info.run_id
+    assert spent_before(client, parent) == Before()
+    for step, value in ((2, 3.0), (1, 1.5)):
+        client.log_metric(parent, BUDGET_SPENT_METRIC, value, step=step)
+    assert spent_before(client, parent) == Before(3.0, 2)
+    client.set_tag(parent, BUDGET_TAG, "reached: 3 trial-epochs")
+    before = spent_before(client, parent)
+    assert before == Before(3.0, 2, "reached: 3 trial-epochs")
+    raw = {"name": "b", "search_space": {"lr": {"grid_search": LRS}}}
+    sweep = validate_sweep({**raw, "tune": {"budget": {"trial_epochs": 4}}})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    budget = Budget(BasicVariantGenerator(), sweep, 1, uri, parent, before)
+    assert budget.spent() == 3.0 and budget.is_finished() and budget.next_trial() is None
 
 
 @pytest.mark.launch  # a whole sweep or a server: make test-cluster (make test's 12 min)
@@ -258,3 +282,47 @@ def test_a_sweep_killed_after_its_budget_was_reached_resumes_its_running_trial(
     assert [(m.step, m.value) for m in history] == [(1, EPOCHS)]
     assert "no new trial started after 1" in parent.data.tags[BUDGET_TAG]
     assert f"budget: spent {EPOCHS} of {budget} trial-epochs (reached:" in proc.stdout
+
+
+@pytest.mark.launch  # three drivers in turn: make test-cluster (make test's 12 min)
+def test_trials_that_accept_changes_adds_share_the_sweeps_budget(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    """One epoch a trial, two in the budget: the sweep trains its one trial; an edit adding two
+    trains one of them (the sweep's spend counts) and reaches the budget; a later edit adding
+    one more trains nothing and says so. The spend goes on in the sweep run's one metric."""
+    sweep = write_sweep(
+        tmp_path / "added_b.yaml",
+        synthetic_root,
+        train={"epochs": 1},
+        search_space={"lr": {"grid_search": LRS[:1]}},
+        tune={"max_concurrent_trials": 1, "budget": {"trial_epochs": 2}},
+    )
+    proc = run(sweep)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert BUDGET_TAG not in _sweep_run(tmp_path, "added_b").data.tags
+
+    def edit(lrs: list[float]) -> str:
+        raw = yaml.safe_load(sweep.read_text())
+        raw["search_space"]["lr"]["grid_search"] = lrs
+        sweep.write_text(yaml.safe_dump(raw))
+        proc = run(sweep, "--resume", "--accept-changes")
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    out = edit(LRS[:3])
+    assert len(trial_runs(tmp_path, "added_b")) == 2
+    parent = _sweep_run(tmp_path, "added_b")
+    reached = parent.data.tags[BUDGET_TAG]
+    assert reached.startswith("reached: 2 trial-epochs spent") and "after 1" in reached
+    history = _client(tmp_path).get_metric_history(parent.info.run_id, BUDGET_SPENT_METRIC)
+    assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 2.0)]
+    assert "budget: spent 2 of 2 trial-epochs (reached: 2 trial-epochs spent" in out
+
+    out = edit(LRS)
+    assert len(trial_runs(tmp_path, "added_b")) == 2
+    assert (
+        "--accept-changes: the trials added are not trained: the sweep's budget was reached: "
+        "2 trial-epochs spent" in out
+    )
+    assert _sweep_run(tmp_path, "added_b").data.tags[BUDGET_TAG] == reached

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from segtune.config.constraints import parse_constraints
@@ -199,3 +200,45 @@ def test_a_sweep_that_its_constraints_leave_empty_ends_in_one_line(
     experiment = client.get_experiment_by_name("none_left").experiment_id
     (parent,) = client.search_runs([experiment])
     assert parent.info.status == "FAILED" and line in parent.data.tags["segtune.error"]
+
+
+@pytest.mark.launch  # two drivers in turn: make test-cluster (make test's 12 min)
+def test_trials_that_accept_changes_adds_obey_the_constraints(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    """A finished grid under size_mb<=1 gains a UNet at another lr and a DeepLab: `--resume
+    --accept-changes` trains the UNet only (Ray's added experiment never has the DeepLab),
+    and the sweep run lists the DeepLab as not trained, as it lists its own."""
+    sweep = write_sweep(
+        tmp_path / "added_c.yaml",
+        synthetic_root,
+        train={"epochs": 1},
+        search_space={"model": {"grid_search": MODELS[:1]}},
+        tune={"constraints": SMALL},
+    )
+    proc = run(sweep)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    raw = yaml.safe_load(sweep.read_text())
+    raw["search_space"]["model"]["grid_search"] += [{**MODELS[0], "lr": 0.01}, MODELS[1]]
+    sweep.write_text(yaml.safe_dump(raw))
+    proc = run(sweep, "--resume", "--accept-changes")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "--accept-changes: 2 trial(s) added to sweep added_c" in proc.stderr
+    runs = trial_runs(tmp_path, "added_c")
+    assert sorted((r.data.params["arch"], r.data.params["lr"]) for r in runs) == [
+        ("unet", "0.003"),
+        ("unet", "0.01"),
+    ]
+    assert all(steps(tmp_path, r.info.run_id) == [0] for r in runs)
+    assert len(ray_results(tmp_path / "ray" / "added_c" / "added-1")) == 1
+    listed = re.findall(
+        r"^not trained \(tune\.constraints\): (deeplabv3-\S+): size_mb=\S+ breaks size_mb<=1$",
+        proc.stdout,
+        re.M,
+    )
+    assert len(listed) == 1, proc.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = runs[0].data.tags["mlflow.parentRunId"]
+    kept = Path(client.download_artifacts(parent, EXCLUDED_ARTIFACT, str(tmp_path)))
+    assert [e["label"] for e in json.loads(kept.read_text())] == listed
+    assert client.get_run(parent).info.status == "FINISHED"

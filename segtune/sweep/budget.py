@@ -15,7 +15,9 @@ state is saved with the searcher's (Tune's experiment state), so `--resume` goes
 from __future__ import annotations
 
 import json
+import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from mlflow.tracking import MlflowClient
@@ -26,6 +28,17 @@ from segtune.config.sweep import SweepConfig
 from segtune.sweep.space import resolve_trial
 
 STATE_FILE = "segtune-budget-state.json"  # .json: Tune downloads it with its own on --resume
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Before:
+    """What the sweep's earlier experiments spent, as its sweep run records it: where the
+    budget of the trials `--accept-changes` adds starts, so that a sweep has one budget."""
+
+    spent: float = 0.0
+    ended: int = 0  # their trials that ended: the step of BUDGET_SPENT_METRIC
+    reached: str = ""  # BUDGET_TAG: no trial starts once it is reached
 
 
 def budget_unit(sweep: SweepConfig) -> str:
@@ -48,7 +61,13 @@ class Budget(SearchAlgorithm):
     most `slots` at once (Tune's own concurrency limit does not apply to a wrapper)."""
 
     def __init__(
-        self, inner: SearchAlgorithm, sweep: SweepConfig, slots: int, tracking_uri: str, parent: str
+        self,
+        inner: SearchAlgorithm,
+        sweep: SweepConfig,
+        slots: int,
+        tracking_uri: str,
+        parent: str,
+        before: Before = Before(),
     ) -> None:
         resources = sweep.tune.resources_per_trial
         self.inner, self.sweep, self.slots = inner, sweep, slots
@@ -59,7 +78,8 @@ class Budget(SearchAlgorithm):
         # trial id -> [seconds so far, epochs done, epochs]; the trials started and not ended
         self.trials: dict[str, list[float]] = {}
         self.live: set[str] = set()
-        self.reached = ""
+        self.before = before
+        self.reached = before.reached
         # the trial the inner searcher made that the budget did not start: Optuna's study knows
         # it, Tune's trials do not (segtune.sweep.restore allows for it on --resume)
         self.refused = ""
@@ -74,7 +94,7 @@ class Budget(SearchAlgorithm):
         return seconds * self.per_second if self.hours else epochs
 
     def spent(self) -> float:
-        return sum(self._cost(t[0], t[1]) for t in self.trials.values())
+        return self.before.spent + sum(self._cost(t[0], t[1]) for t in self.trials.values())
 
     def _expected(self, epochs: float) -> float:
         """The cost of `epochs` more epochs at the mean rate so far (0 while it is unknown)."""
@@ -124,7 +144,7 @@ class Budget(SearchAlgorithm):
     ) -> None:
         self._count(trial_id, result)
         self.live.discard(trial_id)
-        ended = len(self.trials) - len(self.live)
+        ended = self.before.ended + len(self.trials) - len(self.live)
         MlflowClient(self.tracking_uri).log_metric(
             self.parent, BUDGET_SPENT_METRIC, self.spent(), step=ended
         )
@@ -182,15 +202,30 @@ def budget_line(sweep: SweepConfig, client: MlflowClient, parent: str) -> str | 
     return f"budget: spent {spent:.4g} of {budget_limit(sweep):g} {budget_unit(sweep)} ({state})"
 
 
+def spent_before(client: MlflowClient, parent: str) -> Before:
+    """What the sweep run `parent` records of its budget: the latest spend and whether it was
+    reached (the start of an experiment that `--accept-changes` added)."""
+    history = client.get_metric_history(parent, BUDGET_SPENT_METRIC)
+    last = max(history, key=lambda m: (m.step, m.timestamp), default=None)
+    reached = client.get_run(parent).data.tags.get(BUDGET_TAG, "")
+    return Before(last.value, last.step, reached) if last else Before(reached=reached)
+
+
 def with_budget(
     search_alg: Any, sweep: SweepConfig, slots: int, tracking_uri: str, parent: str, main: bool
 ) -> tuple[Any, int | None]:
     """The search algorithm for the Tuner and its concurrency limit: `search_alg` (a Searcher,
-    or None for the variant generator) and the sweep's limit, or with a budget (on the sweep's
-    `main` experiment) what Tune would make of it within the budget, which bounds concurrency."""
-    if sweep.tune.budget is None or not main:
+    or None for the variant generator) and the sweep's limit, or with a budget what Tune would
+    make of it within the budget, which bounds concurrency. An experiment that is not the
+    sweep's `main` (trials `--accept-changes` added) goes on from what the sweep spent; where
+    that reached the budget, it trains nothing and says so."""
+    if sweep.tune.budget is None:
         return search_alg, sweep.tune.max_concurrent_trials
     from ray.tune.search import BasicVariantGenerator, SearchGenerator
 
+    before = Before() if main else spent_before(MlflowClient(tracking_uri), parent)
+    if before.reached:
+        log.warning("--accept-changes: the trials added are not trained: the sweep's budget "
+                    "was %s", before.reached)  # fmt: skip
     inner = BasicVariantGenerator() if search_alg is None else SearchGenerator(search_alg)
-    return Budget(inner, sweep, slots, tracking_uri, parent), None
+    return Budget(inner, sweep, slots, tracking_uri, parent, before), None

@@ -50,7 +50,7 @@ from segtune.sweep.progress import Progress, TrialNames
 from segtune.sweep.restore import keep_tuner_copy, prepare
 from segtune.sweep.search import searcher, trial_scheduler
 from segtune.sweep.signals import StopSignals
-from segtune.sweep.space import GRID_KEY, discrete_trials, param_space
+from segtune.sweep.space import GRID_KEY, discrete_trials, kept, param_space
 from segtune.sweep.stall import watch_stalls
 from segtune.sweep.storage import RunStorage
 from segtune.sweep.trainable import run_trial
@@ -195,19 +195,19 @@ def _tuner(
         verbose=1 if log.isEnabledFor(logging.DEBUG) else 0,
     )
     told: list[Told] = []
+    constraints = sweep.tune.constraint_list()  # a grid's or a random sweep's (`exclude`)
+    keep = Feasibility(constraints, costs).keep if constraints else None
     if added is None:
-        constraints = sweep.tune.constraint_list()  # a grid's or a random sweep's (`exclude`)
-        keep = Feasibility(constraints, costs).keep if constraints else None
         space, samples = param_space(sweep, _duration(sweep, costs), keep), sweep.tune.num_samples
         space, told = warm_space(sweep, space, earlier, MlflowClient(tracking_uri), parent)
-    elif added.trials is not None:  # a grid's new combinations, each once
-        space, samples = {GRID_KEY: tune.grid_search(added.trials)}, 1
-    else:  # more draws from the same space
-        space, samples = param_space(sweep), added.samples
+    elif added.trials is not None:  # a grid's new combinations, each once, those it keeps
+        space, samples = {GRID_KEY: tune.grid_search(kept(sweep, added.trials, keep))}, 1
+    else:  # more draws from the same space, among what it keeps
+        space, samples = param_space(sweep, keep=keep), added.samples
     objectives = sweep.objectives()
     multi = len(objectives) > 1
     names = TrialNames(sweep)
-    search = searcher(sweep, added.index if added else 0, told)  # a budget: the sweep's own
+    search = searcher(sweep, added.index if added else 0, told)  # added: the budget goes on
     search_alg, concurrent = with_budget(search, sweep, slots, tracking_uri, parent, added is None)
     tuner = tune.Tuner(
         trainable,

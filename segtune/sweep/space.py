@@ -126,7 +126,7 @@ def param_space(
     sweep draws its choice values among the combinations it keeps.
     """
     if sweep.tune.search == "grid":
-        combos = [c for c in _combinations(sweep) if keep is None or keep(resolve_trial(sweep, c))]
+        combos = kept(sweep, list(_combinations(sweep)), keep)
         if duration is not None:
             combos.sort(key=lambda combo: -duration(resolve_trial(sweep, combo)))
         return {GRID_KEY: tune.grid_search(combos)}
@@ -152,6 +152,16 @@ def param_space(
     if keep is not None and sweep.tune.search == "random":
         space = _feasible_draws(sweep, space, keep)
     return space
+
+
+def kept(
+    sweep: SweepConfig,
+    combos: list[dict[str, Any]],
+    keep: Callable[[TrialConfig], bool] | None,
+) -> list[dict[str, Any]]:
+    """The grid combinations whose trials `keep` keeps: the sweep's own, and those that
+    `--resume --accept-changes` adds (which must obey its constraints alike)."""
+    return combos if keep is None else [c for c in combos if keep(resolve_trial(sweep, c))]
 
 
 @dataclass(frozen=True)
