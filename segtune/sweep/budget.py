@@ -189,7 +189,7 @@ class Budget(SearchAlgorithm):
             with open(path, encoding="utf-8") as file:
                 state = json.load(file)
             self.trials, self.live = state["trials"], set(state["live"])
-            self.reached, self.refused = state["reached"], state.get("refused", "")
+            self.reached, self.refused = state["reached"], state["refused"]
 
 
 def budget_line(sweep: SweepConfig, client: MlflowClient, parent: str) -> str | None:
