@@ -34,7 +34,7 @@ figcaption{font-size:.85em;color:#555}
 
 
 # an address in a summary line or note, without the sentence's closing mark
-URL = re.compile(r"https?://[^\s<>\"]*[^\s<>\".,;:)]")
+URL = re.compile(r"https?://[^\s<>\"]*[^\s<>\"'.,;:!?)\]]")
 
 
 def linked(text: str) -> str:

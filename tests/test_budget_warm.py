@@ -314,7 +314,7 @@ def test_trials_that_accept_changes_adds_share_the_sweeps_budget(
     assert len(trial_runs(tmp_path, "added_b")) == 2
     parent = _sweep_run(tmp_path, "added_b")
     reached = parent.data.tags[BUDGET_TAG]
-    assert reached.startswith("reached: 2 trial-epochs spent") and "after 1" in reached
+    assert reached.startswith("reached: 2 trial-epochs spent") and "after 2" in reached
     history = _client(tmp_path).get_metric_history(parent.info.run_id, BUDGET_SPENT_METRIC)
     assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 2.0)]
     assert "budget: spent 2 of 2 trial-epochs (reached: 2 trial-epochs spent" in out

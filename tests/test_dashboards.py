@@ -583,3 +583,8 @@ def test_addresses_in_summary_lines_are_links_and_the_rest_is_escaped() -> None:
         f'<a href="{html.escape(page)}">{html.escape(page)}</a>.'
     )
     assert linked("no address, a & b") == "no address, a &amp; b"
+    for mark in ("'", "!", "?", "]", ")"):  # the sentence's, not the address's
+        assert (
+            linked(f"see http://a.b/c{mark}")
+            == f'see <a href="http://a.b/c">http://a.b/c</a>{html.escape(mark)}'
+        )

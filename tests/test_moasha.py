@@ -3,6 +3,7 @@ file, and a real sweep on Ray and MLflow that stops a dominated trial at a rung.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,10 @@ from segtune.config.sweep import SweepConfig, load_sweep, validate_sweep
 from segtune.errors import ConfigError
 from segtune.sweep.feasible import INFEASIBLE_KEY
 from segtune.sweep.moasha import Halving, crowding, fronts, rungs
+from segtune.sweep.schedulers import logged_epochs
 from segtune.sweep.search import trial_scheduler
 from segtune.tracking.runs import TrialRun, start_sweep_run
+from tests.servers import free_port
 from tests.test_sweep import run, steps, trial_runs, write_sweep
 
 # (trial, epoch, val_miou, size_mb, goes on?): arrivals in order, rungs at epochs 1, 2 and 4
@@ -159,6 +162,15 @@ def test_a_resumed_sweeps_rungs_hold_the_epochs_logged_before(
     # a restored trial is not judged again at a rung it passed before the resume
     result = {"val_miou": 0.0, "size_mb": 3.0, "training_iteration": 3}
     assert scheduler.on_trial_result(None, restored, result) == TrialScheduler.CONTINUE
+
+
+def test_a_lost_tracking_server_leaves_the_rungs_empty_at_once() -> None:
+    """Read from Tune's loop: MLflow's retries on a server that is gone would hold every trial
+    for minutes, so the server is asked first, with a short timeout."""
+    started = time.monotonic()
+    gone = (f"http://127.0.0.1:{free_port()}", "0" * 32)
+    assert logged_epochs(gone, ["val_miou"]) == {}
+    assert time.monotonic() - started < 30
 
 
 def test_moasha_stops_a_dominated_trial(synthetic_root: Path, tmp_path: Path) -> None:

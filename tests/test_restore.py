@@ -28,7 +28,9 @@ from mlflow.tracking import MlflowClient
 from ray.tune.utils.serialization import _loads_with_cloudpickle
 
 from segtune.config.names import TRIAL_ID_TAG
-from segtune.sweep.restore import MARKER_FILE, TUNER_FILE
+from segtune.errors import ConfigError
+from segtune.sweep.budget import STATE_FILE as BUDGET_FILE
+from segtune.sweep.restore import MARKER_FILE, TUNER_FILE, _Experiment
 from segtune.sweep.storage import RunStorage
 from tests.helpers import start_driver, wait_for
 from tests.servers import s3_server
@@ -362,3 +364,19 @@ def test_drivers_killed_at_random_moments_then_resumed_finish_their_sweeps(
             raise AssertionError(f"seed {seed}, sweep {name}: {exc}") from None
     took = time.monotonic() - started
     print(f"kills at {done} s (seed {seed}); {len(done)} sweep(s) finished in {took:.0f} s")
+
+
+def test_a_damaged_budget_state_is_one_line_and_stays_where_it_is(tmp_path: Path) -> None:
+    """The budget's state is one file with no older copy: set aside like Tune's own damaged
+    files, the budget of the resumed sweep would start from nothing and train again."""
+    storage = RunStorage.of(str(tmp_path / "runs"))
+    folder = tmp_path / "runs" / "budgeted"
+    folder.mkdir(parents=True)
+    cut = '{"trials": {"a": [12.5, 2'  # a driver killed while Ray copied it
+    (folder / BUDGET_FILE).write_text(cut)
+    experiment = _Experiment(storage, storage.path("budgeted"), "budgeted")
+    with pytest.raises(ConfigError, match=f"the budget's saved state {BUDGET_FILE} is damaged"):
+        experiment.budget_state()
+    assert (folder / BUDGET_FILE).read_text() == cut
+    (folder / BUDGET_FILE).write_text('{"trials": {}, "live": [], "reached": "", "refused": "x"}')
+    assert experiment.budget_state() == {"trials": {}, "live": [], "reached": "", "refused": "x"}

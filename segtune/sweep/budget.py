@@ -118,7 +118,7 @@ class Budget(SearchAlgorithm):
             self.reached = (
                 f"reached: {committed:.4g} {self.unit} spent or committed by running trials, "
                 f"and a next trial needs about {needed:.3g} more, over the budget of "
-                f"{self.limit:g}; no new trial started after {len(self.trials)}"
+                f"{self.limit:g}; no new trial started after {self.before.ended + len(self.trials)}"
             )
             self.refused = trial.trial_id
             MlflowClient(self.tracking_uri).set_tag(self.parent, BUDGET_TAG, self.reached)

@@ -82,11 +82,12 @@ def prepare(storage: RunStorage, path: str, sweep: str, grid: bool) -> bool:
     if any(repaired):
         experiment.write(name, json.dumps(state).encode())
     trials = [json.loads(trial) for trial, _ in state["trial_data"]]
+    budget = experiment.budget_state()
     variants = experiment.newest(GRID_FILES, cloudpickle.loads)
     if variants is not None:
         experiment.rebuild_variants(variants, trials, grid)
     else:
-        experiment.check_optuna(trials)
+        experiment.check_optuna(trials, budget)
     return True
 
 
@@ -282,7 +283,24 @@ class _Experiment:
         log.info("sweep %s: the saved searcher state disagrees with the trials' state (%s); "
                  "rebuilt from the trials' state", self.sweep, what)  # fmt: skip
 
-    def check_optuna(self, trials: list[dict[str, Any]]) -> None:
+    def budget_state(self) -> dict[str, Any] | None:
+        """The budget's saved state (segtune.sweep.budget), where the sweep has a budget. It is
+        one file with no older copy: a damaged one is one line, never set aside (the budget
+        would start again from nothing, and a reached one train again)."""
+        data = self.read(BUDGET_FILE)
+        if data is None:
+            return None
+        try:
+            state: dict[str, Any] = json.loads(data)
+        except ValueError as exc:
+            raise ConfigError(
+                f"--resume: sweep {self.sweep}: the budget's saved state {BUDGET_FILE} is "
+                f"damaged ({exc}: a driver killed while Ray copied it); run the sweep again "
+                "without --resume"
+            ) from None
+        return state
+
+    def check_optuna(self, trials: list[dict[str, Any]], budget: dict[str, Any] | None) -> None:
         """An Optuna searcher whose saved state disagrees with the trials' state is one line:
         its study cannot be rebuilt from them. A trial the budget refused (`Budget.refused`)
         is the study's and never Tune's: it does not count."""
@@ -290,11 +308,10 @@ class _Experiment:
         searcher = self.newest(OPTUNA_FILES[1], pickle.loads)
         if generator is None or searcher is None:
             return
-        budget = self.newest(BUDGET_FILE, json.loads)
         ids = {t["trial_id"] for t in trials}
         ended = {t["trial_id"] for t in trials if t["status"] in ENDED}
         known, completed = set(searcher[1]["_ot_trials"]), searcher[1]["_completed_trials"]
-        refused = known & {budget[1].get("refused")} - ids if budget else set()
+        refused = known & {budget["refused"]} - ids if budget else set()
         known, counter = known - refused, generator[1]["counter"] - len(refused)
         limiter = generator[1].get("name:ConcurrencyLimiter", {})
         live = limiter.get("live_trials", ids - ended)

@@ -22,6 +22,7 @@ from ray.tune.schedulers.trial_scheduler import FIFOScheduler, TrialScheduler
 
 from segtune.sweep.feasible import INFEASIBLE_KEY
 from segtune.sweep.moasha import Halving
+from segtune.tracking.address import server_health
 from segtune.tracking.runs import epoch_values
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,10 @@ def logged_epochs(
 ) -> dict[str, dict[int, list[float]]]:
     """The epochs the trials of `sweep_run` (tracking URI, sweep run id) logged so far, by
     trial id and epoch; none if MLflow cannot say (the rungs then start empty, as Ray's)."""
+    problem = server_health(sweep_run[0])  # a lost server: retries would hold Tune's loop
+    if problem is not None:
+        log.warning("the scheduler's rungs start empty: the trials so far unread (%s)", problem)
+        return {}
     try:
         return epoch_values(MlflowClient(sweep_run[0]), sweep_run[1], metrics)
     except MlflowException as exc:

@@ -142,6 +142,24 @@ def close_open_runs(
     return closed
 
 
+def search_all(client: MlflowClient, experiment_id: str, filter_string: str) -> Iterator[Run]:
+    """Every run of `experiment_id` that `filter_string` finds, newest first, page by page
+    (one search answers at most 1000)."""
+    token = None
+    while True:
+        page = client.search_runs(
+            [experiment_id],
+            filter_string=filter_string,
+            max_results=1000,
+            order_by=["attributes.start_time DESC"],
+            page_token=token,
+        )
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
 def epoch_values(
     client: MlflowClient, parent: str, metrics: Sequence[str]
 ) -> dict[str, dict[int, list[float]]]:
@@ -152,7 +170,7 @@ def epoch_values(
     experiment = client.get_run(parent).info.experiment_id
     found = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent}' and tags.`{ROLE_TAG}` = '{ROLE_TRIAL}'"
     out: dict[str, dict[int, list[float]]] = {}
-    for run in client.search_runs([experiment], found):
+    for run in search_all(client, experiment, found):
         trial_id, final = run.data.tags.get(TRIAL_ID_TAG), run.data.metrics
         if not trial_id or not all(m in EPOCH_METRICS or m in final for m in metrics):
             continue
