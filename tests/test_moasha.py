@@ -13,11 +13,11 @@ from mlflow.tracking import MlflowClient
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
-from segtune.config.sweep import SweepConfig, load_sweep, validate_sweep
+from segtune.config.sweep import load_sweep, validate_sweep
 from segtune.errors import ConfigError
 from segtune.sweep.feasible import INFEASIBLE_KEY
 from segtune.sweep.moasha import Halving, crowding, fronts, rungs
-from segtune.sweep.schedulers import logged_epochs
+from segtune.sweep.schedulers import SweepRun, logged_rungs
 from segtune.sweep.search import trial_scheduler
 from segtune.tracking.runs import TrialRun, start_sweep_run
 from tests.servers import free_port
@@ -42,10 +42,10 @@ RECORDED = [
 
 
 @pytest.fixture
-def sweep_run(tmp_path: Path) -> tuple[str, str]:
-    """(tracking URI, sweep run id) of a sweep without trials, in a sqlite store."""
+def sweep_run(tmp_path: Path) -> SweepRun:
+    """(tracking URI, experiment, sweep run id) of sweep x without trials, in a sqlite store."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    return uri, start_sweep_run(MlflowClient(uri), "x", "x", "name: x\n")
+    return uri, "x", start_sweep_run(MlflowClient(uri), "x", "x", "name: x\n")
 
 
 def test_rungs_promote_by_fronts_then_crowding() -> None:
@@ -73,10 +73,10 @@ def test_fronts_and_crowding() -> None:
     assert distance[1] == pytest.approx(3 / 3 + 3 / 3)  # its neighbours span each objective
 
 
-def test_moasha_takes_several_metrics_and_asha_one(sweep_run: tuple[str, str]) -> None:
+def test_moasha_takes_several_metrics_and_asha_one(sweep_run: SweepRun) -> None:
     several = {"metric": ["val_miou", "size_mb"], "mode": ["max", "min"], "search": "optuna"}
     sweep = validate_sweep({"name": "x", "tune": {**several, "scheduler": "moasha"}})
-    scheduler = trial_scheduler(sweep, *sweep_run)
+    scheduler = trial_scheduler(sweep, sweep_run[0], sweep_run[2])
     assert scheduler.metrics == ["val_miou", "size_mb"]
     assert sorted(scheduler.halving.recorded) == [1, 2, 4, 8]  # train.epochs 10: judged by 9
     with pytest.raises(ConfigError, match="asha stops trials on one metric; use moasha"):
@@ -94,19 +94,11 @@ def test_moasha_takes_several_metrics_and_asha_one(sweep_run: tuple[str, str]) -
 
 
 @pytest.mark.parametrize("several", [False, True], ids=["asha", "moasha"])
-def test_a_trial_never_trained_holds_no_place_in_a_rung(
-    several: bool, sweep_run: tuple[str, str]
-) -> None:
+def test_a_trial_never_trained_holds_no_place_in_a_rung(several: bool, sweep_run: SweepRun) -> None:
     """Two trials broke the constraints (their one result: -inf mIoU, at epoch 1) before a
     trained one; a weaker trained one must still be stopped at the rung. Ray's ASHA ranked the
     -inf: the rung's cutoff was NaN and it stopped nothing."""
-    metric = ["val_miou", "size_mb"] if several else "val_miou"
-    mode = ["max", "min"] if several else "max"
-    tune = {"metric": metric, "mode": mode, "search": "optuna", "reduction_factor": 3}
-    sweep = validate_sweep(
-        {"name": "x", "tune": {**tune, "scheduler": "moasha" if several else "asha"}}
-    )
-    scheduler = _scheduler(sweep, sweep_run, several)
+    scheduler = _scheduler(sweep_run, several, reduction_factor=3)
     trials = [Trial("__fake", stub=True) for _ in range(4)]
     results = [
         {"val_miou": -np.inf, "size_mb": 1.0, INFEASIBLE_KEY: True},
@@ -125,8 +117,21 @@ def test_a_trial_never_trained_holds_no_place_in_a_rung(
         assert sorted(scheduler.halving.recorded[1]) == sorted(t.trial_id for t in trials[2:])
 
 
-def _scheduler(sweep: SweepConfig, sweep_run: tuple[str, str], several: bool) -> Any:
-    scheduler = trial_scheduler(sweep, *sweep_run)
+def _scheduler(sweep_run: SweepRun, several: bool, reduction_factor: int) -> Any:
+    """Sweep x's scheduler: MO-ASHA on mIoU and size, or ASHA on mIoU, rungs at 1, rf, rf²..."""
+    metric = ["val_miou", "size_mb"] if several else "val_miou"
+    mode = ["max", "min"] if several else "max"
+    tune = {
+        "metric": metric,
+        "mode": mode,
+        "search": "optuna",
+        "reduction_factor": reduction_factor,
+    }
+    sweep = validate_sweep(
+        {"name": "x", "tune": {**tune, "scheduler": "moasha" if several else "asha"}}
+    )
+    uri, _, parent = sweep_run
+    scheduler = trial_scheduler(sweep, uri, parent)
     if not several:  # Tune gives ASHA its metric from the TuneConfig
         scheduler.set_search_properties("val_miou", "max")
     return scheduler
@@ -134,12 +139,12 @@ def _scheduler(sweep: SweepConfig, sweep_run: tuple[str, str], several: bool) ->
 
 @pytest.mark.parametrize("several", [False, True], ids=["asha", "moasha"])
 def test_a_resumed_sweeps_rungs_hold_the_epochs_logged_before(
-    several: bool, sweep_run: tuple[str, str]
+    several: bool, sweep_run: SweepRun
 ) -> None:
     """Ray saves no scheduler: the scheduler of a resumed sweep (built anew by Tuner.restore's
     pickle) reads its trials' epochs from MLflow at its first trial, so a weak trial after the
     resume is stopped at the first rung, as it would have been without the resume."""
-    uri, parent = sweep_run
+    uri, _, parent = sweep_run
     client = MlflowClient(uri)
     for i, (miou, size) in enumerate([(0.6, 2.0), (0.5, 1.0), (0.4, 1.5)]):
         run = TrialRun.open(client, experiment="x", parent_run_id=parent, label=f"t{i}",
@@ -147,13 +152,7 @@ def test_a_resumed_sweeps_rungs_hold_the_epochs_logged_before(
         for epoch in range(3):
             run.log_epoch(epoch, {"val_miou": miou + 0.01 * epoch, "train_loss": 1.0})
         run.log_final({"size_mb": size})
-    metric = ["val_miou", "size_mb"] if several else "val_miou"
-    mode = ["max", "min"] if several else "max"
-    tune = {"metric": metric, "mode": mode, "search": "optuna", "reduction_factor": 2}
-    sweep = validate_sweep(
-        {"name": "x", "tune": {**tune, "scheduler": "moasha" if several else "asha"}}
-    )
-    scheduler = _scheduler(sweep, sweep_run, several)
+    scheduler = _scheduler(sweep_run, several, reduction_factor=2)
     weak, restored = Trial("__fake", stub=True), Trial("__fake", stub=True, trial_id="before0")
     for trial in (weak, restored):
         scheduler.on_trial_add(None, trial)
@@ -168,8 +167,8 @@ def test_a_lost_tracking_server_leaves_the_rungs_empty_at_once() -> None:
     """Read from Tune's loop: MLflow's retries on a server that is gone would hold every trial
     for minutes, so the server is asked first, with a short timeout."""
     started = time.monotonic()
-    gone = (f"http://127.0.0.1:{free_port()}", "0" * 32)
-    assert logged_epochs(gone, ["val_miou"]) == {}
+    gone = (f"http://127.0.0.1:{free_port()}", "x", "0" * 32)
+    assert logged_rungs(gone, ["val_miou"], [1, 2]) == {}
     assert time.monotonic() - started < 30
 
 

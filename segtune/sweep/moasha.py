@@ -1,8 +1,8 @@
 """MO-ASHA: asynchronous successive halving whose rungs promote by Pareto rank, not one metric.
 
 `tune.scheduler: moasha` (several `tune.metric`s). The decision rule is `Halving`, a pure class
-(no Ray) that the replay bench (`segtune.sweep.replay`) runs on recorded curves; `segtune.sweep.schedulers`
-is the thin Ray Tune `TrialScheduler` around it.
+(no Ray) that the replay bench (`segtune.sweep.replay`) runs on recorded curves;
+`segtune.sweep.schedulers.MOASHA` is the thin Ray Tune `TrialScheduler` around it.
 
 The rule is Schmucker et al., "Multi-objective Asynchronous Successive Halving" (2021, arXiv
 2106.12639; Syne Tune's `MOASHA`): rungs at grace_period * reduction_factor^k epochs, as in ASHA

@@ -4,8 +4,9 @@ sweep's recorded curves, without training, to choose a strategy for the next swe
 Every strategy runs over the recorded configurations in an order a seed draws, a trial-epoch at
 a time, until its budget of trial-epochs is spent: grid (each configuration once, trained to the
 end), random (configurations drawn with replacement, trained to the end), ASHA on mIoU (Ray's own
-`ASHAScheduler`, which `tune.scheduler: asha` runs as `FeasibleASHA`: the same on trained trials) and MO-ASHA on mIoU and the sweep's cost
-(`segtune.sweep.moasha.Halving`, as `tune.scheduler: moasha` runs it). With constraints, the
+`ASHAScheduler`; `tune.scheduler: asha` runs it as `FeasibleASHA`, the same on trained trials)
+and MO-ASHA on mIoU and the sweep's cost (`segtune.sweep.moasha.Halving`, as `tune.scheduler:
+moasha` runs it). With constraints, the
 configurations whose costs break one are removed first, as `tune.constraints` does. A trial's
 found point is its best mIoU over the epochs it ran and its model's cost; a strategy's result is
 the hypervolume of its points' Pareto front (`hypervolume`) as a share of the whole grid's

@@ -11,57 +11,79 @@ trials logged to MLflow, instead of judging the rest against empty rungs."""
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 from collections.abc import Sequence
 from typing import Any
 
 from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.schedulers.trial_scheduler import FIFOScheduler, TrialScheduler
 
+from segtune.config.names import EPOCH_METRICS
+from segtune.errors import ConfigError
 from segtune.sweep.feasible import INFEASIBLE_KEY
 from segtune.sweep.moasha import Halving
-from segtune.tracking.address import server_health
-from segtune.tracking.runs import epoch_values
+from segtune.tracking.query import TrackingError, load_sweep_data
 
 log = logging.getLogger(__name__)
 
+# where a scheduler reads what the sweep's trials logged: tracking URI, experiment, sweep run id
+SweepRun = tuple[str, str, str]
 
-def logged_epochs(
-    sweep_run: tuple[str, str], metrics: Sequence[str]
+
+def logged_rungs(
+    sweep_run: SweepRun, metrics: Sequence[str], rungs: Sequence[int]
 ) -> dict[str, dict[int, list[float]]]:
-    """The epochs the trials of `sweep_run` (tracking URI, sweep run id) logged so far, by
-    trial id and epoch; none if MLflow cannot say (the rungs then start empty, as Ray's)."""
-    problem = server_health(sweep_run[0])  # a lost server: retries would hold Tune's loop
-    if problem is not None:
-        log.warning("the scheduler's rungs start empty: the trials so far unread (%s)", problem)
-        return {}
+    """What each trial of `sweep_run` logged at each rung it reached, by Ray trial id and rung
+    (an epoch counted from 1, as Ray's training_iteration; MLflow's steps count from 0):
+    `metrics` in order, a per-epoch one from its history, a cost from the run. A trial without
+    all of them is left out: one never trained, or cut off before its costs reached its run.
+    Nothing is read when no trial has a run yet (a new sweep) or MLflow does not answer (its
+    check gives up within seconds, where retries would hold Tune's loop for minutes): the
+    rungs then start empty, as Ray's."""
+    uri, experiment, parent = sweep_run
+    curves = [m for m in metrics if m in EPOCH_METRICS]
     try:
-        return epoch_values(MlflowClient(sweep_run[0]), sweep_run[1], metrics)
-    except MlflowException as exc:
-        log.warning("the scheduler's rungs start empty: the trials so far unread (%s)", exc)
+        data = load_sweep_data(experiment, uri, sweep_run_id=parent, history_keys=curves)
+    except TrackingError as exc:  # no trial has a run yet: a new sweep
+        log.debug("the scheduler's rungs start empty: %s", exc)
         return {}
+    except (ConfigError, MlflowException) as exc:  # its server does not answer
+        log.warning("the scheduler's rungs start empty: %s", exc)
+        return {}
+    out: dict[str, dict[int, list[float]]] = {}
+    for _, row in data.table.iterrows():
+        run = str(row["run_id"])
+        at = {m: data.history(run, m) for m in curves}
+        reached = {}
+        for rung in rungs:
+            values = [at[m].get(rung - 1) if m in at else row.get(m) for m in metrics]
+            if all(isinstance(v, numbers.Real) and not math.isnan(v) for v in values):
+                reached[rung] = [float(v) for v in values]
+        if row["trial_id"] and reached:
+            out[str(row["trial_id"])] = reached
+    return out
 
 
 class FeasibleASHA(ASHAScheduler):
     """Ray's ASHA whose rungs hold trained trials only, from the sweep's logged epochs on."""
 
-    def __init__(self, sweep_run: tuple[str, str], **asha: Any) -> None:
+    def __init__(self, sweep_run: SweepRun, **asha: Any) -> None:
         super().__init__(**asha)
-        self.sweep_run: tuple[str, str] | None = sweep_run  # None once the rungs are filled
+        self.sweep_run: SweepRun | None = sweep_run  # None once the rungs are filled
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         super().on_trial_add(tune_controller, trial)
         if self.sweep_run is None:
             return
-        epochs_of = logged_epochs(self.sweep_run, [self._metric])
+        rungs = self._brackets[0]._rungs  # Ray's one bracket (brackets=1): [(milestone, {id: x})]
+        logged = logged_rungs(self.sweep_run, [self._metric], [m for m, _ in rungs])
         self.sweep_run = None
-        for milestone, recorded in self._brackets[0]._rungs:  # Ray's one bracket (brackets=1)
-            for trial_id, epochs in epochs_of.items():
-                first = next((e for e in sorted(epochs) if e >= milestone), None)
-                if first is not None and first <= self._max_t:
-                    recorded.setdefault(trial_id, self._metric_op * epochs[first][0])
+        for milestone, recorded in rungs:
+            for trial_id, values in logged.items():
+                if milestone in values:
+                    recorded.setdefault(trial_id, self._metric_op * values[milestone][0])
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         if result.get(INFEASIBLE_KEY):
@@ -85,11 +107,11 @@ class MOASHA(FIFOScheduler):
         grace_period: int,
         reduction_factor: float,
         max_t: int,
-        sweep_run: tuple[str, str],
+        sweep_run: SweepRun,
         time_attr: str = "training_iteration",
     ) -> None:
         super().__init__()
-        self.sweep_run: tuple[str, str] | None = sweep_run  # None once the rungs are filled
+        self.sweep_run: SweepRun | None = sweep_run  # None once the rungs are filled
         self.metrics = [metric for metric, _ in objectives]
         modes = [mode for _, mode in objectives]
         self.halving = Halving(modes, grace_period, reduction_factor, max_t)
@@ -99,10 +121,11 @@ class MOASHA(FIFOScheduler):
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         if self.sweep_run is None:
             return
-        for trial_id, epochs in logged_epochs(self.sweep_run, self.metrics).items():
-            for epoch in sorted(epochs):  # each rung takes the trial's first epoch at or past it
-                self.halving.on_result(trial_id, epoch, epochs[epoch])
+        logged = logged_rungs(self.sweep_run, self.metrics, list(self.halving.recorded))
         self.sweep_run = None
+        for trial_id, values in logged.items():
+            for rung, objectives in values.items():
+                self.halving.on_result(trial_id, rung, objectives)
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         values = [result.get(metric) for metric in self.metrics]

@@ -56,11 +56,12 @@ def trial_scheduler(sweep: SweepConfig, tracking_uri: str, parent: str) -> Any:
         from segtune.sweep.schedulers import MOASHA
 
         return MOASHA(sweep.objectives(), sweep.tune.grace_period, sweep.tune.reduction_factor,
-                      max_t=max(1, epochs - 1), sweep_run=(tracking_uri, parent))  # fmt: skip
+                      max_t=max(1, epochs - 1),
+                      sweep_run=(tracking_uri, sweep.experiment, parent))  # fmt: skip
     from segtune.sweep.schedulers import FeasibleASHA
 
     return FeasibleASHA(
-        (tracking_uri, parent),
+        (tracking_uri, sweep.experiment, parent),
         time_attr="training_iteration",
         max_t=max(1, epochs - 1),
         grace_period=sweep.tune.grace_period,

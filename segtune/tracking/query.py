@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +40,6 @@ from segtune.config.names import (
 )
 from segtune.errors import SegtuneError
 from segtune.tracking.address import check_tracking_uri, public_uri, resolve_tracking_uri
-from segtune.tracking.runs import search_all
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +101,22 @@ class SweepData:
         ]
 
 
+def _search(client: MlflowClient, experiment_id: str, filter_string: str) -> Iterator[Run]:
+    token = None
+    while True:
+        page = client.search_runs(
+            [experiment_id],
+            filter_string=filter_string,
+            max_results=1000,
+            order_by=["attributes.start_time DESC"],
+            page_token=token,
+        )
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
 def _time(ms: int | None) -> pd.Timestamp:
     return pd.to_datetime(ms, unit="ms") if ms else pd.NaT
 
@@ -138,7 +153,7 @@ def _sweep_runs(
                 f"of experiment {experiment!r}"
             )
         return [run]
-    sweeps = list(search_all(client, experiment_id, f"tags.`{ROLE_TAG}` = '{ROLE_SWEEP}'"))
+    sweeps = list(_search(client, experiment_id, f"tags.`{ROLE_TAG}` = '{ROLE_SWEEP}'"))
     if not sweeps:
         raise TrackingError(
             f"experiment {experiment!r} has no sweep run (tag {ROLE_TAG}={ROLE_SWEEP}); "
@@ -242,7 +257,7 @@ def load_sweep_data(
     trials: list[Run] = []
     rows = []
     for sweep in sweeps:
-        found = search_all(
+        found = _search(
             client,
             experiment_id,
             f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{sweep.info.run_id}' "

@@ -13,7 +13,7 @@ import os
 import socket
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,6 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from segtune.config.names import (
     ATTEMPTS_TAG,
     CONFIG_LABEL_TAG,
-    EPOCH_METRICS,
     EPOCH_SCORES,
     ERROR_TAG,
     EXPERIMENT_KIND_TAG,
@@ -140,52 +139,6 @@ def close_open_runs(
             client.set_terminated(run_id, "KILLED")
             closed.append(run_id)
     return closed
-
-
-def search_all(client: MlflowClient, experiment_id: str, filter_string: str) -> Iterator[Run]:
-    """Every run of `experiment_id` that `filter_string` finds, newest first, page by page
-    (one search answers at most 1000)."""
-    token = None
-    while True:
-        page = client.search_runs(
-            [experiment_id],
-            filter_string=filter_string,
-            max_results=1000,
-            order_by=["attributes.start_time DESC"],
-            page_token=token,
-        )
-        yield from page
-        token = page.token
-        if not token:
-            return
-
-
-def epoch_values(
-    client: MlflowClient, parent: str, metrics: Sequence[str]
-) -> dict[str, dict[int, list[float]]]:
-    """What the trials of sweep run `parent` scored so far, by Ray trial id and epoch (counted
-    from 1, as Ray's training_iteration): `metrics` in order, a per-epoch one (EPOCH_METRICS)
-    from its history, any other (a cost) its one value. A trial without all of them is left
-    out: one never trained, or cut off before its costs reached its run."""
-    experiment = client.get_run(parent).info.experiment_id
-    found = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent}' and tags.`{ROLE_TAG}` = '{ROLE_TRIAL}'"
-    out: dict[str, dict[int, list[float]]] = {}
-    for run in search_all(client, experiment, found):
-        trial_id, final = run.data.tags.get(TRIAL_ID_TAG), run.data.metrics
-        if not trial_id or not all(m in EPOCH_METRICS or m in final for m in metrics):
-            continue
-        history = {
-            m: {h.step + 1: h.value for h in client.get_metric_history(run.info.run_id, m)}
-            for m in metrics
-            if m in EPOCH_METRICS
-        }
-        epochs = set.intersection(*(set(h) for h in history.values())) if history else set()
-        if epochs:
-            out[trial_id] = {
-                e: [history[m][e] if m in history else final[m] for m in metrics]
-                for e in sorted(epochs)
-            }
-    return out
 
 
 def finite_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
